@@ -105,6 +105,13 @@ class Store:
                 raise StoreCorruptError(
                     f"{p}: missing (layer {layer['layer']}); the store is incomplete, re-create it"
                 ) from None
+            with open(p, "rb") as f:
+                version, store_id, hdr_layer = parse_data_header(f.read(DATA_HEADER_SIZE), str(p))
+            if version != FORMAT_VERSION or store_id != self.index.store_id or hdr_layer != layer["layer"]:
+                raise StoreCorruptError(
+                    f"{p}: belongs to another store or layer (header says layer {hdr_layer}, version {version}); "
+                    "data files cannot be mixed between stores"
+                )
             if size < layer["file_size"]:
                 first = next(
                     (
@@ -114,17 +121,9 @@ class Store:
                     ),
                     None,
                 )
-                what = f" from {first.label()} on" if first else ""
+                what = f"; {first.label()} and the experts after it are lost" if first else ""
                 raise StoreCorruptError(
-                    f"{p}: truncated ({size} of {layer['file_size']} bytes): layer {layer['layer']}{what} is lost; "
-                    "re-create the store"
-                )
-            with open(p, "rb") as f:
-                version, store_id, hdr_layer = parse_data_header(f.read(DATA_HEADER_SIZE), str(p))
-            if version != FORMAT_VERSION or store_id != self.index.store_id or hdr_layer != layer["layer"]:
-                raise StoreCorruptError(
-                    f"{p}: belongs to another store or layer (header says layer {hdr_layer}, version {version}); "
-                    "data files cannot be mixed between stores"
+                    f"{p}: truncated ({size} of {layer['file_size']} bytes){what}; re-create the store"
                 )
 
     # -- what is in the store

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..codec import encode, entropy_bits, exponent_histogram, get_codec, layout_for
 from ..codec.encoded import crc32
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, StoreError, ZipMoEError
 from .checkpoint import Checkpoint, ExpertSource
 from .format import (
     DATA_HEADER_SIZE,
@@ -45,6 +45,7 @@ from .format import (
     align_up,
     data_header,
     dumps_index,
+    loads_index,
 )
 
 __all__ = ["CompressOptions", "Progress", "compress"]
@@ -169,14 +170,22 @@ def _prepare(store: Path, ckpt: Checkpoint, opts: CompressOptions) -> tuple[_Jou
     store.mkdir(parents=True, exist_ok=True)
     journal = _Journal(store)
     index = store / INDEX_NAME
+    fresh = False
     if index.exists():
         if not opts.overwrite:
             raise StoreError(
                 f"{store}: already holds a complete store; pass --overwrite to replace it, or choose another directory"
             )
+        try:
+            old_files = [f["name"] for f in loads_index(index.read_bytes(), str(index)).aux_files]
+        except ZipMoEError:
+            old_files = []
         index.unlink()  # from here on the directory no longer claims to hold a complete store
         _fsync_dir(store)
         _clean_store_files(store)
+        for name in old_files:
+            (store / name).unlink(missing_ok=True)
+        fresh = True
     want = {"format_version": FORMAT_VERSION, "fingerprint": ckpt.fingerprint, **opts.manifest_key()}
     old = journal.manifest()
     if old is not None:
@@ -189,7 +198,7 @@ def _prepare(store: Path, ckpt: Checkpoint, opts: CompressOptions) -> tuple[_Jou
             "%s holds an interrupted compression of another checkpoint or settings; starting over", store
         )
         _clean_store_files(store)
-    elif any(store.iterdir()):
+    elif not fresh and any(store.iterdir()):
         raise StoreError(
             f"{store}: is not empty and holds no zipmoe store; choose a new or empty directory for the store"
         )

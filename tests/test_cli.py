@@ -1,0 +1,88 @@
+"""The zipmoe CLI end to end: tiny-model -> compress -> verify --against -> inspect, and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from zipmoe_ray.cli.main import main
+
+from .conftest import ARCHS
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_end_to_end_every_architecture(arch, tmp_path, capsys):
+    m, s = tmp_path / "m", tmp_path / "s"
+    assert run(capsys, "tiny-model", m, "--arch", arch, "--seed", 3)[0] == 0
+    rc, out, _ = run(capsys, "compress", m, s, "--workers", 2, "--quiet")
+    assert rc == 0 and "ratio" in out
+    rc, out, _ = run(capsys, "verify", s, "--against", m, "--quiet")
+    assert rc == 0 and "bit-identical" in out
+    rc, out, _ = run(capsys, "inspect", s, "--json")
+    r = json.loads(out)
+    assert rc == 0 and r["model_type"] == arch
+    assert r["bound_ratio"] - 0.01 <= r["ratio"] <= r["bound_ratio"] + 0.015
+    rc, out, _ = run(capsys, "inspect", s)
+    assert rc == 0 and "bound" in out and "total" in out
+
+
+def test_verify_names_the_damaged_expert(tiny_stores, tmp_path, capsys):
+    s = tmp_path / "s"
+    shutil.copytree(tiny_stores["mixtral"], s)
+    data = s / "experts" / "layer-0001.zmx"
+    n = data.stat().st_size
+    with open(data, "r+b") as f:  # the acceptance recipe: 16 bytes flipped at spread offsets
+        for i in range(1, 17):
+            f.seek(n * i // 17)
+            b = f.read(1)
+            f.seek(n * i // 17)
+            f.write(bytes([b[0] ^ 0x5A]))
+    rc, out, _ = run(capsys, "verify", s, "--quiet")
+    assert rc == 1
+    assert "FAIL layer 1, expert" in out and "FAILED" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compress", "{tmp}/missing", "{tmp}/s"], "no such directory"),
+        (["verify", "{tmp}/missing"], "no such store"),
+        (["inspect", "{tmp}"], "not a zipmoe store"),
+        (["tiny-model", "{tmp}/m"], "needs --arch"),
+        (["tiny-model", "{tmp}/m", "--preset", "mixtral", "--arch", "olmoe"], "is a mixtral model"),
+        (["compress", "{tmp}", "{tmp}/s", "--level", "40"], "zstd level 40"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_a_message(tmp_path, capsys, argv, message):
+    rc, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert rc == 1
+    assert message in err and "error:" in err
+
+
+def test_unknown_choice_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", str(tmp_path), str(tmp_path / "s"), "--codec", "brotli"])
+    assert e.value.code == 2
+
+
+def test_demo(tmp_path, capsys):
+    rc, out, _ = run(capsys, "demo", "--cache-dir", tmp_path)
+    assert rc == 0 and "bit-identical" in out and "ratio" in out
+    rc, out, _ = run(capsys, "demo", "--cache-dir", tmp_path)  # reuses the model, recompresses
+    assert rc == 0
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("zipmoe") or str(__import__("pathlib").Path(sys.executable).with_name("zipmoe"))
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("zipmoe-ray ")

@@ -1,0 +1,49 @@
+"""The extent reader's page-cache bypass and the emulated device's bandwidth arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zipmoe_ray.errors import ConfigError, StoreCorruptError
+from zipmoe_ray.store.io import BandwidthLimiter, ExtentReader, ReadOptions, aligned_empty
+
+
+def test_limiter_books_a_serial_device(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("zipmoe_ray.store.io.time.monotonic", lambda: now[0])
+    lim = BandwidthLimiter(bandwidth=1e9, latency=1e-4)
+    assert lim.reserve(10**9) == pytest.approx(101.0001)  # idle device: starts now
+    assert lim.reserve(5 * 10**8) == pytest.approx(101.5002)  # queued behind the first transfer
+    now[0] = 200.0
+    assert lim.reserve(0) == pytest.approx(200.0001)  # idle again: only the latency
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"cache": "fast"}, "cache mode"), ({"bandwidth": 0}, "bandwidth"), ({"latency": -1}, "latency")],
+)
+def test_read_options_validate(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        ReadOptions(**kw)
+
+
+@pytest.mark.parametrize("cache", ["page-cache", "drop", "bypass"])
+def test_reads_match_the_file_and_count_bytes(tmp_path, cache):
+    data = np.random.default_rng(0).integers(0, 256, 5 * 4096 + 123, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(data.tobytes())
+    r = ExtentReader(str(tmp_path), ReadOptions(cache=cache))
+    assert bytes(r.read("f.bin", 4096, 5000)) == data[4096:9096].tobytes()
+    assert bytes(r.read("f.bin", 0, 3)) == data[:3].tobytes()
+    assert bytes(r.read("f.bin", 4 * 4096, 4096 + 123)) == data[4 * 4096 :].tobytes()  # up to the file's end
+    assert r.stats.snapshot()["bytes"] == 5000 + 3 + 4096 + 123
+    with pytest.raises(StoreCorruptError, match="truncated"):
+        r.read("f.bin", 4 * 4096, 8192)
+    with pytest.raises(StoreCorruptError, match="missing"):
+        r.read("nope.bin", 0, 1)
+    r.close()
+
+
+def test_aligned_buffers():
+    for n in (1, 4096, 10_000):
+        assert aligned_empty(n).ctypes.data % 4096 == 0 and aligned_empty(n).size == n

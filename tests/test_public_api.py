@@ -1,0 +1,49 @@
+"""The public API is small and pinned: changing it is a deliberate act that updates this test."""
+
+import zipmoe_ray
+
+EXPECTED = {
+    "ArchitectureError",
+    "BudgetError",
+    "CheckpointError",
+    "ChecksumError",
+    "CompressOptions",
+    "ConfigError",
+    "DTypeError",
+    "FormatVersionError",
+    "ReadOptions",
+    "Store",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreMismatchError",
+    "ZipMoEError",
+    "__version__",
+    "build_tiny_model",
+    "compress",
+    "decode",
+    "encode",
+    "inspect_store",
+    "open_store",
+    "supported_architectures",
+    "verify_store",
+}
+
+
+def test_public_api_is_pinned():
+    assert set(zipmoe_ray.__all__) == EXPECTED
+
+
+def test_every_public_name_resolves():
+    for name in zipmoe_ray.__all__:
+        assert getattr(zipmoe_ray, name) is not None
+
+
+def test_errors_pickle_across_processes():
+    import pickle
+
+    for name in zipmoe_ray.__all__:
+        obj = getattr(zipmoe_ray, name)
+        if isinstance(obj, type) and issubclass(obj, zipmoe_ray.ZipMoEError):
+            e = pickle.loads(pickle.dumps(obj("layer 3, expert 7: bad")))
+            assert type(e) is obj and str(e) == "layer 3, expert 7: bad"
+            assert isinstance(e, zipmoe_ray.ZipMoEError)
