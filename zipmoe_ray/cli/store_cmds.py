@@ -48,7 +48,12 @@ def add_store_commands(sub) -> None:
     )
     p.add_argument("model_dir")
     p.add_argument("store_dir")
-    p.add_argument("--codec", choices=["zstd", "lz4"], default="zstd")
+    p.add_argument(
+        "--codec",
+        choices=["zstd", "lz4", "none"],
+        default="zstd",
+        help="none: raw BF16 (the offloading baseline)",
+    )
     p.add_argument("--level", type=_int_or_none, help="codec level (default: zstd tuned for exponent planes)")
     p.add_argument(
         "--shards", type=_int_or_none, help="exponent shards per tensor K (default: ~256 KiB each, <= 8)"

@@ -137,7 +137,29 @@ class Lz4ShardCodec:
         dst[:] = out
 
 
-CODECS = {"zstd": ZstdShardCodec, "lz4": Lz4ShardCodec}
+class NoneShardCodec:
+    """No compression and no plane split: tensors are stored as their raw bytes (the baseline store of
+    classic expert offloading, read and used as is)."""
+
+    name = "none"
+
+    def __init__(self, level: int | None = None):
+        if level is not None:
+            raise ConfigError("codec 'none' takes no level")
+        self.level = None
+
+    @property
+    def describe(self) -> str:
+        return "none (raw tensor bytes)"
+
+    def compress(self, data: Buffer) -> bytes:  # pragma: no cover - never called: no shards
+        raise AssertionError("codec none has no shards")
+
+    def decompress_into(self, src: Buffer, dst: memoryview) -> None:  # pragma: no cover
+        raise AssertionError("codec none has no shards")
+
+
+CODECS = {"zstd": ZstdShardCodec, "lz4": Lz4ShardCodec, "none": NoneShardCodec}
 _cache: dict[tuple[str, int | None], ShardCodec] = {}
 _cache_lock = threading.Lock()
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import env
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreCorruptError
 from .backends import get_codec
 from .encoded import EncodedTensor, crc32
 from .planes import layout_for
@@ -102,6 +102,10 @@ def encode(
     shard_codec = get_codec(codec, level)
     threads = _check_threads(threads)
     numel = tensor.numel()
+    if codec == "none":
+        t = tensor.detach().cpu().contiguous()
+        raw = layout.words(t).view(np.uint8).copy()
+        return EncodedTensor(layout.name, tuple(tensor.shape), "none", None, (), (), raw, (), crc32(raw))
     if shards is None:
         k = auto_shards(numel)
     else:
@@ -153,14 +157,21 @@ def _shard_tasks(enc: EncodedTensor, exp: np.ndarray, words: np.ndarray):
     layout = layout_for(enc.dtype)
     codec = get_codec(enc.codec, enc.level)
     raw = np.frombuffer(enc.raw, dtype=np.uint8) if not isinstance(enc.raw, np.ndarray) else enc.raw
-    expected_raw = enc.numel * layout.raw_width
-    if raw.size != expected_raw:
-        from ..errors import StoreCorruptError
+    if enc.codec == "none":
+        if raw.size != enc.numel * layout.itemsize:
+            raise StoreCorruptError(
+                f"raw tensor holds {raw.size} bytes, expected {enc.numel * layout.itemsize}"
+            )
+        if words is None:
+            return []
 
-        raise StoreCorruptError(f"raw plane holds {raw.size} bytes, expected {expected_raw}")
+        def copy():
+            np.copyto(words, raw.view(layout.word))
+
+        return [copy]
+    if raw.size != enc.numel * layout.raw_width:
+        raise StoreCorruptError(f"raw plane holds {raw.size} bytes, expected {enc.numel * layout.raw_width}")
     if sum(enc.shard_elems) != enc.numel:
-        from ..errors import StoreCorruptError
-
         raise StoreCorruptError(f"shards cover {sum(enc.shard_elems)} elements, tensor has {enc.numel}")
     tasks = []
     start = 0

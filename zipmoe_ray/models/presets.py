@@ -27,16 +27,18 @@ class Preset:
 
 def _tiny(arch: str) -> dict[str, Any]:
     common = {"vocab_size": TINY_VOCAB, "max_position_embeddings": 256, "tie_word_embeddings": False}
-    h, i = 128, 64  # hidden size, expert intermediate size: 8192-element expert tensors
+    # hidden 128, expert intermediate 64: 8192-element expert tensors; 16 experts, top-2, 3 MoE layers, so
+    # that a 10% budget still holds one layer's active experts in flight (the runtime's minimum)
+    h, i = 128, 64
     if arch == "qwen2_moe":
         return common | dict(
             hidden_size=h,
             intermediate_size=256,
             moe_intermediate_size=i,
             shared_expert_intermediate_size=128,
-            num_experts=8,
+            num_experts=16,
             num_experts_per_tok=2,
-            num_hidden_layers=2,
+            num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
         )
@@ -45,9 +47,9 @@ def _tiny(arch: str) -> dict[str, Any]:
             hidden_size=h,
             intermediate_size=256,
             moe_intermediate_size=i,
-            num_experts=8,
+            num_experts=16,
             num_experts_per_tok=2,
-            num_hidden_layers=2,
+            num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=32,
@@ -57,9 +59,9 @@ def _tiny(arch: str) -> dict[str, Any]:
         return common | dict(
             hidden_size=h,
             intermediate_size=i,
-            num_experts=8,
+            num_experts=16,
             num_experts_per_tok=2,
-            num_hidden_layers=2,
+            num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=4,
         )
@@ -67,9 +69,9 @@ def _tiny(arch: str) -> dict[str, Any]:
         return common | dict(
             hidden_size=h,
             intermediate_size=i,
-            num_local_experts=8,
+            num_local_experts=16,
             num_experts_per_tok=2,
-            num_hidden_layers=2,
+            num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
         )
@@ -78,10 +80,10 @@ def _tiny(arch: str) -> dict[str, Any]:
             hidden_size=h,
             intermediate_size=256,
             moe_intermediate_size=i,
-            n_routed_experts=8,
+            n_routed_experts=16,
             n_shared_experts=1,
             num_experts_per_tok=2,
-            num_hidden_layers=3,
+            num_hidden_layers=4,
             first_k_dense_replace=1,
             num_attention_heads=4,
             num_key_value_heads=4,
@@ -98,7 +100,7 @@ def _tiny(arch: str) -> dict[str, Any]:
             "d_ff": 2 * i,
             "d_kv": 32,
             "num_heads": 4,
-            "num_experts": 8,
+            "num_experts": 16,
             "num_layers": 4,
             "num_decoder_layers": 4,
             "num_sparse_encoder_layers": 2,

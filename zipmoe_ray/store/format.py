@@ -134,6 +134,23 @@ class TensorRecord:
             raw_crc32=self.raw.crc32,
         )
 
+    def encoded_parts(
+        self, exp: memoryview | bytes, sm: memoryview | bytes, e_length: int, codec: str, level: int | None
+    ) -> EncodedTensor:
+        """Like :meth:`encoded` for an extent held as two buffers: its E region and its SM region."""
+        e, r = memoryview(exp), memoryview(sm)
+        return EncodedTensor(
+            dtype=self.dtype,
+            shape=self.shape,
+            codec=codec,
+            level=level,
+            exp_shards=tuple(e[s.offset : s.offset + s.length] for s in self.shards),
+            shard_elems=self.shard_elems,
+            raw=r[self.raw.offset - e_length : self.raw.offset - e_length + self.raw.length],
+            exp_crc32=tuple(s.crc32 for s in self.shards),
+            raw_crc32=self.raw.crc32,
+        )
+
     def pack(self) -> dict[str, Any]:
         return {
             "name": self.name,

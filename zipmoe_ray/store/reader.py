@@ -239,6 +239,16 @@ class Store:
             )
         return [t.encoded(mv, self.codec, self.level) for t in rec.tensors]
 
+    def encoded_from_parts(
+        self, layer: int, expert: int, exp: np.ndarray | memoryview, sm: np.ndarray | memoryview
+    ) -> list[EncodedTensor]:
+        """EncodedTensors viewing an extent held as its E region and SM region (the SM-only form plus the
+        exponent region just read): no copy."""
+        rec = self.record(layer, expert)
+        if memoryview(exp).nbytes < rec.e_length or memoryview(sm).nbytes < rec.sm_length:
+            raise StoreCorruptError(f"{rec.label()}: region buffers are shorter than the index says")
+        return [t.encoded_parts(exp, sm, rec.e_length, self.codec, self.level) for t in rec.tensors]
+
     def join_parts(self, layer: int, expert: int, exp: np.ndarray, raw: np.ndarray) -> np.ndarray:
         """One extent buffer from separately held E and SM regions (copies; used by the SM-only form)."""
         rec = self.record(layer, expert)

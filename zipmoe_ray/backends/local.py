@@ -1,0 +1,82 @@
+"""The local backend: every stage in this process, on threads (one I/O thread, one thread per decode lane).
+
+Same plain classes as the Ray backend; handles are ``concurrent.futures.Future``s. A lane thread waits for
+its task's inputs (a read still running), which is exactly the plan's "a decode starts after its read".
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from typing import Any
+
+import numpy as np
+
+from ..stages.decompressor import Decompressor
+from ..stages.loader import IOLoader
+
+__all__ = ["LocalRunner", "LocalTransport"]
+
+
+def _value(x: Any) -> Any:
+    return x.result() if isinstance(x, cf.Future) else x
+
+
+class LocalRunner:
+    """TaskRunner on threads."""
+
+    def __init__(self, loader: IOLoader, decompressors: list[Decompressor]):
+        self.loader = loader
+        self.decompressors = decompressors
+        self.workers = len(decompressors)
+        self._io = cf.ThreadPoolExecutor(1, thread_name_prefix="zipmoe-io")
+        self._lanes = [
+            cf.ThreadPoolExecutor(1, thread_name_prefix=f"zipmoe-lane{i}") for i in range(self.workers)
+        ]
+
+    def read(self, key, part):
+        return self._io.submit(self.loader.read, key[0], key[1], part)
+
+    def decode(self, lane, key, *, extent=None, exp=None, sm=None, planes_only=False):
+        d = self.decompressors[lane]
+        return self._lanes[lane].submit(
+            lambda: d.decode(
+                key[0], key[1], extent=_value(extent), exp=_value(exp), sm=_value(sm), planes_only=planes_only
+            )
+        )
+
+    def sm_region(self, lane, key, extent):
+        d = self.decompressors[lane]
+        return self._lanes[lane].submit(lambda: d.sm_region(key[0], key[1], _value(extent)))
+
+    def join(self, lane, key, exp, sm):
+        d = self.decompressors[lane]
+        return self._lanes[lane].submit(lambda: d.join(key[0], key[1], _value(exp), _value(sm)))
+
+    def derive(self, lane, key, words, part):
+        d = self.decompressors[lane]
+        return self._lanes[lane].submit(lambda: d.derive(key[0], key[1], _value(words), part))
+
+    def shutdown(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        for lane in self._lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
+
+
+class LocalTransport:
+    """The executor's view of the scheduler and of result handles, in one process."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def request(self, layer, misses, hits, released):
+        return self.scheduler.request(layer, misses, hits, released)
+
+    def step(self, hits, released) -> None:
+        self.scheduler.step(hits, released)
+
+    def wait_any(self, handles: list) -> list:
+        done, _ = cf.wait(handles, return_when=cf.FIRST_COMPLETED)
+        return [h for h in handles if h in done]
+
+    def get(self, handle) -> np.ndarray:
+        return _value(handle)

@@ -1,0 +1,186 @@
+"""The Ray backend: each stage is a Ray actor around its plain class; planes travel through the object store.
+
+Placement: every zipmoe actor asks for ``num_cpus=0`` (their parallelism is set by ``num_decompressors``,
+not by Ray's CPU accounting, so they fit nodes started with few CPUs) and for an optional custom resource
+(``resources={"edge0": 0.01}``) that pins it to a node. Loader and decompressors restart automatically
+(``max_restarts``) and Ray re-runs their pending tasks (``max_task_retries``): the tasks are pure functions
+of their inputs, so a killed decompressor costs time, never correctness.
+
+Hot path per MoE layer: one ``Scheduler.request`` call (~1 ms) that submits one task per missing expert to
+the loader and decompressor actors and returns their ObjectRefs; the executor ``ray.wait``s on them and
+reads each result zero-copy. The scheduler never fetches a payload.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ZipMoEError
+
+__all__ = [
+    "RayRunner",
+    "RayTransport",
+    "Stages",
+    "actor_classes",
+    "start_decompressors",
+    "start_executor",
+    "start_loader",
+    "start_scheduler",
+    "unwrap",
+]
+
+log = logging.getLogger(__name__)
+
+_classes: dict[str, Any] = {}
+
+
+def actor_classes() -> dict[str, Any]:
+    """The Ray actor classes wrapping IOLoader, Decompressor, Scheduler and Executor (created once)."""
+    if not _classes:
+        import ray
+
+        from ..stages.decompressor import Decompressor
+        from ..stages.executor import Executor
+        from ..stages.loader import IOLoader
+        from ..stages.scheduler import Scheduler
+
+        restart = {"max_restarts": -1, "max_task_retries": -1}
+        _classes["IOLoader"] = ray.remote(num_cpus=0, **restart)(IOLoader)
+        _classes["Decompressor"] = ray.remote(num_cpus=0, **restart)(Decompressor)
+        _classes["Scheduler"] = ray.remote(num_cpus=0)(Scheduler)
+        _classes["Executor"] = ray.remote(num_cpus=0, max_concurrency=4)(Executor)
+    return _classes
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The zipmoe error inside a Ray task error, so callers see ChecksumError, not RayTaskError."""
+    cause = getattr(e, "cause", None)
+    while cause is not None and not isinstance(cause, ZipMoEError):
+        cause = getattr(cause, "cause", None)
+    return cause if isinstance(cause, ZipMoEError) else e
+
+
+class RayRunner:
+    """TaskRunner over actors (built inside the scheduler actor from the handles it is given)."""
+
+    def __init__(self, loader, decompressors: list):
+        self.loader = loader
+        self.decompressors = list(decompressors)
+        self.workers = len(self.decompressors)
+
+    def read(self, key, part):
+        return self.loader.read.remote(key[0], key[1], part)
+
+    def decode(self, lane, key, *, extent=None, exp=None, sm=None, planes_only=False):
+        return self.decompressors[lane].decode.remote(key[0], key[1], extent, exp, sm, planes_only)
+
+    def sm_region(self, lane, key, extent):
+        return self.decompressors[lane].sm_region.remote(key[0], key[1], extent)
+
+    def join(self, lane, key, exp, sm):
+        return self.decompressors[lane].join.remote(key[0], key[1], exp, sm)
+
+    def derive(self, lane, key, words, part):
+        return self.decompressors[lane].derive.remote(key[0], key[1], words, part)
+
+
+class RayTransport:
+    """The executor's view of a scheduler actor and of ObjectRef results."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def request(self, layer, misses, hits, released):
+        import ray
+
+        try:
+            return ray.get(self.scheduler.request.remote(layer, misses, hits, released))
+        except ray.exceptions.RayTaskError as e:
+            raise unwrap(e) from None
+
+    def step(self, hits, released) -> None:
+        self.scheduler.step.remote(hits, released)  # fire and forget: ordered before the next request
+
+    def wait_any(self, handles: list) -> list:
+        import ray
+
+        ready, _ = ray.wait(handles, num_returns=1)
+        return ready
+
+    def get(self, handle):
+        import ray
+
+        try:
+            return ray.get(handle)
+        except ray.exceptions.RayTaskError as e:
+            raise unwrap(e) from None
+
+
+@dataclass
+class Stages:
+    """Handles of a running pipeline: what ``ZipMoEEngine(stages=...)`` wires together."""
+
+    loader: Any
+    decompressors: list[Any]
+    scheduler: Any
+    executor: Any
+    owned: list[Any] = field(default_factory=list)  # actors the engine started and must kill on close
+
+    def all(self) -> list[Any]:
+        return [self.loader, *self.decompressors, self.scheduler, self.executor]
+
+
+def _opts(resources: dict[str, float] | None, name: str | None = None, **extra) -> dict:
+    o = dict(extra)
+    if resources:
+        o["resources"] = resources
+    if name:
+        o["name"] = name
+    return o
+
+
+def start_loader(
+    store_path: str, read_options=None, *, resources: dict[str, float] | None = None, **ray_options
+):
+    """Start an IOLoader actor (one per storage device) reading ``store_path`` on the node it lands on."""
+    return (
+        actor_classes()["IOLoader"]
+        .options(**_opts(resources, **ray_options))
+        .remote(store_path, read_options)
+    )
+
+
+def start_decompressors(
+    store_path: str, n: int, *, resources: dict[str, float] | None = None, **ray_options
+) -> list:
+    """Start ``n`` Decompressor actors (one per core they should use)."""
+    cls = actor_classes()["Decompressor"]
+    return [cls.options(**_opts(resources, **ray_options)).remote(store_path, i) for i in range(n)]
+
+
+def start_scheduler(store_path: str, config, loader, decompressors: list, costs=None, **ray_options):
+    """Start the central Scheduler actor driving ``loader`` and ``decompressors``."""
+    return (
+        actor_classes()["Scheduler"]
+        .options(**ray_options)
+        .remote(store_path, config, RayRunner(loader, decompressors), costs)
+    )
+
+
+def start_executor(
+    store_path: str,
+    scheduler,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    torch_threads: int | None = None,
+    resources: dict[str, float] | None = None,
+    **ray_options,
+):
+    """Start an Executor actor (the model on ``device``) whose MoE layers fetch experts via ``scheduler``."""
+    cls = actor_classes()["Executor"]
+    return cls.options(**_opts(resources, **ray_options)).remote(
+        store_path, RayTransport(scheduler), device, dtype, torch_threads
+    )

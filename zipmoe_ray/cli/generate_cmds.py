@@ -1,0 +1,133 @@
+"""CLI commands of the serving stage: generate and chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import ConfigError
+from .engine_opts import add_engine_options, engine_kwargs
+
+__all__ = ["add_generate_commands", "stats_for_json"]
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--prompt-ids wants comma-separated integers, got {text!r}"
+        ) from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def add_generate_commands(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a store, bit-identical to the original model",
+        description="Generate with the zipmoe engine. Repeat --prompt (or --prompt-ids) for a batch.",
+    )
+    p.add_argument("store_dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument(
+        "--prompt-ids", action="append", type=_ids, help="prompt token ids: 1,2,3 (repeat for a batch)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--json", action="store_true", help="print outputs and stats as JSON")
+    add_engine_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "chat",
+        help="interactive chat with streaming output",
+        description="Chat with a model from a store; tokens stream as they are generated. /exit or EOF ends.",
+    )
+    p.add_argument("store_dir")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--system", help="a system message")
+    add_engine_options(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def stats_for_json(s: dict) -> dict:
+    """The engine stats with what the CLI promises at the top level."""
+    return s
+
+
+def cmd_generate(args) -> int:
+    from ..engine import ZipMoEEngine
+
+    prompts = args.prompt if args.prompt else args.prompt_ids
+    sampling = {k: getattr(args, k) for k in ("seed", "temperature", "top_p", "top_k")}
+    with ZipMoEEngine(args.store_dir, **engine_kwargs(args)) as engine:
+        outs = engine.generate(prompts, args.max_new_tokens, do_sample=args.do_sample, **sampling)
+        stats = engine.stats()
+    if args.json:
+        doc = {
+            "outputs": [{"token_ids": o.token_ids, "text": o.text} for o in outs],
+            "stats": stats_for_json(stats),
+        }
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    for o in outs:
+        print(o.text)
+    h = stats["hits"]
+    print(
+        f"[ttft {stats['ttft_s'] * 1e3:.1f} ms, tpot {stats['tpot_s'] * 1e3:.1f} ms, "
+        f"{stats['tokens_per_s']:.1f} tok/s; hits full/compressed/sm {h['full']}/{h['compressed']}/{h['sm']}, "
+        f"disk misses {stats['misses']['disk']}; read {stats['bytes_read'] / 1e6:.1f} MB; peak cache "
+        f"{stats['peak_cache_bytes'] / 1e6:.1f} of {stats['budget'] / 1e6:.1f} MB]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _chat_prompt(tok, history: list[dict]) -> list[int]:
+    if getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
+    return tok(text)["input_ids"]
+
+
+def cmd_chat(args) -> int:
+    from ..engine import ZipMoEEngine
+
+    interactive = sys.stdin.isatty()
+    with ZipMoEEngine(args.store_dir, **engine_kwargs(args)) as engine:
+        tok = engine.tokenizer
+        history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+        if interactive:
+            print("zipmoe chat: type a message, /exit to quit", file=sys.stderr)
+        while True:
+            if interactive:
+                print("> ", end="", flush=True, file=sys.stderr)
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("/exit", "/quit"):
+                break
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line.strip()})
+            ids = _chat_prompt(tok, history)
+            if not ids:
+                raise ConfigError("the chat prompt tokenized to nothing")
+            reply = []
+            for _, piece in engine.stream(list(ids), args.max_new_tokens):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            history.append({"role": "assistant", "content": "".join(reply)})
+        s = engine.stats()
+        if s["tpot_s"]:
+            print(f"[last reply: tpot {s['tpot_s'] * 1e3:.1f} ms]", file=sys.stderr)
+    return 0

@@ -1,0 +1,399 @@
+"""ZipMoEEngine: bit-exact generation from a store under a memory budget, on the local or Ray backend.
+
+    with ZipMoEEngine("tiny-qwen.zmoe", memory_budget="25%", backend="ray") as engine:
+        out = engine.generate("The robot", max_new_tokens=16)
+        print(out.text, engine.stats()["tpot_s"])
+
+The engine starts (or attaches to) the four stages, calibrates the cost model on them, and turns prompts
+into token ids and back. See docs/architecture.md for the pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BudgetError, ConfigError, ZipMoEError
+from .runtime.config import EngineConfig
+from .runtime.sizes import parse_size
+from .schedule.costs import CostModel
+from .stages.executor import GenerateRequest, GenerateResult, default_device
+from .stages.scheduler import SchedulerConfig, expert_sizes, minimum_budget
+from .store import open_store
+
+__all__ = ["GenerationOutput", "ZipMoEEngine"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]  # generated ids only
+    text: str
+    logits: Any = None  # [steps, vocab] float32 when output_logits=True
+
+
+class ZipMoEEngine:
+    """Serve a store. Blocks while starting (Ray start-up, model load, calibration: seconds).
+
+    Args mirror :class:`~zipmoe_ray.runtime.config.EngineConfig`; ``stages`` wires in actors the caller
+    started (see zipmoe_ray.backends.ray_backend.start_* and the README), which the engine then does not
+    kill on close. Raises BudgetError (budget too small, with the minimum), ConfigError, StoreError.
+    """
+
+    def __init__(
+        self,
+        store_dir: str | os.PathLike,
+        *,
+        memory_budget: int | str,
+        device: str | None = None,
+        num_decompressors: int | None = None,
+        backend: str = "ray",
+        address: str | None = None,
+        stages=None,
+        **options,
+    ):
+        self.config = EngineConfig(
+            memory_budget=memory_budget,
+            device=device,
+            num_decompressors=num_decompressors,
+            backend=backend,
+            address=address,
+            **options,
+        )
+        self.store_dir = str(store_dir)
+        self.store = open_store(self.store_dir)
+        self.sizes = expert_sizes(self.store)
+        self.expert_bytes = sum(s.full for s in self.sizes.values())
+        self.budget = parse_size(memory_budget, total=self.expert_bytes)
+        need = minimum_budget(self.sizes, self.store.top_k)
+        if self.budget < need:
+            raise BudgetError(
+                f"memory budget {self.budget:,} B ({self.budget / self.expert_bytes:.1%} of the routed-expert bytes) "
+                f"is too small: one MoE layer's {self.store.top_k} active experts need {need:,} B of buffers in "
+                f"flight ({need / self.expert_bytes:.1%}); give at least --memory-budget {need}"
+            )
+        self.device = self.config.device or (default_device() if backend == "local" else None)
+        rod = self.config.recombine_on_device
+        self._sched_config = SchedulerConfig(
+            budget=self.budget,
+            split=self.config.split_rule(),
+            popularity=self.config.popularity,
+            decay=self.config.decay,
+            recombine_on_device=bool(rod) if rod is not None else (self.device or "cpu") != "cpu",
+            keep_full_payload=(self.device or "cpu") == "cpu",
+        )
+        self._closed = False
+        self._ray_started = False
+        self._generation_s = 0.0
+        self._last: GenerateResult | None = None
+        self._tokenizer = None
+        self._owned: list = []
+        t0 = time.perf_counter()
+        try:
+            if backend == "local":
+                self._start_local()
+            else:
+                self._start_ray(stages)
+            self.costs = self._calibrate() if self.config.calibrate else CostModel.nominal()
+            self._call(self._scheduler, "set_costs", self.costs)
+            self._reset_stats()
+        except BaseException:
+            self.close()
+            raise
+        self.start_s = time.perf_counter() - t0
+
+    # -- start-up ------------------------------------------------------------------------------------------
+    def _start_local(self) -> None:
+        from .backends.local import LocalRunner, LocalTransport
+        from .stages.decompressor import Decompressor
+        from .stages.executor import Executor
+        from .stages.loader import IOLoader
+        from .stages.scheduler import Scheduler
+
+        self._loader = IOLoader(self.store_dir, self.config.read_options())
+        self._decompressors = [Decompressor(self.store_dir, i) for i in range(self.config.workers)]
+        self._runner = LocalRunner(self._loader, self._decompressors)
+        self._scheduler = Scheduler(self.store_dir, self._sched_config, self._runner)
+        self._executor = Executor(
+            self.store_dir,
+            LocalTransport(self._scheduler),
+            self.device,
+            self.config.dtype,
+            self.config.torch_threads,
+        )
+        self.device = self._executor.device
+
+    def _start_ray(self, stages) -> None:
+        import sys
+
+        if "ray" not in sys.modules and not self.config.address:
+            # an embedded single-node cluster: keep every Ray listener on 127.0.0.1 (read at import time)
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        from .backends import ray_backend as rb
+
+        if not ray.is_initialized():
+            if self.config.address:
+                ray.init(address=self.config.address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+                self._ray_started = True
+        res = self.config.resources or None
+        if stages is None:
+            loader = rb.start_loader(self.store_dir, self.config.read_options(), resources=res)
+            decompressors = rb.start_decompressors(self.store_dir, self.config.workers, resources=res)
+            scheduler = rb.start_scheduler(self.store_dir, self._sched_config, loader, decompressors)
+            executor = rb.start_executor(
+                self.store_dir,
+                scheduler,
+                device=self.device,
+                dtype=self.config.dtype,
+                torch_threads=self.config.torch_threads,
+                resources=res,
+            )
+            stages = rb.Stages(loader, decompressors, scheduler, executor)
+            self._owned = stages.all()
+        self._stages = stages
+        self._loader, self._decompressors = stages.loader, stages.decompressors
+        self._scheduler, self._executor = stages.scheduler, stages.executor
+        self._wait([a.ping.remote() for a in stages.all()])
+        self.device = self._wait(self._executor.stats.remote())["device"]
+
+    def _wait(self, refs):
+        import ray
+
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            raise ray_unwrap(e) from None
+        except ray.exceptions.ActorDiedError as e:
+            cause = getattr(e, "cause", None) or e
+            raise ray_unwrap(cause) if isinstance(cause, Exception) else e from None
+
+    def _call(self, target, method: str, *args):
+        if self.config.backend == "local":
+            return getattr(target, method)(*args)
+        return self._wait(getattr(target, method).remote(*args))
+
+    def _calibrate(self) -> CostModel:
+        io = self._call(self._loader, "calibrate", None, 16 << 20)
+        dec = self._call(self._decompressors[0], "calibrate", None, 16 << 20)
+        costs = CostModel(
+            read_bps=io["read_bps"],
+            read_latency=io["read_latency"],
+            decode_bps=dec["decode_bps"],
+            decompress_bps=dec["decompress_bps"],
+            source=f"calibrated at start-up ({io['mode']} reads)",
+        )
+        log.info("calibration: %s", costs)
+        return costs
+
+    def _reset_stats(self) -> None:
+        for target in (self._loader, *self._decompressors, self._scheduler, self._executor):
+            self._call(target, "reset_stats")
+        self._generation_s = 0.0
+
+    # -- prompts -------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.store_dir)
+            except (OSError, ValueError) as e:
+                raise ConfigError(
+                    f"{self.store_dir}: no usable tokenizer ({e}); pass token ids instead of text"
+                ) from None
+        return self._tokenizer
+
+    def _encode(self, prompts) -> tuple[list[list[int]], bool]:
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        )
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ConfigError("no prompts given")
+        ids = []
+        for p in batch:
+            if isinstance(p, str):
+                ids.append(self.tokenizer(p)["input_ids"])
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+                ids.append(list(p))
+            else:
+                raise ConfigError(f"a prompt must be text or a list of token ids, got {type(p).__name__}")
+            if not ids[-1]:
+                raise ConfigError("a prompt tokenized to nothing; give at least one token")
+        return ids, single
+
+    def _decode(self, ids: list[int]) -> str:
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        except ConfigError:
+            return ""
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        seed: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        output_logits: bool = False,
+    ):
+        """Generate for one prompt (text or token ids: returns a GenerationOutput) or a batch (a list of
+        them: returns a list). Greedy by default; ``do_sample`` with ``seed`` samples reproducibly. Blocks."""
+        self._check_open()
+        ids, single = self._encode(prompts)
+        req = GenerateRequest(ids, max_new_tokens, do_sample, seed, temperature, top_p, top_k, output_logits)
+        t0 = time.perf_counter()
+        res: GenerateResult = self._call(self._executor, "generate", req)
+        self._generation_s += time.perf_counter() - t0
+        self._last = res
+        outs = []
+        for i, tok in enumerate(res.token_ids):
+            logits = None
+            if res.logits is not None:
+                import torch
+
+                logits = torch.stack([step[i] for step in res.logits])
+            outs.append(GenerationOutput(tok, self._decode(tok), logits))
+        return outs[0] if single else outs
+
+    def stream(self, prompt, max_new_tokens: int = 32, **kw) -> Iterator[tuple[int, str]]:
+        """Yield ``(token_id, text_so_far_delta)`` for one prompt as each token is produced."""
+        self._check_open()
+        ids, single = self._encode(prompt)
+        if not single:
+            raise ConfigError("stream() takes one prompt")
+        req = GenerateRequest(ids, max_new_tokens, **kw)
+        t0 = time.perf_counter()
+        produced: list[int] = []
+        text = ""
+        for kind, value in self._stream_events(req):
+            if kind == "tokens":
+                tok = value[0]
+                if produced and produced[-1] in self._eos():
+                    continue
+                produced.append(tok)
+                new_text = self._decode(produced)
+                delta, text = new_text[len(text) :], new_text
+                yield tok, delta
+            elif kind == "result":
+                self._last = value
+        self._generation_s += time.perf_counter() - t0
+
+    def _eos(self) -> set[int]:
+        e = self.tokenizer.eos_token_id
+        return {e} if e is not None else set()
+
+    def _stream_events(self, req: GenerateRequest):
+        if self.config.backend == "local":
+            yield from self._executor.generate_stream(req)
+            return
+        import ray
+
+        gen = self._executor.generate_stream.options(num_returns="streaming").remote(req)
+        for ref in gen:
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise ray_unwrap(e) from None
+
+    # -- statistics ----------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counters since start-up: latency of the last generation, hits and misses per cache form, bytes read,
+        peak cache bytes against the budget, lane utilisation, calibration."""
+        self._check_open()
+        loader = self._call(self._loader, "stats")
+        decs = [self._call(d, "stats") for d in self._decompressors]
+        sched = self._call(self._scheduler, "stats")
+        ex = self._call(self._executor, "stats")
+        wall = self._generation_s or 1e-9
+        last = self._last
+        misses = sched["misses"]
+        return {
+            "ttft_s": last.ttft_s if last else None,
+            "tpot_s": last.tpot_s if last else None,
+            "tokens_per_s": last.tokens_per_s if last else None,
+            "budget": self.budget,
+            "expert_bytes": self.expert_bytes,
+            "peak_cache_bytes": sched["cache"]["peak"],
+            "hits": sched["hits"],
+            "misses": {"disk": misses},
+            "hit_rate": sched["hit_rate"],
+            "miss_rate": sched["miss_rate"],
+            "bytes_read": loader["bytes_read"],
+            "read_mode": loader["read_mode"],
+            "read_options": loader["read_options"],
+            "lanes": {
+                "io_utilisation": min(1.0, loader["busy_s"] / wall),
+                "cpu_utilisation": [min(1.0, d["busy_s"] / wall) for d in decs],
+                "workers": len(decs),
+            },
+            "split": sched["plan"],
+            "cache": sched["cache"],
+            "scheduler": {
+                k: sched[k] for k in ("requests", "waves", "steps", "background_tasks", "planned_makespan_s")
+            },
+            "executor": ex,
+            "non_expert_bytes": ex["non_expert_bytes"],
+            "calibration": self.costs.to_dict(),
+            "backend": self.config.backend,
+            "generation_s": self._generation_s,
+        }
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("the engine is closed")
+
+    def close(self) -> None:
+        """Stop every stage the engine started and release their memory (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.config.backend == "local":
+            runner = getattr(self, "_runner", None)
+            if runner is not None:
+                runner.shutdown()
+            return
+        try:
+            import ray
+        except ImportError:
+            return
+        for actor in self._owned:
+            with contextlib.suppress(Exception):  # already dead
+                ray.kill(actor, no_restart=True)
+        self._owned = []
+        if self._ray_started and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> ZipMoEEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def ray_unwrap(e: BaseException) -> BaseException:
+    from .backends.ray_backend import unwrap
+
+    u = unwrap(e)
+    return u if isinstance(u, ZipMoEError) else e

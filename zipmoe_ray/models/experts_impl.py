@@ -1,0 +1,149 @@
+"""The zipmoe experts implementation: routed experts computed from weights fetched through the cache.
+
+Seams (no monkey-patching):
+* decoder-only MoE models (qwen2_moe, qwen3_moe, olmoe, mixtral, deepseek_v2) declare their experts class
+  with transformers' ``@use_experts_implementation``; we register ``"zipmoe"`` in
+  ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` and load the model with
+  ``experts_implementation="zipmoe"``;
+* switch_transformers keeps its experts in a ``SwitchTransformersExperts`` ModuleDict with no such
+  registry, so the executor replaces that child module of each sparse MLP with :class:`SwitchExperts`, a
+  module with the same forward signature (the cleanest supported seam: ordinary module composition).
+
+Bit-exactness. Both mirror the computation transformers would run by default, operation by operation:
+* ``grouped_mm`` (the default experts implementation in transformers 5): tokens sorted by expert
+  (``torch.sort``), one matmul per expert group (``grouped_mm`` computes each group as that matmul),
+  ``self._apply_gate`` and the down projection on that group's rows (row-wise ops, so per group equals
+  whole-tensor), routing weights applied, original order restored, top-k summed per token;
+* switch: per expert in ascending order, ``F.linear`` -> activation -> ``F.linear`` times the router
+  probability, accumulated with ``index_add_`` in ascending expert order.
+Experts are computed in the order they arrive (compute overlaps the remaining fetches); only the final
+combination has a fixed order, and it is the reference's. tests/test_bit_exact.py checks token ids and
+every step's logits against plain transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["EXPERTS_IMPLEMENTATION", "ExpertSource", "ExpertWeights", "SwitchExperts", "register"]
+
+EXPERTS_IMPLEMENTATION = "zipmoe"
+
+
+@dataclass
+class ExpertWeights:
+    """One expert's weights as views of one buffer: ``first`` is gate_up [2I, H] (or Switch's wi [F, H]),
+    ``second`` is down [H, I] (or wo [H, F])."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+class ExpertSource(Protocol):
+    """What a MoE layer asks for its active experts (the executor's ExpertClient)."""
+
+    def fetch(self, layer: int, experts: list[int], tokens: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Yield ``(expert, weights)`` for every requested expert, each as soon as it is usable."""
+        ...
+
+    def done(self, layer: int, expert: int) -> None:
+        """The layer finished computing with ``expert``: its transient buffers may be released."""
+        ...
+
+
+def zipmoe_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    source: ExpertSource = self._zipmoe_source
+    layer: int = self._zipmoe_layer
+    if getattr(self, "has_bias", False):
+        raise NotImplementedError("zipmoe does not serve experts with biases")
+    num_top_k = top_k_index.size(-1)
+    num_tokens = hidden_states.size(0)
+    hidden_dim = hidden_states.size(-1)
+    sample_weights = top_k_weights.reshape(-1)  # [S]
+    expert_ids = top_k_index.reshape(-1)  # [S]
+    expert_ids_g, perm = torch.sort(expert_ids)
+    selected_g = hidden_states[perm // num_top_k]  # [S, hidden]
+    sample_weights_g = sample_weights[perm]  # [S]
+    ids = expert_ids_g.tolist()
+    groups: dict[int, tuple[int, int]] = {}
+    for pos, e in enumerate(ids):
+        a, _ = groups.get(e, (pos, pos))
+        groups[e] = (a, pos + 1)
+    active = sorted(groups)
+    weighted_out = None  # [S, hidden], rows in sorted order
+    for e, w in source.fetch(layer, active, [groups[e][1] - groups[e][0] for e in active]):
+        a, b = groups[e]
+        x = selected_g[a:b]
+        proj = torch.mm(x.to(w.first.dtype), w.first.t())  # what grouped_mm computes for this group
+        proj = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)
+        proj = torch.mm(proj.to(w.second.dtype), w.second.t())
+        if self.has_post_expert_norm:
+            proj = self.post_expert_norm(proj)
+        out = proj * sample_weights_g[a:b].unsqueeze(-1)
+        if weighted_out is None:
+            weighted_out = torch.empty(len(ids), hidden_dim, dtype=out.dtype, device=out.device)
+        weighted_out[a:b] = out
+        source.done(layer, e)
+    if weighted_out is None:
+        return torch.zeros_like(hidden_states)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted_out = weighted_out[inv_perm]
+    return weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+class SwitchExperts(torch.nn.Module):
+    """Drop-in for ``SwitchTransformersExperts`` (same forward signature) fetching weights from a source."""
+
+    def __init__(self, layer: int, num_experts: int, act: torch.nn.Module, source: ExpertSource):
+        super().__init__()
+        self.num_experts = num_experts
+        self.act = act
+        self._zipmoe_layer = layer
+        self._zipmoe_source = source
+
+    def forward(
+        self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        expert_mask = selected_experts.permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        rows = {}
+        for idx in expert_hit:
+            e = int(idx[0])
+            pos, top_x = torch.where(expert_mask[idx].squeeze(0))
+            rows[e] = (pos, top_x)
+        active = sorted(rows)
+        outs = {}
+        for e, w in self._zipmoe_source.fetch(self._zipmoe_layer, active, [len(rows[e][1]) for e in active]):
+            pos, top_x = rows[e]
+            x = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
+            h = self.act(F.linear(x, w.first))
+            if h.dtype != w.second.dtype and w.second.dtype != torch.int8:
+                h = h.to(w.second.dtype)
+            outs[e] = F.linear(h, w.second) * routing_weights[top_x, pos, None]
+            self._zipmoe_source.done(self._zipmoe_layer, e)
+        for e in active:  # the reference's accumulation order
+            final.index_add_(0, rows[e][1], outs[e].to(hidden_states.dtype))
+        return final
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the ``zipmoe`` experts implementation with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, zipmoe_experts_forward)
+    _registered = True

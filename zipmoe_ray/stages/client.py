@@ -1,0 +1,176 @@
+"""ExpertClient: the executor's side of the cache.
+
+It holds the FULL form (experts recombined on the compute device), asks the scheduler for everything else
+with one request per MoE layer, and hands each expert to the layer as soon as its handle resolves. What it
+finished with is reported back with the next request (or at the end of the step) so that staging is
+released and popularity updated without extra calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..codec import layout_for
+from ..models.experts_impl import ExpertWeights
+from .protocol import Delivery
+
+__all__ = ["ExpertClient"]
+
+log = logging.getLogger(__name__)
+Key = tuple[int, int]
+
+
+@dataclass
+class _LayerShape:
+    shapes: list[tuple[int, ...]]
+    roles: list[str]
+    numel: int
+    split: int  # elements of the first weight (gate_up or wi)
+
+
+@dataclass
+class ClientStats:
+    full_hits: int = 0
+    fetched: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    waves: int = 0
+    wait_s: float = 0.0  # time the layer computation waited for an expert
+
+
+class ExpertClient:
+    """Implements models.experts_impl.ExpertSource for the executor."""
+
+    def __init__(self, transport, store, device: str | torch.device = "cpu"):
+        self.transport = transport
+        self.device = torch.device(device)
+        dtypes = {t.dtype for r in store.index.experts for t in r.tensors}
+        self.layout = layout_for(dtypes.pop())
+        self.shapes: dict[int, _LayerShape] = {}
+        for r in store.index.experts:
+            if r.layer in self.shapes:
+                continue
+            shapes = [t.shape for t in r.tensors]
+            roles = [t.role for t in r.tensors]
+            split = sum(t.numel for t in r.tensors[:-1])
+            self.shapes[r.layer] = _LayerShape(shapes, roles, r.numel, split)
+        self.full: dict[Key, ExpertWeights] = {}
+        self._hit_notes: list[tuple[int, int, int]] = []
+        self._released: list[Key] = []
+        self._in_use: dict[Key, Any] = {}
+        self.stats = ClientStats()
+        self._lock = threading.Lock()
+
+    # -- building weights ----------------------------------------------------------------------------
+    def _weights(self, layer: int, kind: str, value: np.ndarray) -> ExpertWeights:
+        shape = self.shapes[layer]
+        with warnings.catch_warnings():  # object-store arrays are read-only; the weights are only read
+            warnings.simplefilter("ignore", UserWarning)
+            if kind == "planes":
+                n = shape.numel
+                exp = torch.from_numpy(value[:n]).to(self.device)
+                raw = torch.from_numpy(value[n:]).to(self.device)
+                flat = torch.empty(n, dtype=self.layout.torch_dtype, device=self.device)
+                pos = rpos = 0
+                for s in shape.shapes:
+                    k = int(np.prod(s))
+                    r = k * self.layout.raw_width
+                    flat[pos : pos + k] = self.layout.merge_torch(exp[pos : pos + k], raw[rpos : rpos + r])
+                    pos, rpos = pos + k, rpos + r
+            else:
+                words = np.asarray(value)
+                if kind == "raw":
+                    words = words[: shape.numel * self.layout.itemsize].view(self.layout.word)
+                signed = {2: torch.int16, 4: torch.int32}[self.layout.itemsize]
+                flat = torch.from_numpy(words.view(np.dtype(f"i{self.layout.itemsize}"))).view(signed)
+                flat = flat.view(self.layout.torch_dtype)
+                if self.device.type != "cpu":
+                    flat = flat.to(self.device, non_blocking=False)
+        first_shape, second_shape = self._fused_shapes(shape)
+        return ExpertWeights(flat[: shape.split].view(first_shape), flat[shape.split :].view(second_shape))
+
+    @staticmethod
+    def _fused_shapes(shape: _LayerShape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if shape.roles == ["gate", "up", "down"]:
+            g = shape.shapes[0]
+            return (2 * g[0], *g[1:]), shape.shapes[2]
+        return shape.shapes[0], shape.shapes[1]
+
+    # -- the ExpertSource protocol -------------------------------------------------------------------------
+    def fetch(self, layer: int, experts: list[int], tokens: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        hits = [(e, t) for e, t in zip(experts, tokens) if (layer, e) in self.full]
+        misses = [(e, t) for e, t in zip(experts, tokens) if (layer, e) not in self.full]
+        self.stats.full_hits += len(hits)
+        if not misses:
+            self._hit_notes.extend((layer, e, t) for e, t in hits)
+            for e, _ in hits:
+                yield e, self.full[(layer, e)]
+            return
+        resp = self._request(layer, misses, hits)
+        for e, _ in hits:
+            w = self.full.get((layer, e))
+            if w is not None:
+                yield e, w
+        while True:
+            yield from self._consume(layer, resp)
+            if not resp.deferred:
+                break
+            resp = self._request(layer, resp.deferred, [])
+            self.stats.waves += 1
+
+    def _request(self, layer, misses, hits):
+        released, self._released = self._released, []
+        self.stats.requests += 1
+        resp = self.transport.request(layer, misses, hits, released)
+        for key in resp.drop_full:
+            self.full.pop(tuple(key), None)
+        return resp
+
+    def _consume(self, layer: int, resp) -> Iterator[tuple[int, ExpertWeights]]:
+        pending: dict[Any, Delivery] = {d.handle: d for d in resp.deliveries}
+        while pending:
+            t0 = time.perf_counter()
+            ready = self.transport.wait_any(list(pending))
+            self.stats.wait_s += time.perf_counter() - t0
+            for h in ready:
+                d = pending.pop(h)
+                value = self.transport.get(h)
+                w = self._weights(layer, d.kind, value)
+                key = (layer, d.expert)
+                self.stats.fetched[d.form] = self.stats.fetched.get(d.form, 0) + 1
+                if d.keep:
+                    self.full[key] = w
+                self._in_use[key] = w
+                yield d.expert, w
+
+    def done(self, layer: int, expert: int) -> None:
+        key = (layer, expert)
+        if self._in_use.pop(key, None) is not None:  # fetched by this layer: its staging can go
+            self._released.append(key)
+
+    def end_step(self) -> None:
+        """One generation step is over: report FULL hits and released experts, age popularity."""
+        hits, self._hit_notes = self._hit_notes, []
+        released, self._released = self._released, []
+        self.transport.step(hits, released)
+
+    def report(self) -> dict:
+        return {
+            "full_hits": self.stats.full_hits,
+            "fetched_by_form": dict(self.stats.fetched),
+            "requests": self.stats.requests,
+            "waves": self.stats.waves,
+            "executor_wait_s": self.stats.wait_s,
+            "full_experts_held": len(self.full),
+        }
+
+    def reset_stats(self) -> None:
+        self.stats = ClientStats()

@@ -1,0 +1,172 @@
+"""Decompressor: one decode lane. Turns an expert's stored bytes back into its weights.
+
+Inputs are the expert's extent (COMPRESSED form or a disk read) or its two regions held apart (the SM
+form plus the exponent region just read). Every chunk's CRC-32 is checked before anything is decoded:
+a damaged chunk raises ChecksumError naming the layer, expert and tensor, and is never computed with.
+
+Output is one flat array with all the expert's tensors back to back in canonical order (gate, up, down),
+so the executor's fused gate_up projection is a view. With ``planes_only`` (recombination on the
+accelerator) the output is instead [exponent planes | raw planes] of all tensors, for merge on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+
+from ..codec import decode_many, decompress_exponents, encode, layout_for
+from ..codec.encoded import crc32
+from ..errors import ConfigError, StoreCorruptError
+from ..store import open_store
+
+__all__ = ["Decompressor"]
+
+log = logging.getLogger(__name__)
+
+
+class Decompressor:
+    """Plain class; the Ray backend wraps it in an actor, the local backend runs one per thread."""
+
+    def __init__(self, store_path: str, lane: int = 0):
+        self.store = open_store(store_path)
+        self.lane = lane
+        self._busy = 0.0
+        self._tasks = 0
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._born = time.monotonic()
+        dtypes = {t.dtype for r in self.store.index.experts for t in r.tensors}
+        if len(dtypes) != 1:
+            raise ConfigError(
+                f"the runtime needs every expert tensor in one dtype; this store has {sorted(dtypes)}"
+            )
+        self.layout = layout_for(dtypes.pop())
+
+    def _account(self, t0: float, nbytes: int) -> None:
+        with self._lock:
+            self._busy += time.monotonic() - t0
+            self._tasks += 1
+            self._bytes += nbytes
+
+    def _encoded(self, layer, expert, extent, exp, sm):
+        if extent is not None:
+            return self.store.encoded_tensors(layer, expert, extent)
+        if exp is None or sm is None:
+            raise ValueError("decode needs an extent, or both its exponent and sign+mantissa regions")
+        return self.store.encoded_from_parts(layer, expert, exp, sm)
+
+    def decode(
+        self,
+        layer: int,
+        expert: int,
+        extent: np.ndarray | None = None,
+        exp: np.ndarray | None = None,
+        sm: np.ndarray | None = None,
+        planes_only: bool = False,
+    ) -> np.ndarray:
+        """Verify and decode one expert; returns the flat weights as unsigned words (or the planes)."""
+        t0 = time.monotonic()
+        rec = self.store.record(layer, expert)
+        encs = self._encoded(layer, expert, extent, exp, sm)
+        for t, enc in zip(rec.tensors, encs):
+            enc.verify(rec.label(t.name))
+        try:
+            if planes_only:
+                out = np.empty(rec.numel * (1 + self.layout.raw_width), dtype=np.uint8)
+                pos, rpos = 0, rec.numel
+                for enc in encs:
+                    decompress_exponents(enc, out=out[pos : pos + enc.numel], threads=1)
+                    out[rpos : rpos + enc.raw_nbytes] = np.frombuffer(enc.raw, dtype=np.uint8)
+                    pos += enc.numel
+                    rpos += enc.raw_nbytes
+            else:
+                flat = torch.empty(rec.numel, dtype=self.layout.torch_dtype)
+                views, pos = [], 0
+                for t in rec.tensors:
+                    views.append(flat[pos : pos + t.numel].view(t.shape))
+                    pos += t.numel
+                decode_many(list(zip(encs, views)), threads=1)
+                out = self.layout.words(flat)
+        except StoreCorruptError as e:
+            raise StoreCorruptError(f"{rec.label()}: {e}") from None
+        self._account(t0, rec.original_bytes)
+        return out
+
+    def sm_region(self, layer: int, expert: int, extent: np.ndarray) -> np.ndarray:
+        """A copy of the SM region of an extent (COMPRESSED -> SM demotion, or SM admission from disk)."""
+        t0 = time.monotonic()
+        rec = self.store.record(layer, expert)
+        out = np.array(extent[rec.e_length : rec.length], dtype=np.uint8, copy=True)
+        self._account(t0, 0)
+        return out
+
+    def join(self, layer: int, expert: int, exp: np.ndarray, sm: np.ndarray) -> np.ndarray:
+        """One extent from its two regions (SM form + exponent region -> COMPRESSED admission)."""
+        t0 = time.monotonic()
+        out = self.store.join_parts(layer, expert, exp, sm)
+        self._account(t0, 0)
+        return out
+
+    def derive(self, layer: int, expert: int, words: np.ndarray, part: str) -> np.ndarray | None:
+        """Rebuild the SM region (``part='raw'``) or the whole extent (``part='all'``) of an expert from its
+        decoded weights (FULL -> SM or COMPRESSED demotion without reading the disk). Every chunk is checked
+        against the index; returns None when re-encoding does not reproduce the stored bytes (a different
+        zstd build), in which case the caller falls back to another form."""
+        t0 = time.monotonic()
+        rec = self.store.record(layer, expert)
+        flat = torch.from_numpy(np.asarray(words).view(self.layout.word).copy()).view(self.layout.torch_dtype)
+        chunks_e, chunks_sm, pos = [], [], 0
+        for t in rec.tensors:
+            x = flat[pos : pos + t.numel]
+            pos += t.numel
+            if part == "raw":
+                w = self.layout.words(x)
+                e_plane = np.empty(t.numel, np.uint8)
+                raw = np.empty(t.numel * self.layout.raw_width, np.uint8)
+                self.layout.split(w, e_plane, raw)
+                if crc32(raw) != t.raw.crc32:
+                    return None
+                chunks_sm.append(raw)
+            else:
+                enc = encode(x, codec=self.store.codec, level=self.store.level, shards=len(t.shards) or None)
+                if tuple(enc.exp_crc32) != tuple(s.crc32 for s in t.shards) or enc.raw_crc32 != t.raw.crc32:
+                    return None
+                chunks_e.extend(enc.exp_shards)
+                chunks_sm.append(np.asarray(enc.raw))
+        parts = chunks_sm if part == "raw" else [*chunks_e, *chunks_sm]
+        out = (
+            np.concatenate([np.frombuffer(c, dtype=np.uint8) for c in parts])
+            if parts
+            else np.empty(0, np.uint8)
+        )
+        self._account(t0, 0)
+        return out
+
+    def calibrate(self, keys: list[tuple[int, int]] | None = None, min_bytes: int = 32 << 20) -> dict:
+        """Measure this lane's full-decode and decompress-only rates on real extents of the store."""
+        from ..schedule.costs import measure_decode
+
+        keys = keys or self.store.experts()[:4]
+        full, exp = measure_decode(self.store, keys, min_bytes)
+        return {"decode_bps": full, "decompress_bps": exp}
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "lane": self.lane,
+                "tasks": self._tasks,
+                "decoded_bytes": self._bytes,
+                "busy_s": self._busy,
+                "uptime_s": time.monotonic() - self._born,
+            }
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._busy, self._tasks, self._bytes, self._born = 0.0, 0, 0, time.monotonic()
+
+    def ping(self) -> bool:
+        return True

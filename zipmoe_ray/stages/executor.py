@@ -1,0 +1,217 @@
+"""Executor: runs the transformers model with every non-expert weight resident; its MoE layers get their
+experts through the ExpertClient. Generation is transformers' own ``generate`` (greedy or sampling), so
+stopping, padding and sampling behave exactly as in plain transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..models.dense_loader import load_model
+from ..models.registry import get_arch
+from ..store import open_store
+from .client import ExpertClient
+
+__all__ = ["Executor", "GenerateRequest", "GenerateResult", "default_device"]
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclass
+class GenerateRequest:
+    input_ids: list[list[int]]
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    output_logits: bool = False
+
+    def __post_init__(self):
+        if not self.input_ids or any(not ids for ids in self.input_ids):
+            raise ConfigError("every prompt needs at least one token")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenerateResult:
+    token_ids: list[list[int]]  # generated ids only, per prompt (up to and including end-of-text)
+    ttft_s: float
+    tpot_s: float
+    tokens_per_s: float
+    step_times: list[float]
+    logits: list[torch.Tensor] | None = None  # per step, [batch, vocab] (output_logits)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class _StepHook:
+    """A stopping criterion that never stops: called once per generated token, it timestamps the step,
+    closes the step for the cache (popularity aging, releases) and streams the new tokens."""
+
+    def __init__(self, client: ExpertClient, sink: queue.Queue | None = None):
+        self.client = client
+        self.sink = sink
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.times.append(time.perf_counter())
+        self.client.end_step()
+        if self.sink is not None:
+            self.sink.put(("tokens", input_ids[:, -1].tolist()))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class Executor:
+    """Plain class; the Ray backend wraps it in an actor, the local backend calls it directly."""
+
+    def __init__(
+        self,
+        store_path: str,
+        transport,
+        device: str | None = None,
+        dtype: str = "auto",
+        torch_threads: int | None = None,
+    ):
+        from transformers import GenerationConfig  # noqa: F401  (import early: fail fast if missing)
+
+        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self.device = device or default_device()
+        self.store = open_store(store_path)
+        self.spec = get_arch(self.store.model_type)
+        self.client = ExpertClient(transport, self.store, self.device)
+        t0 = time.perf_counter()
+        self.model, self.moe_layers = load_model(self.store, self.client, device=self.device, dtype=dtype)
+        self.load_s = time.perf_counter() - t0
+        gc = self.model.generation_config
+        self.pad_id = gc.pad_token_id if gc.pad_token_id is not None else self.model.config.pad_token_id
+        if self.pad_id is None:
+            eos = gc.eos_token_id
+            self.pad_id = eos[0] if isinstance(eos, list) else (eos or 0)
+        self.eos = set(gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]) - {None}
+        self._lock = threading.Lock()
+
+    # -- generation --------------------------------------------------------------------------------------
+    def _inputs(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
+        n = max(len(x) for x in batch)
+        left = self.spec.family == "causal"  # decoder-only models pad on the left for generation
+        ids, mask = [], []
+        for x in batch:
+            pad = [self.pad_id] * (n - len(x))
+            ids.append(pad + list(x) if left else list(x) + pad)
+            mask.append([0] * len(pad) + [1] * len(x) if left else [1] * len(x) + [0] * len(pad))
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long, device=self.device),
+            "attention_mask": torch.tensor(mask, dtype=torch.long, device=self.device),
+        }
+
+    def _run(self, req: GenerateRequest, sink: queue.Queue | None) -> GenerateResult:
+        from transformers import StoppingCriteriaList
+
+        inputs = self._inputs(req.input_ids)
+        hook = _StepHook(self.client, sink)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": req.max_new_tokens,
+            "do_sample": req.do_sample,
+            "stopping_criteria": StoppingCriteriaList([hook]),
+            "return_dict_in_generate": True,
+            "output_logits": req.output_logits,
+        }
+        for k in ("temperature", "top_p", "top_k"):
+            if getattr(req, k) is not None:
+                kwargs[k] = getattr(req, k)
+        with self._lock:
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = self.model.generate(**inputs, **kwargs)
+            t_end = time.perf_counter()
+        seqs = out.sequences.tolist()
+        start = inputs["input_ids"].shape[1] if self.spec.family == "causal" else 1
+        token_ids = [self._trim(s[start:]) for s in seqs]
+        times = hook.times
+        ttft = (times[0] - t0) if times else (t_end - t0)
+        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        ntok = sum(len(t) for t in token_ids)
+        return GenerateResult(
+            token_ids=token_ids,
+            ttft_s=ttft,
+            tpot_s=tpot,
+            tokens_per_s=ntok / (t_end - t0) if t_end > t0 else 0.0,
+            step_times=[t - t0 for t in times],
+            logits=[x.float().cpu() for x in out.logits] if req.output_logits else None,
+        )
+
+    def _trim(self, ids: list[int]) -> list[int]:
+        for i, t in enumerate(ids):
+            if t in self.eos:
+                return ids[: i + 1]
+        return ids
+
+    def generate(self, req: GenerateRequest) -> GenerateResult:
+        """Generate for a batch of token-id prompts; blocks until done."""
+        return self._run(req, None)
+
+    def generate_stream(self, req: GenerateRequest) -> Iterator[tuple[str, Any]]:
+        """Yield ``("tokens", [one id per prompt])`` as each step finishes, then ``("result", GenerateResult)``.
+        Errors raised by the generation are re-raised here."""
+        sink: queue.Queue = queue.Queue()
+        box: dict[str, Any] = {}
+
+        def work():
+            try:
+                box["result"] = self._run(req, sink)
+            except BaseException as e:  # re-raised in the consumer
+                box["error"] = e
+            finally:
+                sink.put(("end", None))
+
+        th = threading.Thread(target=work, name="zipmoe-generate", daemon=True)
+        th.start()
+        while True:
+            kind, value = sink.get()
+            if kind == "end":
+                break
+            yield kind, value
+        th.join()
+        if "error" in box:
+            raise box["error"]
+        yield "result", box["result"]
+
+    # -- reporting -----------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        non_expert = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
+        return {
+            "device": str(self.device),
+            "torch_threads": torch.get_num_threads(),
+            "model_load_s": self.load_s,
+            "non_expert_bytes": non_expert + buffers,
+            **self.client.report(),
+        }
+
+    def reset_stats(self) -> None:
+        self.client.reset_stats()
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,355 @@
+"""Scheduler: the central stage. Owns the cache state, turns each MoE layer's missing experts into read
+and decode tasks placed by cache affinity, and tells the executor which full copies to keep or drop.
+
+Life of one request (one per MoE layer that misses; see docs/architecture.md):
+  1. account the executor's report: experts it finished with (staging released, unpinned), FULL hits;
+  2. classify each missing expert by the form it is held in: COMPRESSED (decode only), SM (read the
+     exponent region, decode), DISK (read the extent, decode);
+  3. decide where each will be kept (cache admission by aged popularity; victims fall back a form);
+  4. reserve staging for the tasks (waves when a prefill's active experts exceed what the budget holds);
+  5. plan the I/O lane and the W decode lanes (schedule.layer_schedule), submit the tasks in plan order;
+  6. materialise demotions in the background (FULL -> SM by re-splitting the weights on a decode lane,
+     FULL -> COMPRESSED by re-reading the extent, COMPRESSED -> SM by copying its SM region);
+  7. return handles to the results: the scheduler never fetches a payload itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..cache import ExpertCache, ExpertSizes, Form, Popularity, SplitRule
+from ..errors import BudgetError
+from ..schedule import CostModel, Task, plan_layer
+from ..store import open_store
+from .protocol import Delivery, LayerResponse, TaskRunner
+
+__all__ = ["Scheduler", "SchedulerConfig", "expert_sizes", "minimum_budget"]
+
+log = logging.getLogger(__name__)
+Key = tuple[int, int]
+
+
+def expert_sizes(store) -> dict[Key, ExpertSizes]:
+    raw = store.codec == "none"
+    return {
+        (r.layer, r.expert): ExpertSizes(r.original_bytes, r.length, r.e_length, r.sm_length, raw)
+        for r in store.index.experts
+    }
+
+
+def minimum_budget(sizes: dict[Key, ExpertSizes], top_k: int) -> int:
+    """The smallest budget that can serve one layer's active experts (top-k, each read from disk, in flight
+    at once): the staging reserve."""
+    worst = max(s.staging(Form.DISK) for s in sizes.values())
+    return top_k * worst
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    budget: int
+    split: SplitRule = field(default_factory=SplitRule)
+    popularity: str = "lfu"  # lfu (aged token counts) or lru
+    decay: float = 0.98  # per generation step
+    recombine_on_device: bool = False
+    keep_full_payload: bool = True  # keep a handle to FULL weights (CPU executors): demotion re-splits them
+
+
+@dataclass
+class _Flight:
+    staging: int
+    form: Form
+
+
+class Scheduler:
+    """Plain class; thread-safe. The Ray backend wraps it in an actor, the local backend calls it directly."""
+
+    def __init__(
+        self, store_path: str, config: SchedulerConfig, runner: TaskRunner, costs: CostModel | None = None
+    ):
+        self.store = open_store(store_path)
+        self.config = config
+        self.runner = runner
+        self.costs = costs or CostModel.nominal()
+        self.sizes = expert_sizes(self.store)
+        self.raw_codec = self.store.codec == "none"
+        self.top_k = self.store.top_k
+        self.reserve = minimum_budget(self.sizes, self.top_k)
+        if config.budget < self.reserve:
+            raise BudgetError(
+                f"memory budget {config.budget:,} B is too small: one MoE layer's {self.top_k} active experts need "
+                f"{self.reserve:,} B of buffers in flight; give at least {self.reserve:,} B"
+            )
+        split = config.split
+        if self.raw_codec and (split.compressed or split.sm):
+            split = SplitRule(full=1.0, compressed=0.0, sm=0.0)  # a raw store has only the FULL form
+        self.split = split
+        self.cache = ExpertCache(
+            self.sizes,
+            config.budget,
+            split.capacities(config.budget - self.reserve, sum(s.full for s in self.sizes.values())),
+            Popularity(config.decay, config.popularity),
+        )
+        self._flights: dict[Key, _Flight] = {}
+        self._drops: list[Key] = []
+        self._lock = threading.RLock()
+        self._lane_load = [0.0] * runner.workers
+        self.counters = {
+            "requests": 0,
+            "waves": 0,
+            "steps": 0,
+            "hits": {f.label: 0 for f in Form if f != Form.DISK},
+            "misses": 0,
+            "bytes_read_planned": 0,
+            "planned_io_s": 0.0,
+            "planned_cpu_s": 0.0,
+            "planned_makespan_s": 0.0,
+            "background_tasks": 0,
+        }
+        self._t0 = time.monotonic()
+
+    # -- configuration ---------------------------------------------------------------------------------
+    def set_costs(self, costs: CostModel) -> None:
+        self.costs = costs
+
+    def plan_report(self) -> dict[str, Any]:
+        return {
+            "rule": self.split.describe(),
+            "staging_reserve": self.reserve,
+            "capacity": {f.label: c for f, c in self.cache.capacity.items()},
+        }
+
+    # -- executor reports --------------------------------------------------------------------------------
+    def _release(self, released) -> None:
+        for key in released:
+            key = tuple(key)
+            flight = self._flights.pop(key, None)
+            if flight is None:
+                continue
+            self.cache.release(flight.staging)
+            self.cache.unpin(key)
+
+    def _hits(self, layer: int, hits) -> None:
+        for e, tokens in hits:
+            key = (layer, e)
+            form = self.cache.touch(key, tokens)
+            self.counters["hits"][Form.FULL.label if form == Form.FULL else form.label] += 1
+
+    def step(self, hits: list[tuple[int, int, int]] = (), released: list[Key] = ()) -> None:
+        """End of a generation step: FULL hits the executor served alone ((layer, expert, tokens)), experts
+        it finished with; ages popularity by one step."""
+        with self._lock:
+            self._release(released)
+            for layer, e, tokens in hits:
+                self.cache.touch((layer, e), tokens)
+                self.counters["hits"]["full"] += 1
+            self.cache.step()
+            self.counters["steps"] += 1
+
+    # -- one layer ------------------------------------------------------------------------------------------
+    def _staging(self, key: Key, src: Form) -> tuple[int, int]:
+        """(read buffer, decoded output) bytes in flight to make ``key`` usable from form ``src``."""
+        s = self.sizes[key]
+        if self.raw_codec:
+            return 0, s.full  # the read buffer is the output
+        return {Form.COMPRESSED: 0, Form.SM: s.exp, Form.DISK: s.extent}[src], s.full
+
+    def request(
+        self,
+        layer: int,
+        misses: list[tuple[int, int]],
+        hits: list[tuple[int, int]] = (),
+        released: list[Key] = (),
+    ) -> LayerResponse:
+        """Fetch ``misses`` ((expert, tokens) the executor does not hold in full) of ``layer``. Non-blocking:
+        returns handles to results that complete in plan order."""
+        with self._lock:
+            self.counters["requests"] += 1
+            self._release(released)
+            self._hits(layer, hits)
+            for e, _ in hits:
+                self.cache.pin((layer, e))
+            try:
+                return self._request(layer, misses)
+            finally:
+                for e, _ in hits:
+                    self.cache.unpin((layer, e))
+
+    def _request(self, layer: int, misses) -> LayerResponse:
+        pending = []
+        for e, tokens in misses:
+            key = (layer, e)
+            form = self.cache.touch(key, tokens)
+            if form == Form.FULL:  # the executor lost its copy (e.g. restarted): fetch it again
+                self.cache.drop(key)
+                form = Form.DISK
+            if form == Form.DISK:
+                self.counters["misses"] += 1
+            else:
+                self.counters["hits"][form.label] += 1
+            pending.append((key, form, tokens))
+        pending.sort(key=lambda p: (-p[2], p[0]))
+        wave, deferred, staging = [], [], 0
+        for key, form, tokens in pending:
+            need = sum(self._staging(key, form))
+            if deferred or (wave and not self.cache.can_reserve(staging + need)):
+                deferred.append((key[1], tokens))
+                continue
+            wave.append((key, form, tokens))
+            staging += need
+        if deferred:
+            self.counters["waves"] += 1
+        for key, form, _ in wave:
+            need = sum(self._staging(key, form))
+            self.cache.reserve(need)
+            self.cache.pin(key)
+            self._flights[key] = _Flight(need, form)
+        deliveries = self._dispatch(wave)
+        drops, self._drops = self._drops, []
+        return LayerResponse(layer, deliveries, drops, deferred)
+
+    def _dispatch(self, wave) -> list[Delivery]:
+        tasks = []
+        for key, form, tokens in wave:
+            s = self.sizes[key]
+            tasks.append(
+                Task(
+                    key,
+                    self.costs.io_time(s, form),
+                    self.costs.cpu_time(s, form, self.config.recombine_on_device),
+                    tokens,
+                    tag=form,
+                )
+            )
+        plan = plan_layer(tasks, self.runner.workers)
+        self.counters["planned_io_s"] += plan.io_busy
+        self.counters["planned_cpu_s"] += sum(plan.cpu_busy)
+        self.counters["planned_makespan_s"] += plan.makespan
+        for lane, busy in enumerate(plan.cpu_busy):
+            self._lane_load[lane] += busy
+        reads = {}
+        for t in plan.io_order:
+            form = t.tag
+            part = "exp" if form == Form.SM else "all"
+            reads[t.key] = self.runner.read(t.key, part)
+            self.counters["bytes_read_planned"] += self.sizes[t.key].read(form)
+        outputs = {}
+        planes = self.config.recombine_on_device
+        for lane, lane_tasks in enumerate(plan.lanes):
+            for t in lane_tasks:
+                form = t.tag
+                entry = self.cache.entries[t.key]
+                if form == Form.COMPRESSED:
+                    outputs[t.key] = self.runner.decode(lane, t.key, extent=entry.payload, planes_only=planes)
+                elif form == Form.SM:
+                    outputs[t.key] = self.runner.decode(
+                        lane, t.key, exp=reads[t.key], sm=entry.payload, planes_only=planes
+                    )
+                else:
+                    outputs[t.key] = self.runner.decode(lane, t.key, extent=reads[t.key], planes_only=planes)
+        deliveries = []
+        for t in tasks:
+            form, key = t.tag, t.key
+            kind = "raw" if self.raw_codec else ("planes" if planes else "words")
+            handle = reads[key] if self.raw_codec else outputs[key]
+            final = self._admit(key, form, reads.get(key), handle)
+            deliveries.append(Delivery(key[1], handle, kind, final == Form.FULL, form.label))
+        return deliveries
+
+    def _least_loaded_lane(self) -> int:
+        lane = min(range(len(self._lane_load)), key=self._lane_load.__getitem__)
+        return lane
+
+    def _admit(self, key: Key, src: Form, read: Any, output: Any) -> Form:
+        """Place a just-fetched expert in the best form it earns now (see ExpertCache.admit), move the
+        staging that became cached bytes over, and materialise what moved."""
+        allowed = (Form.FULL,) if self.raw_codec else (Form.FULL, Form.COMPRESSED, Form.SM)
+        target = self.cache.choose(key, allowed)
+        if target == src or target == Form.DISK:
+            return src
+        entry = self.cache.entries[key]
+        read_bytes, out_bytes = self._staging(key, src)
+        # bytes that stop being transient once admitted: the output (FULL) or the extent read (COMPRESSED)
+        moved = (
+            out_bytes
+            if target == Form.FULL
+            else (read_bytes if (target, src) == (Form.COMPRESSED, Form.DISK) else 0)
+        )
+        if self.raw_codec and target == Form.FULL:
+            moved = out_bytes
+        if target == Form.FULL:
+            payload = (
+                output if self.config.keep_full_payload and not self.config.recombine_on_device else None
+            )
+        elif target == Form.COMPRESSED:
+            if src == Form.DISK:
+                payload = read
+            else:  # SM form + the exponent region just read
+                payload = self.runner.join(self._least_loaded_lane(), key, read, entry.payload)
+                self.counters["background_tasks"] += 1
+        else:  # SM from a disk read
+            payload = self.runner.sm_region(self._least_loaded_lane(), key, read)
+            self.counters["background_tasks"] += 1
+        flight = self._flights.get(key)
+        if moved and flight is not None:
+            self.cache.release(moved)
+            flight.staging -= moved
+        final, demotions = self.cache.admit(key, target, payload)
+        for d in demotions:
+            self._demote(d)
+        if final != target and moved and flight is not None:
+            self.cache.reserve(moved)  # it stays transient after all
+            flight.staging += moved
+        return final
+
+    def _demote(self, d) -> None:
+        old_payload = d.payload
+        if d.src == Form.FULL:
+            self._drops.append(d.key)
+        if d.dst == Form.DISK:
+            return
+        lane = self._least_loaded_lane()
+        self.counters["background_tasks"] += 1
+        if d.dst == Form.SM:
+            if d.src == Form.COMPRESSED and old_payload is not None:
+                payload = self.runner.sm_region(lane, d.key, old_payload)
+            elif d.src == Form.FULL and old_payload is not None:
+                payload = self.runner.derive(lane, d.key, old_payload, "raw")
+            else:
+                payload = self.runner.read(d.key, "raw")
+        else:  # COMPRESSED: only a re-read reproduces the stored extent exactly
+            payload = self.runner.read(d.key, "all")
+        self.cache.set_payload(d.key, payload)
+
+    # -- reporting ---------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            c = dict(self.counters)
+            hits = dict(c["hits"])
+            total = sum(hits.values()) + c["misses"]
+            c["hits"] = hits
+            c["accesses"] = total
+            c["hit_rate"] = {k: (v / total if total else 0.0) for k, v in hits.items()}
+            c["miss_rate"] = c["misses"] / total if total else 0.0
+            c["cache"] = self.cache.report()
+            c["plan"] = self.plan_report()
+            c["costs"] = self.costs.to_dict()
+            c["uptime_s"] = time.monotonic() - self._t0
+            return c
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            for k, v in self.counters.items():
+                if isinstance(v, dict):
+                    for kk in v:
+                        v[kk] = 0
+                else:
+                    self.counters[k] = 0 if isinstance(v, int) else 0.0
+            self.cache.peak = self.cache.total
+            self._t0 = time.monotonic()
+
+    def ping(self) -> bool:
+        return True
