@@ -86,3 +86,59 @@ def test_console_script_is_installed():
     exe = shutil.which("zipmoe") or str(__import__("pathlib").Path(sys.executable).with_name("zipmoe"))
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("zipmoe-ray ")
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_generate_json_is_bit_exact_at_10_percent(tiny_models, tiny_stores, capsys, backend):
+    from .runtime_helpers import BATCH1, reference
+
+    ref, _ = reference(tiny_models["qwen2_moe"], "qwen2_moe", BATCH1, 12)
+    ids = ",".join(map(str, BATCH1[0]))
+    rc, out, _ = run(
+        capsys, "generate", tiny_stores["qwen2_moe"], "--prompt-ids", ids, "--max-new-tokens", 12,
+        "--memory-budget", "10%", "--backend", backend, "--num-decompressors", 2, "--json",
+    )  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["outputs"][0]["token_ids"] == ref[0]
+    s = doc["stats"]
+    for key in (
+        "ttft_s",
+        "tpot_s",
+        "tokens_per_s",
+        "hits",
+        "misses",
+        "bytes_read",
+        "peak_cache_bytes",
+        "budget",
+    ):
+        assert key in s
+    assert s["misses"]["disk"] > 0 and s["peak_cache_bytes"] <= s["budget"]
+
+
+def test_generate_text_batch_and_sizes(tiny_stores, capsys):
+    rc, out, err = run(
+        capsys, "generate", tiny_stores["olmoe"], "--prompt", "Hello robot", "--prompt", "Rivers carry sand",
+        "--max-new-tokens", 4, "--memory-budget", "1MB", "--backend", "local",
+    )  # fmt: skip
+    assert rc == 0 and "tpot" in err and len(out.splitlines()) >= 1
+    rc, _, err = run(
+        capsys,
+        "generate",
+        tiny_stores["olmoe"],
+        "--prompt",
+        "x",
+        "--memory-budget",
+        "1KB",
+        "--backend",
+        "local",
+    )
+    assert rc == 1 and "too small" in err and "--memory-budget" in err
+
+
+def test_chat_streams_replies(tiny_stores, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\nand again\n/exit\n"))
+    rc, out, _ = run(capsys, "chat", tiny_stores["qwen3_moe"], "--backend", "local", "--max-new-tokens", 5)
+    assert rc == 0 and len(out.splitlines()) == 2

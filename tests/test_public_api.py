@@ -10,6 +10,9 @@ EXPECTED = {
     "CompressOptions",
     "ConfigError",
     "DTypeError",
+    "EngineConfig",
+    "GenerationOutput",
+    "ZipMoEEngine",
     "FormatVersionError",
     "ReadOptions",
     "Store",
@@ -47,3 +50,13 @@ def test_errors_pickle_across_processes():
             e = pickle.loads(pickle.dumps(obj("layer 3, expert 7: bad")))
             assert type(e) is obj and str(e) == "layer 3, expert 7: bad"
             assert isinstance(e, zipmoe_ray.ZipMoEError)
+
+
+def test_actor_api_is_pinned():
+    import zipmoe_ray.actors as actors
+
+    assert set(actors.__all__) == {
+        "Decompressor", "Executor", "GenerateRequest", "GenerateResult", "IOLoader", "Scheduler",
+        "SchedulerConfig", "Stages", "actor_classes", "object_store_usage", "start_decompressors",
+        "start_executor", "start_loader", "start_scheduler",
+    }  # fmt: skip

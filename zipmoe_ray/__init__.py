@@ -2,8 +2,10 @@
 
 Public API (pinned by tests/test_public_api.py)::
 
+    from zipmoe_ray import ZipMoEEngine, EngineConfig, GenerationOutput          # serving
     from zipmoe_ray import open_store, compress, CompressOptions, ReadOptions, verify_store, inspect_store
     from zipmoe_ray import build_tiny_model, encode, decode
+    import zipmoe_ray.actors                                                     # the stages as Ray actors
 
 Heavy submodules (torch, transformers) are imported on first use, so ``import zipmoe_ray`` stays cheap.
 """
@@ -30,6 +32,9 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
+    "EngineConfig": ".runtime.config",
+    "GenerationOutput": ".engine",
+    "ZipMoEEngine": ".engine",
     "CompressOptions": ".store",
     "ReadOptions": ".store",
     "Store": ".store",
@@ -51,12 +56,15 @@ __all__ = [
     "CompressOptions",
     "ConfigError",
     "DTypeError",
+    "EngineConfig",
     "FormatVersionError",
+    "GenerationOutput",
     "ReadOptions",
     "Store",
     "StoreCorruptError",
     "StoreError",
     "StoreMismatchError",
+    "ZipMoEEngine",
     "ZipMoEError",
     "__version__",
     "build_tiny_model",
@@ -85,8 +93,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .codec import decode, encode
+    from .engine import GenerationOutput, ZipMoEEngine
     from .models.registry import supported_architectures
     from .models.tiny import build_tiny_model
+    from .runtime.config import EngineConfig
     from .store import CompressOptions, ReadOptions, Store, compress, open_store
     from .store.inspect import inspect_store
     from .store.verify import verify_store

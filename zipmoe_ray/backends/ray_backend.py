@@ -24,6 +24,7 @@ __all__ = [
     "RayTransport",
     "Stages",
     "actor_classes",
+    "object_store_usage",
     "start_decompressors",
     "start_executor",
     "start_loader",
@@ -184,3 +185,16 @@ def start_executor(
     return cls.options(**_opts(resources, **ray_options)).remote(
         store_path, RayTransport(scheduler), device, dtype, torch_threads
     )
+
+
+def object_store_usage() -> dict[str, int]:
+    """Plasma bytes and objects in use across the cluster (from Ray's memory summary; coarse: MiB)."""
+    import re
+
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(stats_only=True)
+    m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)
+    if not m:
+        return {"bytes": -1, "objects": -1}
+    return {"bytes": int(m.group(1)) << 20, "objects": int(m.group(2))}
