@@ -21,17 +21,13 @@ class FakeRunner:
         self.calls.append(("read", key, part))
         return ("read", key, part)
 
-    def decode(self, lane, key, *, extent=None, exp=None, sm=None, planes_only=False):
-        self.calls.append(("decode", lane, key, extent, exp, sm))
+    def read_split(self, key):
+        self.calls.append(("read", key, "all"))
+        return ("exp", key), ("sm", key)
+
+    def decode(self, lane, key, exp, sm, planes_only=False):
+        self.calls.append(("decode", lane, key, exp, sm))
         return ("decoded", key)
-
-    def sm_region(self, lane, key, extent):
-        self.calls.append(("sm_region", key))
-        return ("sm", key)
-
-    def join(self, lane, key, exp, sm):
-        self.calls.append(("join", key))
-        return ("extent", key)
 
     def derive(self, lane, key, words, part):
         self.calls.append(("derive", key, part))
@@ -67,7 +63,7 @@ def test_disk_miss_reads_then_decodes_and_is_admitted(store):
     decodes = [c for c in runner.calls if c[0] == "decode"]
     assert {r[1] for r in reads} == {(0, 3), (0, 5)} and all(r[2] == "all" for r in reads)
     assert {d[2] for d in decodes} == {(0, 3), (0, 5)}
-    assert all(d[3] == ("read", d[2], "all") for d in decodes)  # decode consumes the read's handle
+    assert all(d[3] == ("exp", d[2]) and d[4] == ("sm", d[2]) for d in decodes)  # decode consumes the read
     assert all(d.form == "disk" for d in resp.deliveries)
     assert sched.stats()["misses"] == 2
 
@@ -76,7 +72,7 @@ def test_forms_decide_the_tasks(store):
     sched, runner = make(store)
     cache = sched.cache
     cache.touch((1, 0), 1)
-    cache.admit((1, 0), Form.COMPRESSED, payload="extent-handle")
+    cache.admit((1, 0), Form.COMPRESSED, payload=("exp-handle", "sm-handle-0"))
     cache.touch((1, 1), 1)
     cache.admit((1, 1), Form.SM, payload="sm-handle")
     runner.calls.clear()
@@ -86,8 +82,8 @@ def test_forms_decide_the_tasks(store):
     reads = [c for c in runner.calls if c[0] == "read"]
     assert reads == [("read", (1, 1), "exp")]  # compressed: no read; sm: only the exponent region
     dec = {c[2]: c for c in runner.calls if c[0] == "decode"}
-    assert dec[(1, 0)][3] == "extent-handle"
-    assert dec[(1, 1)][4] == ("read", (1, 1), "exp") and dec[(1, 1)][5] == "sm-handle"
+    assert dec[(1, 0)][3:] == ("exp-handle", "sm-handle-0")  # compressed: both regions from memory
+    assert dec[(1, 1)][3:] == (("read", (1, 1), "exp"), "sm-handle")  # sm: E region read, SM from memory
 
 
 def test_full_copies_are_kept_then_dropped_when_demoted(store):

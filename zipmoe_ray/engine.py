@@ -116,7 +116,7 @@ class ZipMoEEngine:
         from .stages.loader import IOLoader
         from .stages.scheduler import Scheduler
 
-        self._loader = IOLoader(self.store_dir, self.config.read_options())
+        self._loader = IOLoader(self.store_dir, self.config.read_options(), copy_parts=True)
         self._decompressors = [Decompressor(self.store_dir, i) for i in range(self.config.workers)]
         self._runner = LocalRunner(self._loader, self._decompressors)
         self._scheduler = Scheduler(self.store_dir, self._sched_config, self._runner)
@@ -200,6 +200,12 @@ class ZipMoEEngine:
         for target in (self._loader, *self._decompressors, self._scheduler, self._executor):
             self._call(target, "reset_stats")
         self._generation_s = 0.0
+
+    def reset_stats(self) -> None:
+        """Zero the counters (hits, bytes read, lane busy time, peak) but keep the cache: for measuring a
+        warm run after a warm-up."""
+        self._check_open()
+        self._reset_stats()
 
     # -- prompts -------------------------------------------------------------------------------------------
     @property
@@ -354,6 +360,13 @@ class ZipMoEEngine:
             "backend": self.config.backend,
             "generation_s": self._generation_s,
         }
+
+    def timeline(self) -> list[tuple]:
+        """The executor's MoE-layer timeline since the last reset (needs ZIPMOE_TIMELINE=1 when the engine
+        starts): (unix time, kind, layer, expert, extra) with kinds layer, request, response, ready,
+        computed, layer_done, step."""
+        self._check_open()
+        return self._call(self._executor, "timeline")
 
     # -- lifetime --------------------------------------------------------------------------------------------
     def _check_open(self) -> None:

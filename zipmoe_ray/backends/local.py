@@ -36,21 +36,28 @@ class LocalRunner:
     def read(self, key, part):
         return self._io.submit(self.loader.read, key[0], key[1], part)
 
-    def decode(self, lane, key, *, extent=None, exp=None, sm=None, planes_only=False):
+    def read_split(self, key):
+        whole = self._io.submit(self.loader.read_split, key[0], key[1])
+        parts = (cf.Future(), cf.Future())
+
+        def done(f):
+            try:
+                value = f.result()
+            except BaseException as e:
+                for p in parts:
+                    p.set_exception(e)
+                return
+            for p, v in zip(parts, value):
+                p.set_result(v)
+
+        whole.add_done_callback(done)
+        return parts
+
+    def decode(self, lane, key, exp, sm, planes_only=False):
         d = self.decompressors[lane]
         return self._lanes[lane].submit(
-            lambda: d.decode(
-                key[0], key[1], extent=_value(extent), exp=_value(exp), sm=_value(sm), planes_only=planes_only
-            )
+            lambda: d.decode(key[0], key[1], exp=_value(exp), sm=_value(sm), planes_only=planes_only)
         )
-
-    def sm_region(self, lane, key, extent):
-        d = self.decompressors[lane]
-        return self._lanes[lane].submit(lambda: d.sm_region(key[0], key[1], _value(extent)))
-
-    def join(self, lane, key, exp, sm):
-        d = self.decompressors[lane]
-        return self._lanes[lane].submit(lambda: d.join(key[0], key[1], _value(exp), _value(sm)))
 
     def derive(self, lane, key, words, part):
         d = self.decompressors[lane]

@@ -48,7 +48,8 @@ def actor_classes() -> dict[str, Any]:
         from ..stages.scheduler import Scheduler
 
         restart = {"max_restarts": -1, "max_task_retries": -1}
-        _classes["IOLoader"] = ray.remote(num_cpus=0, **restart)(IOLoader)
+        # two threads: the next read starts while the last result is copied into the object store
+        _classes["IOLoader"] = ray.remote(num_cpus=0, max_concurrency=2, **restart)(IOLoader)
         _classes["Decompressor"] = ray.remote(num_cpus=0, **restart)(Decompressor)
         _classes["Scheduler"] = ray.remote(num_cpus=0)(Scheduler)
         _classes["Executor"] = ray.remote(num_cpus=0, max_concurrency=4)(Executor)
@@ -74,14 +75,11 @@ class RayRunner:
     def read(self, key, part):
         return self.loader.read.remote(key[0], key[1], part)
 
-    def decode(self, lane, key, *, extent=None, exp=None, sm=None, planes_only=False):
-        return self.decompressors[lane].decode.remote(key[0], key[1], extent, exp, sm, planes_only)
+    def read_split(self, key):
+        return tuple(self.loader.read_split.options(num_returns=2).remote(key[0], key[1]))
 
-    def sm_region(self, lane, key, extent):
-        return self.decompressors[lane].sm_region.remote(key[0], key[1], extent)
-
-    def join(self, lane, key, exp, sm):
-        return self.decompressors[lane].join.remote(key[0], key[1], exp, sm)
+    def decode(self, lane, key, exp, sm, planes_only=False):
+        return self.decompressors[lane].decode.remote(key[0], key[1], None, exp, sm, planes_only)
 
     def derive(self, lane, key, words, part):
         return self.decompressors[lane].derive.remote(key[0], key[1], words, part)

@@ -15,6 +15,7 @@ Thread-safe.
 
 from __future__ import annotations
 
+import heapq
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,16 +171,13 @@ class ExpertCache:
         if self._fits(form, nbytes):
             return []
         pop = self.popularity
-        cands = sorted(
-            (
-                k
-                for k in self._members[form]
-                if k != exclude and self.entries[k].pins == 0 and pop.score(k) < score
-            ),
-            key=pop.score,
-        )
+        cands = [(pop.score(k), k) for k in self._members[form] if k != exclude and self.entries[k].pins == 0]
+        heapq.heapify(cands)  # coldest first, O(n + victims * log n)
         freed, out = 0, []
-        for k in cands:
+        while cands:
+            sc, k = heapq.heappop(cands)
+            if sc >= score:
+                return None
             out.append(k)
             freed += self.entries[k].sizes.held(form)
             if self._fits(form, nbytes, freed):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import env
 from ..codec import layout_for
 from ..models.experts_impl import ExpertWeights
 from .protocol import Delivery
@@ -68,6 +69,11 @@ class ExpertClient:
         self._in_use: dict[Key, Any] = {}
         self.stats = ClientStats()
         self._lock = threading.Lock()
+        self.events: list[tuple] | None = [] if env.get_bool("ZIPMOE_TIMELINE") else None
+
+    def _event(self, kind: str, layer: int, expert: int = -1, extra: Any = None) -> None:
+        if self.events is not None:
+            self.events.append((time.time(), kind, layer, expert, extra))
 
     # -- building weights ----------------------------------------------------------------------------
     def _weights(self, layer: int, kind: str, value: np.ndarray) -> ExpertWeights:
@@ -109,10 +115,12 @@ class ExpertClient:
         hits = [(e, t) for e, t in zip(experts, tokens) if (layer, e) in self.full]
         misses = [(e, t) for e, t in zip(experts, tokens) if (layer, e) not in self.full]
         self.stats.full_hits += len(hits)
+        self._event("layer", layer, len(experts), len(hits))
         if not misses:
             self._hit_notes.extend((layer, e, t) for e, t in hits)
             for e, _ in hits:
                 yield e, self.full[(layer, e)]
+            self._event("layer_done", layer)
             return
         resp = self._request(layer, misses, hits)
         for e, _ in hits:
@@ -125,11 +133,14 @@ class ExpertClient:
                 break
             resp = self._request(layer, resp.deferred, [])
             self.stats.waves += 1
+        self._event("layer_done", layer)
 
     def _request(self, layer, misses, hits):
         released, self._released = self._released, []
         self.stats.requests += 1
+        self._event("request", layer, len(misses))
         resp = self.transport.request(layer, misses, hits, released)
+        self._event("response", layer)
         for key in resp.drop_full:
             self.full.pop(tuple(key), None)
         return resp
@@ -143,6 +154,7 @@ class ExpertClient:
             for h in ready:
                 d = pending.pop(h)
                 value = self.transport.get(h)
+                self._event("ready", layer, d.expert, d.form)
                 w = self._weights(layer, d.kind, value)
                 key = (layer, d.expert)
                 self.stats.fetched[d.form] = self.stats.fetched.get(d.form, 0) + 1
@@ -152,12 +164,14 @@ class ExpertClient:
                 yield d.expert, w
 
     def done(self, layer: int, expert: int) -> None:
+        self._event("computed", layer, expert)
         key = (layer, expert)
         if self._in_use.pop(key, None) is not None:  # fetched by this layer: its staging can go
             self._released.append(key)
 
     def end_step(self) -> None:
         """One generation step is over: report FULL hits and released experts, age popularity."""
+        self._event("step", -1)
         hits, self._hit_notes = self._hit_notes, []
         released, self._released = self._released, []
         self.transport.step(hits, released)

@@ -96,26 +96,10 @@ class Decompressor:
         self._account(t0, rec.original_bytes)
         return out
 
-    def sm_region(self, layer: int, expert: int, extent: np.ndarray) -> np.ndarray:
-        """A copy of the SM region of an extent (COMPRESSED -> SM demotion, or SM admission from disk)."""
-        t0 = time.monotonic()
-        rec = self.store.record(layer, expert)
-        out = np.array(extent[rec.e_length : rec.length], dtype=np.uint8, copy=True)
-        self._account(t0, 0)
-        return out
-
-    def join(self, layer: int, expert: int, exp: np.ndarray, sm: np.ndarray) -> np.ndarray:
-        """One extent from its two regions (SM form + exponent region -> COMPRESSED admission)."""
-        t0 = time.monotonic()
-        out = self.store.join_parts(layer, expert, exp, sm)
-        self._account(t0, 0)
-        return out
-
     def derive(self, layer: int, expert: int, words: np.ndarray, part: str) -> np.ndarray | None:
         """Rebuild the SM region (``part='raw'``) or the whole extent (``part='all'``) of an expert from its
-        decoded weights (FULL -> SM or COMPRESSED demotion without reading the disk). Every chunk is checked
-        against the index; returns None when re-encoding does not reproduce the stored bytes (a different
-        zstd build), in which case the caller falls back to another form."""
+        decoded weights (a FULL expert demoted without reading the disk). Every chunk is checked against the
+        index; returns None when re-encoding does not reproduce the stored bytes (a different zstd build)."""
         t0 = time.monotonic()
         rec = self.store.record(layer, expert)
         flat = torch.from_numpy(np.asarray(words).view(self.layout.word).copy()).view(self.layout.torch_dtype)

@@ -212,6 +212,12 @@ class Executor:
 
     def reset_stats(self) -> None:
         self.client.reset_stats()
+        if self.client.events is not None:
+            self.client.events.clear()
+
+    def timeline(self) -> list[tuple]:
+        """The recorded MoE-layer events (ZIPMOE_TIMELINE=1): (unix time, kind, layer, expert, extra)."""
+        return list(self.client.events or [])
 
     def ping(self) -> bool:
         return True

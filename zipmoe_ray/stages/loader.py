@@ -26,8 +26,9 @@ class IOLoader:
 
     ``read`` returns a new uint8 array owned by the caller (in Ray: stored in the object store)."""
 
-    def __init__(self, store_path: str, read_options: ReadOptions | None = None):
+    def __init__(self, store_path: str, read_options: ReadOptions | None = None, copy_parts: bool = False):
         self.store = open_store(store_path, read_options=read_options or ReadOptions())
+        self.copy_parts = copy_parts
         self._busy = 0.0
         self._reads = 0
         self._lock = threading.Lock()
@@ -44,6 +45,17 @@ class IOLoader:
             self._reads += 1
         return out
 
+    def read_split(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole extent in one read, returned as its two regions (exponent shards, sign+mantissa
+        planes) so that each can be cached on its own. In Ray each becomes its own object; in one process
+        (``copy_parts``) the SM region is copied so that caching it does not keep the E region alive."""
+        rec = self.store.record(layer, expert)
+        buf = self.read(layer, expert, "all")
+        exp, sm = buf[: rec.e_length], buf[rec.e_length : rec.length]
+        if self.copy_parts:
+            sm = sm.copy()
+        return exp, sm
+
     def calibrate(self, keys: list[tuple[int, int]] | None = None, min_bytes: int = 32 << 20) -> dict:
         """Measure read bandwidth and latency with this loader's read options (emulation included)."""
         from ..schedule.costs import measure_read
@@ -58,7 +70,8 @@ class IOLoader:
             return {
                 "reads": self._reads,
                 "bytes_read": s["bytes"],
-                "busy_s": self._busy,
+                # with an emulated device its booked time is the lane's busy time (reads may overlap copies)
+                "busy_s": self.store.reader.limiter.busy if self.store.reader.limiter else self._busy,
                 "uptime_s": time.monotonic() - self._born,
                 "read_mode": self.store.reader.mode_in_use,
                 "read_options": self.store.read_options.describe(),
@@ -67,6 +80,8 @@ class IOLoader:
     def reset_stats(self) -> None:
         with self._lock:
             self._busy, self._reads, self._born = 0.0, 0, time.monotonic()
+        if self.store.reader.limiter is not None:
+            self.store.reader.limiter.busy = 0.0
         st = self.store.reader.stats
         with st._lock:
             st.reads, st.bytes, st.seconds = 0, 0, 0.0

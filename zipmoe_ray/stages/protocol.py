@@ -32,19 +32,21 @@ class LayerResponse:
 class TaskRunner(Protocol):
     """Where the scheduler's tasks run: threads (local backend) or actors (Ray backend).
 
-    Every method returns immediately with a handle; handles may be passed as inputs to later tasks. Tasks
+    Every method returns immediately with handles; handles may be passed as inputs to later tasks. Tasks
     on one lane, and reads on the I/O lane, run in the order they were submitted."""
 
     workers: int
 
-    def read(self, key: tuple[int, int], part: str) -> Any: ...
+    def read(self, key: tuple[int, int], part: str) -> Any:
+        """One region of an extent: ``exp`` (compressed exponent shards), ``raw`` (SM planes) or ``all``."""
+        ...
+
+    def read_split(self, key: tuple[int, int]) -> tuple[Any, Any]:
+        """The whole extent in one read, as two handles: (E region, SM region)."""
+        ...
 
     def decode(
-        self, lane: int, key: tuple[int, int], *, extent=None, exp=None, sm=None, planes_only=False
+        self, lane: int, key: tuple[int, int], exp: Any, sm: Any, planes_only: bool = False
     ) -> Any: ...
-
-    def sm_region(self, lane: int, key: tuple[int, int], extent: Any) -> Any: ...
-
-    def join(self, lane: int, key: tuple[int, int], exp: Any, sm: Any) -> Any: ...
 
     def derive(self, lane: int, key: tuple[int, int], words: Any, part: str) -> Any: ...

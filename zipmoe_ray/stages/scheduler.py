@@ -230,69 +230,58 @@ class Scheduler:
         self.counters["planned_makespan_s"] += plan.makespan
         for lane, busy in enumerate(plan.cpu_busy):
             self._lane_load[lane] += busy
-        reads = {}
-        for t in plan.io_order:
-            form = t.tag
-            part = "exp" if form == Form.SM else "all"
-            reads[t.key] = self.runner.read(t.key, part)
-            self.counters["bytes_read_planned"] += self.sizes[t.key].read(form)
+        parts: dict[Key, tuple[Any, Any]] = {}  # (E region, SM region) handles per expert
+        for t in tasks:  # what is already in memory
+            if t.tag == Form.COMPRESSED:
+                parts[t.key] = self.cache.entries[t.key].payload
+            elif t.tag == Form.SM:
+                parts[t.key] = (None, self.cache.entries[t.key].payload)
+        for t in plan.io_order:  # reads, in plan order
+            self.counters["bytes_read_planned"] += self.sizes[t.key].read(t.tag)
+            if self.raw_codec:
+                parts[t.key] = (None, self.runner.read(t.key, "all"))
+            elif t.tag == Form.SM:
+                parts[t.key] = (self.runner.read(t.key, "exp"), parts[t.key][1])
+            else:
+                parts[t.key] = self.runner.read_split(t.key)
         outputs = {}
         planes = self.config.recombine_on_device
-        for lane, lane_tasks in enumerate(plan.lanes):
+        for lane, lane_tasks in enumerate(plan.lanes):  # decodes, per lane in plan order
             for t in lane_tasks:
-                form = t.tag
-                entry = self.cache.entries[t.key]
-                if form == Form.COMPRESSED:
-                    outputs[t.key] = self.runner.decode(lane, t.key, extent=entry.payload, planes_only=planes)
-                elif form == Form.SM:
-                    outputs[t.key] = self.runner.decode(
-                        lane, t.key, exp=reads[t.key], sm=entry.payload, planes_only=planes
-                    )
-                else:
-                    outputs[t.key] = self.runner.decode(lane, t.key, extent=reads[t.key], planes_only=planes)
+                exp, sm = parts[t.key]
+                outputs[t.key] = self.runner.decode(lane, t.key, exp, sm, planes)
         deliveries = []
         for t in tasks:
-            form, key = t.tag, t.key
             kind = "raw" if self.raw_codec else ("planes" if planes else "words")
-            handle = reads[key] if self.raw_codec else outputs[key]
-            final = self._admit(key, form, reads.get(key), handle)
-            deliveries.append(Delivery(key[1], handle, kind, final == Form.FULL, form.label))
+            handle = parts[t.key][1] if self.raw_codec else outputs[t.key]
+            final = self._admit(t.key, t.tag, parts[t.key], handle)
+            deliveries.append(Delivery(t.key[1], handle, kind, final == Form.FULL, t.tag.label))
         return deliveries
 
     def _least_loaded_lane(self) -> int:
-        lane = min(range(len(self._lane_load)), key=self._lane_load.__getitem__)
-        return lane
+        return min(range(len(self._lane_load)), key=self._lane_load.__getitem__)
 
-    def _admit(self, key: Key, src: Form, read: Any, output: Any) -> Form:
-        """Place a just-fetched expert in the best form it earns now (see ExpertCache.admit), move the
-        staging that became cached bytes over, and materialise what moved."""
+    def _admit(self, key: Key, src: Form, parts: tuple[Any, Any], output: Any) -> Form:
+        """Place a just-fetched expert in the best form it earns now (see ExpertCache.admit), turn the
+        staging that became cached bytes into held bytes, and materialise the victims' new forms. Host
+        forms are sets of region objects (COMPRESSED = E + SM, SM = SM), so no bytes are copied here."""
         allowed = (Form.FULL,) if self.raw_codec else (Form.FULL, Form.COMPRESSED, Form.SM)
         target = self.cache.choose(key, allowed)
         if target == src or target == Form.DISK:
             return src
-        entry = self.cache.entries[key]
+        s = self.sizes[key]
         read_bytes, out_bytes = self._staging(key, src)
-        # bytes that stop being transient once admitted: the output (FULL) or the extent read (COMPRESSED)
-        moved = (
-            out_bytes
-            if target == Form.FULL
-            else (read_bytes if (target, src) == (Form.COMPRESSED, Form.DISK) else 0)
-        )
-        if self.raw_codec and target == Form.FULL:
-            moved = out_bytes
         if target == Form.FULL:
+            moved = out_bytes
             payload = (
                 output if self.config.keep_full_payload and not self.config.recombine_on_device else None
             )
         elif target == Form.COMPRESSED:
-            if src == Form.DISK:
-                payload = read
-            else:  # SM form + the exponent region just read
-                payload = self.runner.join(self._least_loaded_lane(), key, read, entry.payload)
-                self.counters["background_tasks"] += 1
-        else:  # SM from a disk read
-            payload = self.runner.sm_region(self._least_loaded_lane(), key, read)
-            self.counters["background_tasks"] += 1
+            moved = read_bytes  # the regions just read are kept
+            payload = parts
+        else:  # SM, from a disk read: keep its SM region
+            moved = s.sm
+            payload = parts[1]
         flight = self._flights.get(key)
         if moved and flight is not None:
             self.cache.release(moved)
@@ -306,23 +295,24 @@ class Scheduler:
         return final
 
     def _demote(self, d) -> None:
-        old_payload = d.payload
+        """Give a victim its new, cheaper form: COMPRESSED -> SM drops the E region; FULL re-splits its
+        weights on a decode lane (SM) and re-reads only the E region (COMPRESSED); no host copy otherwise."""
         if d.src == Form.FULL:
             self._drops.append(d.key)
         if d.dst == Form.DISK:
             return
-        lane = self._least_loaded_lane()
+        if d.src == Form.COMPRESSED:  # -> SM
+            self.cache.set_payload(d.key, d.payload[1])
+            return
         self.counters["background_tasks"] += 1
-        if d.dst == Form.SM:
-            if d.src == Form.COMPRESSED and old_payload is not None:
-                payload = self.runner.sm_region(lane, d.key, old_payload)
-            elif d.src == Form.FULL and old_payload is not None:
-                payload = self.runner.derive(lane, d.key, old_payload, "raw")
-            else:
-                payload = self.runner.read(d.key, "raw")
-        else:  # COMPRESSED: only a re-read reproduces the stored extent exactly
-            payload = self.runner.read(d.key, "all")
-        self.cache.set_payload(d.key, payload)
+        lane = self._least_loaded_lane()
+        words = d.payload  # FULL weights (CPU executors keep a handle), or None
+        sm = (
+            self.runner.derive(lane, d.key, words, "raw")
+            if words is not None
+            else self.runner.read(d.key, "raw")
+        )
+        self.cache.set_payload(d.key, sm if d.dst == Form.SM else (self.runner.read(d.key, "exp"), sm))
 
     # -- reporting ---------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -75,13 +75,16 @@ class BandwidthLimiter:
         self.bandwidth = float(bandwidth)
         self.latency = float(latency)
         self._free_at = 0.0
+        self.busy = 0.0  # seconds the emulated device has been booked
         self._lock = threading.Lock()
 
     def reserve(self, nbytes: int) -> float:
         """Book a transfer of ``nbytes``; returns the monotonic time at which the device finishes it."""
         with self._lock:
             start = max(time.monotonic(), self._free_at)
-            self._free_at = start + self.latency + nbytes / self.bandwidth
+            dt = self.latency + nbytes / self.bandwidth
+            self._free_at = start + dt
+            self.busy += dt
             return self._free_at
 
 

@@ -1,0 +1,116 @@
+"""Shared by the benchmarks: cached checkpoints and stores, the prompt set, environment for Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("ZIPMOE_BENCH_CACHE", Path.home() / ".cache" / "zipmoe" / "bench"))
+
+
+def prompts() -> list[dict]:
+    """The benchmark prompt set: ~50 prompts of varied length and topic written for this project."""
+    return [json.loads(line) for line in (HERE / "prompts.jsonl").read_text().splitlines() if line.strip()]
+
+
+def prompt_ids(tokenizer, n_tokens: int, index: int = 0) -> list[int]:
+    """Exactly ``n_tokens`` token ids: prompts of the set concatenated from ``index`` and cut."""
+    ids: list[int] = []
+    ps = prompts()
+    i = index
+    while len(ids) < n_tokens:
+        ids += tokenizer(ps[i % len(ps)]["prompt"] + "\n")["input_ids"]
+        i += 1
+    return ids[:n_tokens]
+
+
+def model_and_stores(
+    preset: str, layers: int, seed: int = 0, codecs=("zstd", "none"), log=print
+) -> dict[str, Path]:
+    """Build (once, cached in $ZIPMOE_BENCH_CACHE) the preset checkpoint and a store per codec."""
+    from zipmoe_ray.models.tiny import build_tiny_model
+    from zipmoe_ray.store import CompressOptions, compress
+    from zipmoe_ray.store.format import INDEX_NAME
+
+    root = CACHE / f"{preset}-L{layers}-s{seed}"
+    model = root / "model"
+    out = {"model": model}
+    if not (model / "config.json").is_file():
+        t0 = time.perf_counter()
+        log(f"building the {preset} preset with {layers} MoE layers in {model} ...")
+        build_tiny_model(model, preset=preset, layers=layers, seed=seed)
+        log(f"  built in {time.perf_counter() - t0:.0f}s")
+    for codec in codecs:
+        store = root / f"store-{codec}"
+        if not (store / INDEX_NAME).is_file():
+            t0 = time.perf_counter()
+            log(f"compressing with codec {codec} into {store} ...")
+            compress(model, store, CompressOptions(codec=codec, overwrite=True))
+            log(f"  compressed in {time.perf_counter() - t0:.0f}s")
+        out[codec] = store
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def routed_model(preset: str, layers: int, skew: float | None, seed: int = 0, log=print) -> Path:
+    """The preset checkpoint, with routing re-biased to Zipf(~skew) when ``skew`` is not None (see
+    routing.py); cached."""
+    import torch
+    from transformers import AutoTokenizer
+
+    base = model_and_stores(preset, layers, seed, codecs=(), log=log)["model"]
+    if skew is None:
+        return base
+    out = base.parent / f"model-skew{skew:g}"
+    if (out / "zipmoe-routing.json").is_file():
+        return out
+    from routing import rebias
+
+    tok = AutoTokenizer.from_pretrained(base)
+    batches = [torch.tensor([prompt_ids(tok, 64, i * 3)]) for i in range(8)]
+    t0 = time.perf_counter()
+    log(f"re-biasing routers of {base.name} to skew {skew:g} ...")
+    stats = rebias(base, out, skew, batches, seed)
+    log(
+        f"  routing before: Zipf fit {stats['before']['mean_zipf_fit']:.2f}, top-5 share "
+        f"{stats['before']['mean_top5_share']:.2f}; after: Zipf fit {stats['after']['mean_zipf_fit']:.2f}, "
+        f"top-5 share {stats['after']['mean_top5_share']:.2f} ({time.perf_counter() - t0:.0f}s)"
+    )
+    return out
+
+
+def stores_for(model: Path, codecs=("zstd", "none"), log=print) -> dict[str, Path]:
+    from zipmoe_ray.store import CompressOptions, compress
+    from zipmoe_ray.store.format import INDEX_NAME
+
+    out = {"model": model}
+    for codec in codecs:
+        store = model.parent / f"{model.name}.store-{codec}"
+        if not (store / INDEX_NAME).is_file():
+            t0 = time.perf_counter()
+            log(f"compressing {model.name} with codec {codec} ...")
+            compress(model, store, CompressOptions(codec=codec, overwrite=True))
+            log(f"  compressed in {time.perf_counter() - t0:.0f}s")
+        out[codec] = store
+    return out
