@@ -93,6 +93,10 @@ def test_close_releases_actors_and_object_store_memory(tiny_stores, ray_cluster)
     engine = ZipMoEEngine(tiny_stores["qwen3_moe"], memory_budget="30%", backend="ray", num_decompressors=2)
     engine.generate(BATCH1[0], 6)
     during = object_store_usage()
+    deadline = time.monotonic() + 10  # the raylet's object statistics lag a little
+    while during["objects"] <= base["objects"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        during = object_store_usage()
     actors = list(engine._stages.all())
     engine.close()
     assert during["objects"] > base["objects"]  # the cache really lived in the object store

@@ -56,6 +56,8 @@ class ZipMoEEngine:
         backend: str = "ray",
         address: str | None = None,
         stages=None,
+        trace_path: str | os.PathLike | None = None,
+        plan=None,
         **options,
     ):
         self.config = EngineConfig(
@@ -68,6 +70,8 @@ class ZipMoEEngine:
         )
         self.store_dir = str(store_dir)
         self.store = open_store(self.store_dir)
+        self.trace_path = str(trace_path) if trace_path else None
+        self._trace_requests = 0
         self.sizes = expert_sizes(self.store)
         self.expert_bytes = sum(s.full for s in self.sizes.values())
         self.budget = parse_size(memory_budget, total=self.expert_bytes)
@@ -87,6 +91,9 @@ class ZipMoEEngine:
             decay=self.config.decay,
             recombine_on_device=bool(rod) if rod is not None else (self.device or "cpu") != "cpu",
             keep_full_payload=(self.device or "cpu") == "cpu",
+            # Spreading one expert's decode over lanes pays when pieces go straight to an accelerator; for a
+            # CPU executor the pieces must be copied together, which measured slower here (docs/architecture.md).
+            decode_parts=None if (self.device or "cpu") != "cpu" else 1,
         )
         self._closed = False
         self._ray_started = False
@@ -94,13 +101,21 @@ class ZipMoEEngine:
         self._last: GenerateResult | None = None
         self._tokenizer = None
         self._owned: list = []
+        self.plan = None
+        self.plan_source = "fixed split" if (self.config.split or self.config.policy != "zipmoe") else ""
         t0 = time.perf_counter()
         try:
             if backend == "local":
-                self._start_local()
+                self._start_local_workers()
             else:
-                self._start_ray(stages)
+                self._start_ray_workers(stages)
             self.costs = self._calibrate() if self.config.calibrate else CostModel.nominal()
+            if stages is None:
+                self._sched_config = self._planned(self._sched_config, plan)
+            if backend == "local":
+                self._start_local_rest()
+            else:
+                self._start_ray_rest(stages)
             self._call(self._scheduler, "set_costs", self.costs)
             self._reset_stats()
         except BaseException:
@@ -109,16 +124,66 @@ class ZipMoEEngine:
         self.start_s = time.perf_counter() - t0
 
     # -- start-up ------------------------------------------------------------------------------------------
-    def _start_local(self) -> None:
-        from .backends.local import LocalRunner, LocalTransport
+    def _planned(self, cfg: SchedulerConfig, plan) -> SchedulerConfig:
+        """The split between forms: an explicit ``split`` or a baseline policy as given; otherwise a plan,
+        from ``plan`` (a Plan or its JSON file), else from a trace recorded next to the store
+        (``zipmoe-trace.jsonl``), else from a uniform prior, planned with the calibrated costs."""
+        from dataclasses import replace
+
+        from .plan.planner import Plan, make_plan
+        from .plan.workload import Workload
+
+        if self.config.split is not None or self.config.policy != "zipmoe":
+            return cfg
+        if plan is not None:
+            p = plan if isinstance(plan, Plan) else Plan.load(plan)
+            source = "given plan"
+        else:
+            trace = os.path.join(self.store_dir, "zipmoe-trace.jsonl")
+            layers = self.store.layers()
+            if os.path.isfile(trace):
+                from .trace.recorded import load_recorded
+
+                w = Workload.from_recorded(load_recorded(trace), sizes=self.sizes)
+                source = f"planned from {trace}"
+            else:
+                w = Workload.uniform(layers, self.store.num_experts, self.store.top_k, self.sizes)
+                source = "planned from a uniform prior"
+            if not w.steps:
+                w = Workload.uniform(layers, self.store.num_experts, self.store.top_k, self.sizes)
+            reserve = minimum_budget(self.sizes, self.store.top_k)
+            p = make_plan(
+                w,
+                self.budget,
+                self.costs,
+                self.config.workers,
+                reserve=reserve,
+                on_device=cfg.recombine_on_device,
+            )
+        unknown = [k for k in p.forms if k not in self.sizes]
+        if unknown:
+            raise ConfigError(
+                f"the plan names experts {unknown[:3]} that this store does not have; plan for this store"
+            )
+        self.plan = p
+        self.plan_source = source
+        log.info("cache plan (%s): %s", source, p.counts())
+        return replace(cfg, split=p.split_rule(self.sizes), prior=p.access)
+
+    def _start_local_workers(self) -> None:
+        from .backends.local import LocalRunner
         from .stages.decompressor import Decompressor
-        from .stages.executor import Executor
         from .stages.loader import IOLoader
-        from .stages.scheduler import Scheduler
 
         self._loader = IOLoader(self.store_dir, self.config.read_options(), copy_parts=True)
         self._decompressors = [Decompressor(self.store_dir, i) for i in range(self.config.workers)]
         self._runner = LocalRunner(self._loader, self._decompressors)
+
+    def _start_local_rest(self) -> None:
+        from .backends.local import LocalTransport
+        from .stages.executor import Executor
+        from .stages.scheduler import Scheduler
+
         self._scheduler = Scheduler(self.store_dir, self._sched_config, self._runner)
         self._executor = Executor(
             self.store_dir,
@@ -129,7 +194,7 @@ class ZipMoEEngine:
         )
         self.device = self._executor.device
 
-    def _start_ray(self, stages) -> None:
+    def _start_ray_workers(self, stages) -> None:
         import sys
 
         if "ray" not in sys.modules and not self.config.address:
@@ -148,8 +213,19 @@ class ZipMoEEngine:
                 self._ray_started = True
         res = self.config.resources or None
         if stages is None:
-            loader = rb.start_loader(self.store_dir, self.config.read_options(), resources=res)
-            decompressors = rb.start_decompressors(self.store_dir, self.config.workers, resources=res)
+            self._loader = rb.start_loader(self.store_dir, self.config.read_options(), resources=res)
+            self._decompressors = rb.start_decompressors(self.store_dir, self.config.workers, resources=res)
+            self._owned = [self._loader, *self._decompressors]
+            self._wait([a.ping.remote() for a in self._owned])
+        else:
+            self._loader, self._decompressors = stages.loader, stages.decompressors
+
+    def _start_ray_rest(self, stages) -> None:
+        from .backends import ray_backend as rb
+
+        res = self.config.resources or None
+        if stages is None:
+            loader, decompressors = self._loader, self._decompressors
             scheduler = rb.start_scheduler(self.store_dir, self._sched_config, loader, decompressors)
             executor = rb.start_executor(
                 self.store_dir,
@@ -263,11 +339,22 @@ class ZipMoEEngine:
         them: returns a list). Greedy by default; ``do_sample`` with ``seed`` samples reproducibly. Blocks."""
         self._check_open()
         ids, single = self._encode(prompts)
-        req = GenerateRequest(ids, max_new_tokens, do_sample, seed, temperature, top_p, top_k, output_logits)
+        req = GenerateRequest(
+            ids,
+            max_new_tokens,
+            do_sample,
+            seed,
+            temperature,
+            top_p,
+            top_k,
+            output_logits,
+            self._next_trace_request(),
+        )
         t0 = time.perf_counter()
         res: GenerateResult = self._call(self._executor, "generate", req)
         self._generation_s += time.perf_counter() - t0
         self._last = res
+        self._write_trace(res.trace)
         outs = []
         for i, tok in enumerate(res.token_ids):
             logits = None
@@ -284,7 +371,7 @@ class ZipMoEEngine:
         ids, single = self._encode(prompt)
         if not single:
             raise ConfigError("stream() takes one prompt")
-        req = GenerateRequest(ids, max_new_tokens, **kw)
+        req = GenerateRequest(ids, max_new_tokens, **kw, trace_request=self._next_trace_request())
         t0 = time.perf_counter()
         produced: list[int] = []
         text = ""
@@ -299,7 +386,37 @@ class ZipMoEEngine:
                 yield tok, delta
             elif kind == "result":
                 self._last = value
+                self._write_trace(value.trace)
         self._generation_s += time.perf_counter() - t0
+
+    # -- traces -----------------------------------------------------------------------------------------
+    def trace_model(self) -> dict[str, Any]:
+        return {
+            "model_type": self.store.model_type,
+            "layers": self.store.layers(),
+            "num_experts": self.store.num_experts,
+            "top_k": self.store.top_k,
+            "expert_bytes": max(s.full for s in self.sizes.values()),
+        }
+
+    def _next_trace_request(self) -> int | None:
+        if not self.trace_path:
+            return None
+        from .trace.recorded import RecordedTrace, load_recorded
+
+        if self._trace_requests == 0:
+            RecordedTrace(self.trace_model()).write_header(self.trace_path, self.store_dir)
+            existing = load_recorded(self.trace_path).steps
+            self._trace_requests = 1 + max((s.request for s in existing), default=-1)
+        n = self._trace_requests
+        self._trace_requests += 1
+        return n
+
+    def _write_trace(self, steps) -> None:
+        if self.trace_path and steps:
+            from .trace.recorded import RecordedTrace
+
+            RecordedTrace.append(self.trace_path, steps)
 
     def _eos(self) -> set[int]:
         e = self.tokenizer.eos_token_id
@@ -349,7 +466,11 @@ class ZipMoEEngine:
                 "cpu_utilisation": [min(1.0, d["busy_s"] / wall) for d in decs],
                 "workers": len(decs),
             },
-            "split": sched["plan"],
+            "split": {
+                **sched["plan"],
+                "source": self.plan_source,
+                "plan": self.plan.counts() if self.plan else None,
+            },
             "cache": sched["cache"],
             "scheduler": {
                 k: sched[k] for k in ("requests", "waves", "steps", "background_tasks", "planned_makespan_s")

@@ -53,10 +53,12 @@ class LocalRunner:
         whole.add_done_callback(done)
         return parts
 
-    def decode(self, lane, key, exp, sm, planes_only=False):
+    def decode(self, lane, key, exp, sm, planes_only=False, part=None):
         d = self.decompressors[lane]
         return self._lanes[lane].submit(
-            lambda: d.decode(key[0], key[1], exp=_value(exp), sm=_value(sm), planes_only=planes_only)
+            lambda: d.decode(
+                key[0], key[1], exp=_value(exp), sm=_value(sm), planes_only=planes_only, part=part
+            )
         )
 
     def derive(self, lane, key, words, part):

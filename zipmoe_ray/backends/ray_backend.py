@@ -78,8 +78,8 @@ class RayRunner:
     def read_split(self, key):
         return tuple(self.loader.read_split.options(num_returns=2).remote(key[0], key[1]))
 
-    def decode(self, lane, key, exp, sm, planes_only=False):
-        return self.decompressors[lane].decode.remote(key[0], key[1], None, exp, sm, planes_only)
+    def decode(self, lane, key, exp, sm, planes_only=False, part=None):
+        return self.decompressors[lane].decode.remote(key[0], key[1], None, exp, sm, planes_only, part)
 
     def derive(self, lane, key, words, part):
         return self.decompressors[lane].derive.remote(key[0], key[1], words, part)

@@ -43,6 +43,7 @@ class ExpertSizes:
     exp: int  # E region: compressed exponent shards
     sm: int  # SM region: raw sign+mantissa planes
     raw_codec: bool = False  # store codec "none": the extent is the full tensor bytes
+    shards: int = 1  # exponent shards per tensor (the fewest of the expert's tensors): decode pieces
 
     def held(self, form: Form) -> int:
         """Bytes of budget an expert occupies while cached in ``form``."""

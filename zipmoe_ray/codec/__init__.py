@@ -7,7 +7,7 @@ See planes.py for how each dtype is split and backends.py for the entropy stage.
 """
 
 from .backends import CODECS, get_codec
-from .core import auto_shards, decode, decode_many, decompress_exponents, encode
+from .core import auto_shards, decode, decode_many, decode_shards, decompress_exponents, encode
 from .encoded import EncodedTensor, crc32
 from .planes import LAYOUTS, PlaneLayout, layout_for
 from .stats import bound_ratio, entropy_bits, exponent_histogram
@@ -22,6 +22,7 @@ __all__ = [
     "crc32",
     "decode",
     "decode_many",
+    "decode_shards",
     "decompress_exponents",
     "encode",
     "entropy_bits",

@@ -29,6 +29,7 @@ __all__ = [
     "auto_shards",
     "decode",
     "decode_many",
+    "decode_shards",
     "decompress_exponents",
     "encode",
 ]
@@ -243,6 +244,36 @@ def decode(
     ``verify``) on a checksum mismatch.
     """
     return decode_many([(encoded, out)], threads=threads, verify=verify)[0]
+
+
+def decode_shards(encoded: EncodedTensor, lo: int, hi: int, *, planes_only: bool = False):
+    """Decode only exponent shards ``[lo, hi)`` of a tensor (the elements they cover), on this thread.
+
+    Returns ``(first_element, words)`` (unsigned words of those elements), or with ``planes_only``
+    ``(first_element, exponent_bytes, raw_bytes)`` for recombination elsewhere (raw planes of one byte per
+    element only: bfloat16 and float16). Lets several workers decode pieces of one tensor in parallel."""
+    layout = layout_for(encoded.dtype)
+    if encoded.codec == "none" or not 0 <= lo < hi <= encoded.shards:
+        raise ConfigError(f"cannot decode shards [{lo}, {hi}) of a tensor with {encoded.shards} shards")
+    a = sum(encoded.shard_elems[:lo])
+    b = a + sum(encoded.shard_elems[lo:hi])
+    exp = np.empty(encoded.numel, dtype=np.uint8)  # only [a, b) is touched
+    if planes_only:
+        if layout.raw_width != 1:
+            raise ConfigError(f"{encoded.dtype}: piecewise plane output needs one raw byte per element")
+        tasks = _shard_tasks(encoded, exp, None)[lo:hi]
+        for t in tasks:
+            t()
+        raw = (
+            np.frombuffer(encoded.raw, dtype=np.uint8)
+            if not isinstance(encoded.raw, np.ndarray)
+            else encoded.raw
+        )
+        return a, exp[a:b], raw[a:b]
+    words = np.empty(encoded.numel, dtype=layout.word)
+    for t in _shard_tasks(encoded, exp, words)[lo:hi]:
+        t()
+    return a, words[a:b]
 
 
 def decompress_exponents(

@@ -70,6 +70,16 @@ class ExpertClient:
         self.stats = ClientStats()
         self._lock = threading.Lock()
         self.events: list[tuple] | None = [] if env.get_bool("ZIPMOE_TIMELINE") else None
+        self.trace: list | None = None  # recorded steps while a traced generation runs
+        self._trace_step: dict[int, list[tuple[int, int]]] = {}
+        self._trace_meta = (0, 1)  # (request, batch)
+
+    def start_trace(self, request: int, batch: int) -> None:
+        self.trace, self._trace_step, self._trace_meta = [], {}, (request, batch)
+
+    def stop_trace(self) -> list:
+        out, self.trace = self.trace or [], None
+        return out
 
     def _event(self, kind: str, layer: int, expert: int = -1, extra: Any = None) -> None:
         if self.events is not None:
@@ -116,6 +126,8 @@ class ExpertClient:
         misses = [(e, t) for e, t in zip(experts, tokens) if (layer, e) not in self.full]
         self.stats.full_hits += len(hits)
         self._event("layer", layer, len(experts), len(hits))
+        if self.trace is not None:
+            self._trace_step[layer] = list(zip(experts, tokens))
         if not misses:
             self._hit_notes.extend((layer, e, t) for e, t in hits)
             for e, _ in hits:
@@ -146,22 +158,57 @@ class ExpertClient:
         return resp
 
     def _consume(self, layer: int, resp) -> Iterator[tuple[int, ExpertWeights]]:
-        pending: dict[Any, Delivery] = {d.handle: d for d in resp.deliveries}
+        pending: dict[Any, Delivery] = {}
+        remaining: dict[int, int] = {}
+        for d in resp.deliveries:
+            handles = d.parts or [d.handle]
+            remaining[d.expert] = len(handles)
+            for h in handles:
+                pending[h] = d
         while pending:
             t0 = time.perf_counter()
             ready = self.transport.wait_any(list(pending))
             self.stats.wait_s += time.perf_counter() - t0
             for h in ready:
                 d = pending.pop(h)
-                value = self.transport.get(h)
-                self._event("ready", layer, d.expert, d.form)
-                w = self._weights(layer, d.kind, value)
+                remaining[d.expert] -= 1
+                if remaining[d.expert]:
+                    continue  # other pieces of this expert are still being decoded
+                if d.parts:
+                    values = [self.transport.get(x) for x in d.parts]  # raises before anything is used
+                    self._event("ready", layer, d.expert, d.form)
+                    w = self._assemble(layer, d.kind, values)
+                else:
+                    value = self.transport.get(h)
+                    self._event("ready", layer, d.expert, d.form)
+                    w = self._weights(layer, d.kind, value)
                 key = (layer, d.expert)
                 self.stats.fetched[d.form] = self.stats.fetched.get(d.form, 0) + 1
                 if d.keep:
                     self.full[key] = w
                 self._in_use[key] = w
                 yield d.expert, w
+
+    def _assemble(self, layer: int, kind: str, pieces: list[list[tuple]]) -> ExpertWeights:
+        """One expert's weights from the pieces decoded by several lanes (see Decompressor.decode)."""
+        shape = self.shapes[layer]
+        flat = torch.empty(shape.numel, dtype=self.layout.torch_dtype, device=self.device)
+        signed = {2: torch.int16, 4: torch.int32}[self.layout.itemsize]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for piece in pieces:
+                for entry in piece:
+                    off = entry[0]
+                    if kind == "planes":
+                        exp = torch.from_numpy(entry[1]).to(self.device)
+                        raw = torch.from_numpy(entry[2]).to(self.device)
+                        flat[off : off + exp.numel()] = self.layout.merge_torch(exp, raw)
+                    else:
+                        words = np.asarray(entry[1])
+                        src = torch.from_numpy(words.view(np.dtype(f"i{self.layout.itemsize}"))).view(signed)
+                        flat[off : off + src.numel()] = src.view(self.layout.torch_dtype).to(self.device)
+        first_shape, second_shape = self._fused_shapes(shape)
+        return ExpertWeights(flat[: shape.split].view(first_shape), flat[shape.split :].view(second_shape))
 
     def done(self, layer: int, expert: int) -> None:
         self._event("computed", layer, expert)
@@ -172,6 +219,13 @@ class ExpertClient:
     def end_step(self) -> None:
         """One generation step is over: report FULL hits and released experts, age popularity."""
         self._event("step", -1)
+        if self.trace is not None:
+            from ..trace.recorded import TraceStep
+
+            req, batch = self._trace_meta
+            n = len(self.trace)
+            self.trace.append(TraceStep(req, n, "prefill" if n == 0 else "decode", batch, self._trace_step))
+            self._trace_step = {}
         hits, self._hit_notes = self._hit_notes, []
         released, self._released = self._released, []
         self.transport.step(hits, released)

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from ..codec import decode_many, decompress_exponents, encode, layout_for
+from ..codec import decode_many, decode_shards, decompress_exponents, encode, layout_for
 from ..codec.encoded import crc32
 from ..errors import ConfigError, StoreCorruptError
 from ..store import open_store
@@ -67,11 +67,19 @@ class Decompressor:
         exp: np.ndarray | None = None,
         sm: np.ndarray | None = None,
         planes_only: bool = False,
-    ) -> np.ndarray:
-        """Verify and decode one expert; returns the flat weights as unsigned words (or the planes)."""
+        part: tuple[int, int] | None = None,
+    ):
+        """Verify and decode one expert; returns the flat weights as unsigned words (or the planes).
+
+        With ``part=(i, n)``: only the i-th of n pieces of every tensor's exponent shards, returned as a
+        list of ``(flat_offset, words)`` (or ``(flat_offset, exponent_bytes, raw_bytes)`` with
+        ``planes_only``) for the executor to place; only the chunks of that piece are checksummed and
+        decoded, so n workers decode one expert in parallel."""
         t0 = time.monotonic()
         rec = self.store.record(layer, expert)
         encs = self._encoded(layer, expert, extent, exp, sm)
+        if part is not None:
+            return self._decode_part(rec, encs, part, planes_only, t0)
         for t, enc in zip(rec.tensors, encs):
             enc.verify(rec.label(t.name))
         try:
@@ -94,6 +102,29 @@ class Decompressor:
         except StoreCorruptError as e:
             raise StoreCorruptError(f"{rec.label()}: {e}") from None
         self._account(t0, rec.original_bytes)
+        return out
+
+    def _decode_part(self, rec, encs, part, planes_only, t0):
+        i, n = part
+        out, pos, nbytes = [], 0, 0
+        try:
+            for t, enc in zip(rec.tensors, encs):
+                k = enc.shards
+                lo, hi = i * k // n, (i + 1) * k // n
+                if hi > lo:
+                    label = rec.label(t.name)
+                    for j in range(lo, hi):  # only this piece's chunks; the raw plane is checked by piece 0
+                        if crc32(enc.exp_shards[j]) != enc.exp_crc32[j]:
+                            enc.verify(label)  # raises the precise ChecksumError
+                    if i == 0 and crc32(enc.raw) != enc.raw_crc32:
+                        enc.verify(label)
+                    first, *data = decode_shards(enc, lo, hi, planes_only=planes_only)
+                    out.append((pos + first, *data))
+                    nbytes += (data[0].size) * self.layout.itemsize
+                pos += t.numel
+        except StoreCorruptError as e:
+            raise StoreCorruptError(f"{rec.label()}: {e}") from None
+        self._account(t0, nbytes)
         return out
 
     def derive(self, layer: int, expert: int, words: np.ndarray, part: str) -> np.ndarray | None:

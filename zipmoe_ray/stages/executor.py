@@ -45,6 +45,7 @@ class GenerateRequest:
     top_p: float | None = None
     top_k: int | None = None
     output_logits: bool = False
+    trace_request: int | None = None  # record the routing of this generation under this request number
 
     def __post_init__(self):
         if not self.input_ids or any(not ids for ids in self.input_ids):
@@ -61,6 +62,7 @@ class GenerateResult:
     tokens_per_s: float
     step_times: list[float]
     logits: list[torch.Tensor] | None = None  # per step, [batch, vocab] (output_logits)
+    trace: list | None = None  # TraceStep per forward step (trace_request)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -142,9 +144,14 @@ class Executor:
         with self._lock:
             if req.seed is not None:
                 torch.manual_seed(req.seed)
+            if req.trace_request is not None:
+                self.client.start_trace(req.trace_request, len(req.input_ids))
             t0 = time.perf_counter()
-            with torch.no_grad():
-                out = self.model.generate(**inputs, **kwargs)
+            try:
+                with torch.no_grad():
+                    out = self.model.generate(**inputs, **kwargs)
+            finally:
+                trace = self.client.stop_trace() if req.trace_request is not None else None
             t_end = time.perf_counter()
         seqs = out.sequences.tolist()
         start = inputs["input_ids"].shape[1] if self.spec.family == "causal" else 1
@@ -160,6 +167,7 @@ class Executor:
             tokens_per_s=ntok / (t_end - t0) if t_end > t0 else 0.0,
             step_times=[t - t0 for t in times],
             logits=[x.float().cpu() for x in out.logits] if req.output_logits else None,
+            trace=trace,
         )
 
     def _trim(self, ids: list[int]) -> list[int]:

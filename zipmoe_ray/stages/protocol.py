@@ -17,6 +17,7 @@ class Delivery:
     kind: str  # "words" | "planes" | "raw" (raw-codec extent: the weights' bytes as stored)
     keep: bool  # the executor keeps it as the expert's FULL form
     form: str  # the form it was fetched from (for the executor's statistics)
+    parts: list[Any] | None = None  # when the decode was spread over lanes: one handle per piece
 
 
 @dataclass

@@ -27,16 +27,36 @@ from ..schedule import CostModel, Task, plan_layer
 from ..store import open_store
 from .protocol import Delivery, LayerResponse, TaskRunner
 
-__all__ = ["Scheduler", "SchedulerConfig", "expert_sizes", "minimum_budget"]
+__all__ = ["ModelLayout", "Scheduler", "SchedulerConfig", "expert_sizes", "minimum_budget"]
 
 log = logging.getLogger(__name__)
 Key = tuple[int, int]
 
 
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the scheduler needs to know of a model: every expert's sizes, top-k and whether the store is raw."""
+
+    sizes: dict[Key, ExpertSizes]
+    top_k: int
+    raw_codec: bool = False
+
+    @classmethod
+    def of_store(cls, store) -> ModelLayout:
+        return cls(expert_sizes(store), store.top_k, store.codec == "none")
+
+
 def expert_sizes(store) -> dict[Key, ExpertSizes]:
     raw = store.codec == "none"
     return {
-        (r.layer, r.expert): ExpertSizes(r.original_bytes, r.length, r.e_length, r.sm_length, raw)
+        (r.layer, r.expert): ExpertSizes(
+            r.original_bytes,
+            r.length,
+            r.e_length,
+            r.sm_length,
+            raw,
+            max(1, min(len(t.shards) for t in r.tensors)) if r.tensors else 1,
+        )
         for r in store.index.experts
     }
 
@@ -56,6 +76,8 @@ class SchedulerConfig:
     decay: float = 0.98  # per generation step
     recombine_on_device: bool = False
     keep_full_payload: bool = True  # keep a handle to FULL weights (CPU executors): demotion re-splits them
+    prior: dict[tuple[int, int], float] | None = None  # popularity prior per expert (a plan's access)
+    decode_parts: int | None = None  # lanes one expert's decode may be spread over (None: up to its shards)
 
 
 @dataclass
@@ -68,15 +90,24 @@ class Scheduler:
     """Plain class; thread-safe. The Ray backend wraps it in an actor, the local backend calls it directly."""
 
     def __init__(
-        self, store_path: str, config: SchedulerConfig, runner: TaskRunner, costs: CostModel | None = None
+        self,
+        store_path: str | ModelLayout,
+        config: SchedulerConfig,
+        runner: TaskRunner,
+        costs: CostModel | None = None,
     ):
-        self.store = open_store(store_path)
+        """``store_path``: a store directory, or a ModelLayout (the simulator's model, with no store)."""
+        layout = (
+            store_path
+            if isinstance(store_path, ModelLayout)
+            else ModelLayout.of_store(open_store(store_path))
+        )
         self.config = config
         self.runner = runner
         self.costs = costs or CostModel.nominal()
-        self.sizes = expert_sizes(self.store)
-        self.raw_codec = self.store.codec == "none"
-        self.top_k = self.store.top_k
+        self.sizes = layout.sizes
+        self.raw_codec = layout.raw_codec
+        self.top_k = layout.top_k
         self.reserve = minimum_budget(self.sizes, self.top_k)
         if config.budget < self.reserve:
             raise BudgetError(
@@ -93,6 +124,11 @@ class Scheduler:
             split.capacities(config.budget - self.reserve, sum(s.full for s in self.sizes.values())),
             Popularity(config.decay, config.popularity),
         )
+        for key, p in (config.prior or {}).items():
+            if key in self.cache.entries and p > 0:
+                self.cache.popularity.seed(
+                    key, p
+                )  # one step's worth of expected use: ranks experts until data arrives
         self._flights: dict[Key, _Flight] = {}
         self._drops: list[Key] = []
         self._lock = threading.RLock()
@@ -222,6 +258,7 @@ class Scheduler:
                     self.costs.cpu_time(s, form, self.config.recombine_on_device),
                     tokens,
                     tag=form,
+                    parts=self._parts(s),
                 )
             )
         plan = plan_layer(tasks, self.runner.workers)
@@ -244,19 +281,36 @@ class Scheduler:
                 parts[t.key] = (self.runner.read(t.key, "exp"), parts[t.key][1])
             else:
                 parts[t.key] = self.runner.read_split(t.key)
-        outputs = {}
+        outputs: dict[Key, list[Any]] = {}
         planes = self.config.recombine_on_device
-        for lane, lane_tasks in enumerate(plan.lanes):  # decodes, per lane in plan order
-            for t in lane_tasks:
-                exp, sm = parts[t.key]
-                outputs[t.key] = self.runner.decode(lane, t.key, exp, sm, planes)
+        for lane, pieces in enumerate(plan.lanes):  # decodes, per lane in plan order
+            for piece in pieces:
+                exp, sm = parts[piece.key]
+                part = (piece.index, piece.count) if piece.count > 1 else None
+                h = self.runner.decode(lane, piece.key, exp, sm, planes, part)
+                outputs.setdefault(piece.key, [None] * piece.count)[piece.index] = h
         deliveries = []
         for t in tasks:
             kind = "raw" if self.raw_codec else ("planes" if planes else "words")
-            handle = parts[t.key][1] if self.raw_codec else outputs[t.key]
-            final = self._admit(t.key, t.tag, parts[t.key], handle)
-            deliveries.append(Delivery(t.key[1], handle, kind, final == Form.FULL, t.tag.label))
+            handles = [parts[t.key][1]] if self.raw_codec else outputs[t.key]
+            final = self._admit(t.key, t.tag, parts[t.key], handles[0] if len(handles) == 1 else None)
+            deliveries.append(
+                Delivery(
+                    t.key[1],
+                    handles[0],
+                    kind,
+                    final == Form.FULL,
+                    t.tag.label,
+                    handles if len(handles) > 1 else None,
+                )
+            )
         return deliveries
+
+    def _parts(self, s: ExpertSizes) -> int:
+        if self.raw_codec:
+            return 1
+        want = self.config.decode_parts or self.runner.workers
+        return max(1, min(want, s.shards, self.runner.workers))
 
     def _least_loaded_lane(self) -> int:
         return min(range(len(self._lane_load)), key=self._lane_load.__getitem__)

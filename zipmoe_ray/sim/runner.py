@@ -1,0 +1,89 @@
+"""SimRunner: the TaskRunner of the simulator. Tasks take the time the cost model says on a virtual clock.
+
+One I/O lane (reads back to back, at the device's bandwidth plus latency) and W decode lanes (each runs its
+tasks in submission order, starting when it is free and its inputs are ready), exactly the semantics the
+real runners have; handles carry the time their result is ready.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..cache.forms import ExpertSizes
+from ..schedule import CostModel
+
+__all__ = ["SimHandle", "SimRunner"]
+
+
+@dataclass(frozen=True)
+class SimHandle:
+    ready: float
+
+
+def ready_time(x) -> float:
+    if x is None:
+        return 0.0
+    if isinstance(x, SimHandle):
+        return x.ready
+    if isinstance(x, tuple):
+        return max((ready_time(y) for y in x), default=0.0)
+    return 0.0
+
+
+class SimRunner:
+    def __init__(
+        self,
+        sizes: dict[tuple[int, int], ExpertSizes],
+        costs: CostModel,
+        workers: int,
+        *,
+        on_device: bool = False,
+        delivery_overhead: float = 0.0,
+    ):
+        self.sizes = sizes
+        self.costs = costs
+        self.workers = workers
+        self.on_device = on_device
+        self.delivery_overhead = delivery_overhead
+        self.now = 0.0
+        self.io_free = 0.0
+        self.lane_free = [0.0] * workers
+        self.io_busy = 0.0
+        self.cpu_busy = [0.0] * workers
+        self.bytes_read = 0
+        self.reads = 0
+
+    def read(self, key, part):
+        s = self.sizes[key]
+        nbytes = {"exp": s.exp, "raw": s.sm, "all": s.extent}[part]
+        start = max(self.now, self.io_free)
+        dt = self.costs.read_latency + nbytes / self.costs.read_bps
+        self.io_free = start + dt
+        self.io_busy += dt
+        self.bytes_read += nbytes
+        self.reads += 1
+        return SimHandle(start + dt)
+
+    def read_split(self, key):
+        h = self.read(key, "all")
+        return h, h
+
+    def _lane(self, lane: int, ready: float, dt: float) -> SimHandle:
+        start = max(self.lane_free[lane], ready, self.now)
+        self.lane_free[lane] = start + dt
+        self.cpu_busy[lane] += dt
+        return SimHandle(start + dt)
+
+    def decode(self, lane, key, exp, sm, planes_only=False, part=None):
+        s = self.sizes[key]
+        dt = s.full / (
+            self.costs.decompress_bps if (planes_only or self.on_device) else self.costs.decode_bps
+        )
+        if part is not None:
+            dt /= part[1]
+        h = self._lane(lane, max(ready_time(exp), ready_time(sm)), dt)
+        return SimHandle(h.ready + self.delivery_overhead)
+
+    def derive(self, lane, key, words, part):
+        s = self.sizes[key]
+        return self._lane(lane, ready_time(words), s.full / self.costs.copy_bps)

@@ -1,0 +1,223 @@
+"""The trace-driven simulator: the runtime's own Scheduler, ExpertCache and layer scheduler on a virtual clock.
+
+Nothing about caching or scheduling is re-implemented here: ``Scheduler`` (admission, demotion, waves,
+planning each layer) runs unchanged over a SimRunner whose tasks take the device profile's times. What is
+modelled is the executor: per MoE layer, one scheduler round trip when something misses
+(``request_overhead_s``), full-form hits computed first, each fetched expert computed when it is ready
+(``expert bytes / executor_gbps``), then the rest of the layer (``non_moe_s_per_layer``); per token,
+``non_moe_s_per_token``. Time per step is the per-sequence TPOT; a step serves ``batch`` tokens.
+
+Policies:
+    zipmoe           planned split between forms (plan.planner) + cache-affinity scheduling
+    full-lru         classic offloading: full BF16 experts only, uncompressed reads, least recently used
+    full-lfu         the same with aged least-frequently-used eviction
+    compressed-only  every cached expert in compressed form
+    sm-only          every cached expert as its sign+mantissa planes
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..cache.forms import ExpertSizes, Form
+from ..cache.split import SplitRule
+from ..errors import ConfigError
+from ..stages.scheduler import ModelLayout, Scheduler, SchedulerConfig, minimum_budget
+from .bound import lower_bound
+from .runner import SimRunner, ready_time
+
+__all__ = ["POLICIES", "SimResult", "simulate"]
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("zipmoe", "full-lru", "full-lfu", "compressed-only", "sm-only")
+
+
+@dataclass
+class SimResult:
+    policy: str
+    budget: int
+    batch: int
+    steps: int
+    tpot_s: float
+    tokens_per_s: float
+    lower_bound_tpot_s: float
+    offline_lower_bound_tpot_s: float
+    lower_bound: dict[str, float]
+    hit_rates: dict[str, float]
+    bytes_read: int
+    bytes_read_per_step: float
+    io_utilisation: float
+    cpu_utilisation: list[float]
+    split: dict[str, float]
+    plan: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _raw_sizes(sizes: dict) -> dict:
+    return {k: ExpertSizes(s.full, s.full, 0, s.full, raw_codec=True) for k, s in sizes.items()}
+
+
+def _choose_plan(workload, budget, profile, reserve):
+    """The planner's plan, its shortlist re-scored by replaying the start of the workload in the simulator."""
+    from ..plan.planner import Plan, make_plan
+    from ..plan.workload import Workload
+
+    head = Workload(
+        workload.layers,
+        workload.num_experts,
+        workload.top_k,
+        workload.sizes,
+        workload.steps[: min(len(workload.steps), 160)],
+        workload.batch,
+        workload.non_expert_bytes_per_layer,
+        access=workload.access,
+        recorded=workload.recorded,
+    )
+
+    def evaluate(forms) -> float:
+        trial = Plan(budget, reserve, forms, 0.0, "trial", access=workload.access)
+        return simulate(head, budget, profile, "zipmoe", plan=trial).tpot_s
+
+    costs = profile.costs()
+    return make_plan(
+        workload,
+        budget,
+        costs,
+        profile.decode_workers,
+        reserve=reserve,
+        on_device=profile.recombine_on_device,
+        device=profile.name,
+        evaluator=evaluate,
+    )
+
+
+def simulate(
+    workload,
+    budget: int,
+    profile,
+    policy: str = "zipmoe",
+    *,
+    plan=None,
+    warmup: float = 0.1,
+) -> SimResult:
+    """Replay ``workload`` (plan.workload.Workload; its steps are the decode steps, its batch the batch size)
+    under ``policy`` with ``budget`` bytes on ``profile``. Blocks (pure computation)."""
+    if policy not in POLICIES:
+        raise ConfigError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+    raw = policy.startswith("full-")
+    sizes = _raw_sizes(workload.sizes) if raw else dict(workload.sizes)
+    costs = profile.costs()
+    workers = profile.decode_workers
+    on_device = profile.recombine_on_device
+    layout = ModelLayout(sizes, workload.top_k, raw)
+    reserve = minimum_budget(sizes, workload.top_k)
+    prior = None
+    if policy == "zipmoe":
+        if plan is None:
+            plan = _choose_plan(workload, budget, profile, reserve)
+        split = plan.split_rule(sizes)
+        prior = plan.access
+    elif raw:
+        split = SplitRule(1.0, 0.0, 0.0)
+    elif policy == "compressed-only":
+        split = SplitRule(0.0, 1.0, 0.0)
+    else:
+        split = SplitRule(0.0, 0.0, 1.0)
+    config = SchedulerConfig(
+        budget=budget,
+        split=split,
+        popularity="lru" if policy == "full-lru" else "lfu",
+        recombine_on_device=on_device,
+        keep_full_payload=False,
+        prior=prior,
+    )
+    runner = SimRunner(
+        sizes, costs, workers, on_device=on_device, delivery_overhead=profile.delivery_overhead_s
+    )
+    sched = Scheduler(layout, config, runner, costs)
+    exec_bps = profile.executor_gbps * 1e9
+    non_layer = profile.non_moe_s_per_layer
+    if non_layer is None:
+        non_layer = (
+            workload.non_expert_bytes_per_layer or 4 * max(s.full for s in sizes.values())
+        ) / exec_bps
+    non_token = profile.non_moe_s_per_token or 0.0
+    first = int(len(workload.steps) * warmup)
+    t = 0.0
+    step_times: list[float] = []
+    released: list = []
+    notes: list = []
+    marks = None
+    for i, step in enumerate(workload.steps):
+        if i == first:
+            sched.reset_stats()
+            marks = (t, runner.io_busy, list(runner.cpu_busy), runner.bytes_read)
+        t0 = t
+        for pos, picks in enumerate(step):
+            layer = workload.layers[pos]
+            hits = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) == Form.FULL]
+            misses = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) != Form.FULL]
+            t_exec = t
+            for e, _ in hits:
+                t_exec += sizes[(layer, e)].full / exec_bps
+            if not misses:
+                notes.extend((layer, e, tok) for e, tok in hits)
+            else:
+                pending, first_call = misses, True
+                while pending:
+                    t_call = max(t, t_exec if not first_call else t) + profile.request_overhead_s
+                    runner.now = t_call
+                    resp = sched.request(layer, pending, hits if first_call else [], released)
+                    released = []
+                    t_exec = max(t_exec, t_call)
+                    ready = {
+                        d.expert: ready_time(tuple(d.parts) if d.parts else d.handle) for d in resp.deliveries
+                    }
+                    for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
+                        t_exec = max(t_exec, ready[d.expert]) + sizes[(layer, d.expert)].full / exec_bps
+                        released.append((layer, d.expert))
+                    pending, first_call = resp.deferred, False
+            t = t_exec + non_layer
+        t += non_token
+        runner.now = t
+        sched.step(notes, released)
+        notes, released = [], []
+        if i >= first:
+            step_times.append(t - t0)
+    if marks is None:
+        raise ConfigError("the workload has no steps to simulate")
+    elapsed = t - marks[0] or 1e-12
+    st = sched.stats()
+    measured = workload.steps[first:]
+    lb = lower_bound(workload, budget, profile, measured, recorded=getattr(workload, "recorded", False))
+    tpot = sum(step_times) / len(step_times)
+    return SimResult(
+        policy=policy,
+        budget=budget,
+        batch=workload.batch,
+        steps=len(step_times),
+        tpot_s=tpot,
+        tokens_per_s=workload.batch / tpot if tpot else 0.0,
+        lower_bound_tpot_s=lb["tpot_s"],
+        offline_lower_bound_tpot_s=lb["offline_tpot_s"],
+        lower_bound=lb,
+        hit_rates={**st["hit_rate"], "disk": st["miss_rate"]},
+        bytes_read=runner.bytes_read - marks[3],
+        bytes_read_per_step=(runner.bytes_read - marks[3]) / len(step_times),
+        io_utilisation=min(1.0, (runner.io_busy - marks[1]) / elapsed),
+        cpu_utilisation=[min(1.0, (b - a) / elapsed) for a, b in zip(marks[2], runner.cpu_busy)],
+        split={"full": split.full, "compressed": split.compressed, "sm": split.sm},
+        plan={
+            "chosen": plan.chosen,
+            "expected_makespan_s": plan.expected_makespan_s,
+            "experts_per_form": plan.counts(),
+        }
+        if plan is not None
+        else None,
+    )

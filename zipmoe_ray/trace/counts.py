@@ -1,0 +1,220 @@
+"""Count traces (``zipmoe-count-trace/1``): the aggregated form other tools share, loadable without torch.
+
+    {"format": "zipmoe-count-trace/1",
+     "model": {"num_layers": L, "num_experts": E, "top_k": k, "expert_bytes": B},
+     "counts": [[[tokens routed to each of the E experts] for each layer] for each prompt]}
+
+Layers are positions 0..L-1 (a recorded trace's layer ids, in order). A count trace has no step order, so
+wherever one drives the planner or the simulator, decode steps are *drawn*: for each prompt, each step and
+each layer, ``batch x top_k`` token slots are filled by drawing experts without replacement within a token
+(a token never picks one expert twice) in proportion to the prompt's *remaining* counts, which are then
+decremented; steps continue until the prompt's counts run out. So the per-prompt totals are reproduced
+exactly and popularity (which expert, not only its rank) is kept; the order is random (seeded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .recorded import RecordedTrace, load_recorded
+
+__all__ = ["COUNT_FORMAT", "CountTrace", "load_any", "synth"]
+
+COUNT_FORMAT = "zipmoe-count-trace/1"
+
+
+@dataclass
+class CountTrace:
+    model: dict[str, Any]  # num_layers, num_experts, top_k, expert_bytes
+    counts: list[list[list[int]]]  # [prompt][layer][expert]
+
+    def __post_init__(self):
+        for key in ("num_layers", "num_experts", "top_k", "expert_bytes"):
+            if not isinstance(self.model.get(key), int) or self.model[key] <= 0:
+                raise ConfigError(
+                    f"count trace model.{key} must be a positive integer, got {self.model.get(key)!r}"
+                )
+        L, E = self.num_layers, self.num_experts
+        for i, p in enumerate(self.counts):
+            if len(p) != L or any(len(row) != E for row in p):
+                raise ConfigError(f"count trace prompt {i} is not {L} layers x {E} experts")
+            if any(c < 0 for row in p for c in row):
+                raise ConfigError(f"count trace prompt {i} has a negative count")
+
+    @property
+    def num_layers(self) -> int:
+        return self.model["num_layers"]
+
+    @property
+    def num_experts(self) -> int:
+        return self.model["num_experts"]
+
+    @property
+    def top_k(self) -> int:
+        return self.model["top_k"]
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.model["expert_bytes"]
+
+    def totals(self) -> list[list[int]]:
+        """Tokens per [layer][expert] over every prompt."""
+        out = [[0] * self.num_experts for _ in range(self.num_layers)]
+        for p in self.counts:
+            for layer, row in enumerate(p):
+                for e, c in enumerate(row):
+                    out[layer][e] += c
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": COUNT_FORMAT, "model": self.model, "counts": self.counts}
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str = "count trace") -> CountTrace:
+        if d.get("format") != COUNT_FORMAT:
+            raise ConfigError(f"{where}: format {d.get('format')!r}, expected {COUNT_FORMAT}")
+        try:
+            return cls(dict(d["model"]), [[[int(c) for c in row] for row in p] for p in d["counts"]])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: malformed ({e})") from None
+
+    @classmethod
+    def from_recorded(cls, trace: RecordedTrace, include_prefill: bool = False) -> CountTrace:
+        """Aggregate a recorded trace per request (prompt or batch), decode steps only by default."""
+        layers = trace.layers
+        pos = {layer: i for i, layer in enumerate(layers)}
+        E = trace.model["num_experts"]
+        by_req: dict[int, list[list[int]]] = {}
+        for s in trace.steps:
+            if s.kind == "prefill" and not include_prefill:
+                continue
+            grid = by_req.setdefault(s.request, [[0] * E for _ in layers])
+            for layer, picks in s.layers.items():
+                for e, t in picks:
+                    grid[pos[layer]][e] += t
+        model = {
+            "num_layers": len(layers),
+            "num_experts": E,
+            "top_k": trace.model["top_k"],
+            "expert_bytes": trace.model["expert_bytes"],
+        }
+        return cls(model, [by_req[r] for r in sorted(by_req)])
+
+    def steps(self, batch: int = 1, seed: int = 0) -> Iterator[list[list[tuple[int, int]]]]:
+        """Draw decode steps (see the module docstring): yields, per step, [layer] -> [(expert, tokens)].
+
+        With ``batch`` > 1, prompts are served ``batch`` at a time, each contributing one token per step
+        while it has counts left."""
+        rng = random.Random(seed)
+        k = self.top_k
+        prompts = [[row[:] for row in p] for p in self.counts]
+        for start in range(0, len(prompts), batch):
+            group = prompts[start : start + batch]
+            while True:
+                step: list[dict[int, int]] = [dict() for _ in range(self.num_layers)]
+                alive = False
+                for p in group:
+                    for layer, row in enumerate(p):
+                        if sum(row) < 1:
+                            continue
+                        alive = True
+                        chosen = _draw_distinct(rng, row, k)
+                        for e in chosen:
+                            row[e] -= 1
+                            step[layer][e] = step[layer].get(e, 0) + 1
+                if not alive:
+                    break
+                yield [sorted(d.items()) for d in step]
+
+
+def _draw_distinct(rng: random.Random, row: list[int], k: int) -> list[int]:
+    """Up to k distinct experts drawn without replacement, weighted by their remaining counts."""
+    avail = [(e, c) for e, c in enumerate(row) if c > 0]
+    out = []
+    for _ in range(min(k, len(avail))):
+        total = sum(c for _, c in avail)
+        x = rng.random() * total
+        for i, (e, c) in enumerate(avail):
+            x -= c
+            if x < 0:
+                out.append(e)
+                avail.pop(i)
+                break
+        else:  # floating-point edge
+            out.append(avail.pop()[0])
+    return out
+
+
+def synth(
+    *,
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    expert_bytes: int,
+    prompts: int = 8,
+    tokens: int = 64,
+    skew: float = 1.0,
+    seed: int = 0,
+) -> CountTrace:
+    """A synthetic count trace: per layer, expert popularity follows Zipf(``skew``) over a random ranking
+    (``skew=0``: uniform); each prompt routes ``tokens`` tokens, ``top_k`` distinct experts each."""
+    if skew < 0:
+        raise ConfigError(f"skew must be >= 0, got {skew}")
+    if top_k > num_experts:
+        raise ConfigError(f"top_k {top_k} > num_experts {num_experts}")
+    rng = random.Random(seed)
+    weights_per_layer = []
+    for _ in range(num_layers):
+        ranks = list(range(1, num_experts + 1))
+        rng.shuffle(ranks)
+        weights_per_layer.append([1.0 / (r**skew) for r in ranks])
+    counts = []
+    for _ in range(prompts):
+        grid = []
+        for w in weights_per_layer:
+            row = [0] * num_experts
+            for _ in range(tokens):
+                pool = list(range(num_experts))
+                ww = list(w)
+                for _ in range(top_k):
+                    i = rng.choices(range(len(pool)), weights=ww)[0]
+                    row[pool.pop(i)] += 1
+                    ww.pop(i)
+            grid.append(row)
+        counts.append(grid)
+    model = {
+        "num_layers": num_layers,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "expert_bytes": expert_bytes,
+    }
+    return CountTrace(model, counts)
+
+
+def load_any(path: str | os.PathLike) -> CountTrace | RecordedTrace:
+    """A count trace (JSON) or a recorded trace (JSON Lines), by its format field."""
+    p = Path(path)
+    try:
+        first = p.open().readline()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    try:
+        head = json.loads(first)
+    except ValueError:
+        head = None
+    if isinstance(head, dict) and head.get("format") == "zipmoe-trace/1":
+        return load_recorded(p)
+    try:
+        return CountTrace.from_json(json.loads(p.read_text()), str(p))
+    except ValueError:
+        raise ConfigError(f"{p}: neither a zipmoe-trace/1 nor a zipmoe-count-trace/1 file") from None
