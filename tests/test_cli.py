@@ -142,3 +142,45 @@ def test_chat_streams_replies(tiny_stores, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\nand again\n/exit\n"))
     rc, out, _ = run(capsys, "chat", tiny_stores["qwen3_moe"], "--backend", "local", "--max-new-tokens", 5)
     assert rc == 0 and len(out.splitlines()) == 2
+
+
+def test_trace_plan_simulate_from_the_cli(tiny_stores, tmp_path, capsys):
+    store = tiny_stores["deepseek_v2"]
+    trace = tmp_path / "rec.jsonl"
+    rc, _, _ = run(
+        capsys, "generate", store, "--prompt-ids", "5,6,7,8", "--max-new-tokens", 8, "--memory-budget", "30%",
+        "--backend", "local", "--trace-out", trace,
+    )  # fmt: skip
+    assert rc == 0 and trace.is_file()
+    assert run(capsys, "trace", "convert", trace, tmp_path / "counts.json")[0] == 0
+    assert json.loads((tmp_path / "counts.json").read_text())["format"] == "zipmoe-count-trace/1"
+    rc, out, _ = run(capsys, "trace", "synth", tmp_path / "syn.json", "--store", store, "--skew", "1.2")
+    assert rc == 0
+    rc, out, _ = run(capsys, "plan", "--trace", tmp_path / "syn.json", "--store", store, "--memory-budget", "30%",
+                     "--out", tmp_path / "plan.json", "--json")  # fmt: skip
+    assert rc == 0 and json.loads(out)["format"] == "zipmoe-plan/1"
+    for policy in ("zipmoe", "full-lru", "full-lfu", "compressed-only"):
+        rc, out, _ = run(capsys, "simulate", "--trace", trace, "--store", store, "--memory-budget", "30%",
+                         "--policy", policy, "--device-profile", "orin-agx-32gb", "--json")  # fmt: skip
+        r = json.loads(out)
+        assert rc == 0 and {"tpot_s", "lower_bound_tpot_s", "hit_rates", "bytes_read"} <= set(r)
+        assert r["lower_bound_tpot_s"] <= r["tpot_s"]
+    rc, out, _ = run(capsys, "plan", "--store", store, "--memory-budget", "30%")
+    assert rc == 0 and "plan (global budget" in out
+    rc, _, _ = run(
+        capsys, "generate", store, "--prompt-ids", "5,6,7", "--max-new-tokens", 3, "--memory-budget", "30%",
+        "--backend", "local", "--plan", tmp_path / "plan.json",
+    )  # fmt: skip
+    assert rc == 0
+    rc, _, err = run(capsys, "simulate", "--trace", tmp_path / "nope.json", "--memory-budget", "30%")
+    assert rc == 1 and "cannot read" in err
+
+
+def test_calibrate_writes_a_profile(tmp_path, capsys):
+    from zipmoe_ray.plan import load_profile
+
+    rc, _, _ = run(capsys, "calibrate", "--out", tmp_path / "me.json")
+    assert rc == 0
+    p = load_profile(str(tmp_path / "me.json"))
+    assert p.ssd_read_gbps > 0 and p.decompress_gbps_per_core > 0 and p.cpu_cores >= 1
+    assert all(src.startswith(("measured", "one decode")) for src in p.sources.values())

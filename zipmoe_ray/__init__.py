@@ -32,6 +32,14 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
+    "CountTrace": ".trace",
+    "DeviceProfile": ".plan",
+    "Plan": ".plan",
+    "Workload": ".plan",
+    "calibrate": ".plan.calibrate",
+    "load_profile": ".plan",
+    "make_plan": ".plan",
+    "simulate": ".sim",
     "EngineConfig": ".runtime.config",
     "GenerationOutput": ".engine",
     "ZipMoEEngine": ".engine",
@@ -55,24 +63,32 @@ __all__ = [
     "ChecksumError",
     "CompressOptions",
     "ConfigError",
+    "CountTrace",
     "DTypeError",
+    "DeviceProfile",
     "EngineConfig",
     "FormatVersionError",
     "GenerationOutput",
+    "Plan",
     "ReadOptions",
     "Store",
     "StoreCorruptError",
     "StoreError",
     "StoreMismatchError",
+    "Workload",
     "ZipMoEEngine",
     "ZipMoEError",
     "__version__",
     "build_tiny_model",
+    "calibrate",
     "compress",
     "decode",
     "encode",
     "inspect_store",
+    "load_profile",
+    "make_plan",
     "open_store",
+    "simulate",
     "supported_architectures",
     "verify_store",
 ]
@@ -96,7 +112,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import GenerationOutput, ZipMoEEngine
     from .models.registry import supported_architectures
     from .models.tiny import build_tiny_model
+    from .plan import DeviceProfile, Plan, Workload, load_profile, make_plan
+    from .plan.calibrate import calibrate
     from .runtime.config import EngineConfig
+    from .sim import simulate
     from .store import CompressOptions, ReadOptions, Store, compress, open_store
     from .store.inspect import inspect_store
     from .store.verify import verify_store
+    from .trace import CountTrace

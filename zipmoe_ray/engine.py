@@ -465,6 +465,8 @@ class ZipMoEEngine:
                 "io_utilisation": min(1.0, loader["busy_s"] / wall),
                 "cpu_utilisation": [min(1.0, d["busy_s"] / wall) for d in decs],
                 "workers": len(decs),
+                "decoded_bytes": sum(d["decoded_bytes"] for d in decs),
+                "decode_busy_s": sum(d["busy_s"] for d in decs),
             },
             "split": {
                 **sched["plan"],

@@ -186,10 +186,15 @@ def start_executor(
 
 
 def object_store_usage() -> dict[str, int]:
-    """Plasma bytes and objects in use across the cluster (from Ray's memory summary; coarse: MiB)."""
+    """Plasma bytes and objects in use across the cluster (from Ray's memory summary; coarse: MiB).
+
+    Needs grpcio (installed with ``ray[default]`` or the ``dev`` extra)."""
     import re
 
-    from ray._private.internal_api import memory_summary
+    try:
+        from ray._private.internal_api import memory_summary
+    except ImportError as e:
+        raise ImportError(f"object_store_usage needs grpcio: pip install grpcio ({e})") from None
 
     text = memory_summary(stats_only=True)
     m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)

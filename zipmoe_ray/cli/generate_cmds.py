@@ -43,6 +43,8 @@ def add_generate_commands(sub) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--json", action="store_true", help="print outputs and stats as JSON")
+    p.add_argument("--trace-out", help="record the routing of this generation (zipmoe-trace/1, appended)")
+    p.add_argument("--plan", help="a plan from `zipmoe plan --out` (default: planned at start-up)")
     add_engine_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -68,7 +70,9 @@ def cmd_generate(args) -> int:
 
     prompts = args.prompt if args.prompt else args.prompt_ids
     sampling = {k: getattr(args, k) for k in ("seed", "temperature", "top_p", "top_k")}
-    with ZipMoEEngine(args.store_dir, **engine_kwargs(args)) as engine:
+    with ZipMoEEngine(
+        args.store_dir, trace_path=args.trace_out, plan=args.plan, **engine_kwargs(args)
+    ) as engine:
         outs = engine.generate(prompts, args.max_new_tokens, do_sample=args.do_sample, **sampling)
         stats = engine.stats()
     if args.json:

@@ -218,11 +218,12 @@ def _greedy(
         for t in allowed:
             g, c = gain(k, t)
             if g > 0 and c > 0:
-                heap.append((-g / c, k, t))
+                heap.append((-g / c, k[1], k[0], t))  # ties go round-robin over layers, not layer by layer
     heapq.heapify(heap)
     used = sum(w.sizes[k].held(f) for k, f in forms.items() if f != Form.DISK)
     while heap:
-        _, k, t = heapq.heappop(heap)
+        _, e, l, t = heapq.heappop(heap)
+        k = (l, e)
         if t >= forms[k]:
             continue  # already at this form or better (forms are ordered best first)
         g, c = gain(k, t)
@@ -230,7 +231,7 @@ def _greedy(
             continue
         ratio = g / c
         if heap and ratio < -heap[0][0] - 1e-15:
-            heapq.heappush(heap, (-ratio, k, t))  # stale: re-queue with its current value
+            heapq.heappush(heap, (-ratio, e, l, t))  # stale: re-queue with its current value
             continue
         if used + c > cache_bytes:
             continue
@@ -243,14 +244,14 @@ def _greedy(
                 continue
             g2, c2 = gain(k, t2)
             if g2 > 0 and c2 > 0:
-                heapq.heappush(heap, (-g2 / c2, k, t2))
+                heapq.heappush(heap, (-g2 / c2, e, l, t2))
     return forms
 
 
 def _single_form(w: Workload, cache_bytes: int, form: Form) -> dict[Key, Form]:
     forms = {k: Form.DISK for k in w.sizes}
     used = 0
-    for k in sorted(w.sizes, key=lambda k: -w.access.get(k, 0.0)):
+    for k in sorted(w.sizes, key=lambda k: (-w.access.get(k, 0.0), k[1], k[0])):
         need = w.sizes[k].held(form)
         if w.access.get(k, 0.0) <= 0 or used + need > cache_bytes:
             continue

@@ -95,7 +95,14 @@ class Workload:
         ]
         batch = max((s.batch for s in trace.steps), default=1)
         return cls(
-            ids, m["num_experts"], m["top_k"], sizes, steps, batch, m.get("non_expert_bytes_per_layer")
+            ids,
+            m["num_experts"],
+            m["top_k"],
+            sizes,
+            steps,
+            batch,
+            m.get("non_expert_bytes_per_layer"),
+            recorded=True,
         )
 
     @classmethod

@@ -104,10 +104,11 @@ def simulate(
     policy: str = "zipmoe",
     *,
     plan=None,
-    warmup: float = 0.1,
+    warm_start: bool = True,
 ) -> SimResult:
     """Replay ``workload`` (plan.workload.Workload; its steps are the decode steps, its batch the batch size)
-    under ``policy`` with ``budget`` bytes on ``profile``. Blocks (pure computation)."""
+    under ``policy`` with ``budget`` bytes on ``profile``. With ``warm_start`` the steps are first replayed
+    once unmeasured, so that every policy is measured in steady state, not on cold misses. Blocks."""
     if policy not in POLICIES:
         raise ConfigError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
     raw = policy.startswith("full-")
@@ -148,13 +149,13 @@ def simulate(
             workload.non_expert_bytes_per_layer or 4 * max(s.full for s in sizes.values())
         ) / exec_bps
     non_token = profile.non_moe_s_per_token or 0.0
-    first = int(len(workload.steps) * warmup)
+    first = len(workload.steps) if warm_start else 0
     t = 0.0
     step_times: list[float] = []
     released: list = []
     notes: list = []
     marks = None
-    for i, step in enumerate(workload.steps):
+    for i, step in enumerate([*workload.steps, *workload.steps] if warm_start else workload.steps):
         if i == first:
             sched.reset_stats()
             marks = (t, runner.io_busy, list(runner.cpu_busy), runner.bytes_read)
@@ -194,7 +195,7 @@ def simulate(
         raise ConfigError("the workload has no steps to simulate")
     elapsed = t - marks[0] or 1e-12
     st = sched.stats()
-    measured = workload.steps[first:]
+    measured = workload.steps
     lb = lower_bound(workload, budget, profile, measured, recorded=getattr(workload, "recorded", False))
     tpot = sum(step_times) / len(step_times)
     return SimResult(

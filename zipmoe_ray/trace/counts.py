@@ -215,6 +215,9 @@ def load_any(path: str | os.PathLike) -> CountTrace | RecordedTrace:
     if isinstance(head, dict) and head.get("format") == "zipmoe-trace/1":
         return load_recorded(p)
     try:
-        return CountTrace.from_json(json.loads(p.read_text()), str(p))
+        doc = json.loads(p.read_text())
     except ValueError:
         raise ConfigError(f"{p}: neither a zipmoe-trace/1 nor a zipmoe-count-trace/1 file") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p}: neither a zipmoe-trace/1 nor a zipmoe-count-trace/1 file")
+    return CountTrace.from_json(doc, str(p))
