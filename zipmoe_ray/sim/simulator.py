@@ -105,10 +105,12 @@ def simulate(
     *,
     plan=None,
     warm_start: bool = True,
+    measure_from: int = 0,
 ) -> SimResult:
     """Replay ``workload`` (plan.workload.Workload; its steps are the decode steps, its batch the batch size)
-    under ``policy`` with ``budget`` bytes on ``profile``. With ``warm_start`` the steps are first replayed
-    once unmeasured, so that every policy is measured in steady state, not on cold misses. Blocks."""
+        under ``policy`` with ``budget`` bytes on ``profile``. With ``warm_start`` the steps are first replayed
+        once unmeasured, so that every policy is measured in steady state, not on cold misses; without it, steps
+    before ``measure_from`` warm the cache and are not measured (replaying a recorded warm-up). Blocks."""
     if policy not in POLICIES:
         raise ConfigError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
     raw = policy.startswith("full-")
@@ -137,6 +139,7 @@ def simulate(
         recombine_on_device=on_device,
         keep_full_payload=False,
         prior=prior,
+        decode_parts=None if on_device else 1,  # as the engine does (pieces only go to an accelerator)
     )
     runner = SimRunner(
         sizes, costs, workers, on_device=on_device, delivery_overhead=profile.delivery_overhead_s
@@ -149,7 +152,7 @@ def simulate(
             workload.non_expert_bytes_per_layer or 4 * max(s.full for s in sizes.values())
         ) / exec_bps
     non_token = profile.non_moe_s_per_token or 0.0
-    first = len(workload.steps) if warm_start else 0
+    first = len(workload.steps) if warm_start else measure_from
     t = 0.0
     step_times: list[float] = []
     released: list = []
@@ -195,7 +198,7 @@ def simulate(
         raise ConfigError("the workload has no steps to simulate")
     elapsed = t - marks[0] or 1e-12
     st = sched.stats()
-    measured = workload.steps
+    measured = workload.steps[0 if warm_start else measure_from :]
     lb = lower_bound(workload, budget, profile, measured, recorded=getattr(workload, "recorded", False))
     tpot = sum(step_times) / len(step_times)
     return SimResult(

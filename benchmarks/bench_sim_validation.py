@@ -1,0 +1,105 @@
+"""Does the simulator predict this machine's engine? TPOT measured against TPOT simulated, at three budgets.
+
+Setup: the Qwen1.5-MoE preset with 4 MoE layers (routing re-biased to skew 0, see routing.py), the Ray
+backend with 2 decompressors, page cache bypassed, SSD emulated at 0.5 GB/s. The device profile is
+`zipmoe calibrate --engine` on this machine (micro-measurements plus the runtime's own overheads), with
+its SSD figures set to the emulated cap. For each budget the engine runs a warm-up generation and a measured
+one while recording its routing (zipmoe-trace/1); the simulator replays that same trace with the same plan
+(the engine's split and popularity prior), warming on the warm-up steps and measuring the rest.
+
+    python benchmarks/bench_sim_validation.py [--json OUT] [--budgets 15%,25%,50%]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from common import machine, prompt_ids, routed_model, stores_for
+
+from zipmoe_ray.engine import ZipMoEEngine
+from zipmoe_ray.plan import Workload
+from zipmoe_ray.plan.calibrate import calibrate
+from zipmoe_ray.sim import simulate
+from zipmoe_ray.stages.scheduler import expert_sizes
+from zipmoe_ray.trace import load_recorded
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json")
+    ap.add_argument("--budgets", default="15%,25%,50%")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--bandwidth", type=float, default=0.5, help="emulated SSD GB/s")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--traces-dir", help="keep the recorded traces here (trace-<budget>.jsonl)")
+    args = ap.parse_args()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    store = stores_for(routed_model("qwen1.5-moe", args.layers, 0.0, log=log), codecs=("zstd",), log=log)[
+        "zstd"
+    ]
+    log("calibrating this machine with the engine (about a minute) ...")
+    profile = calibrate(store, engine=True, workers=2)
+    profile = profile.with_(ssd_read_gbps=args.bandwidth, ssd_latency_s=0.0, name="calibrated, SSD capped")
+    log(f"  profile: {json.dumps({k: v for k, v in profile.to_json().items() if k != 'sources'})}")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(store)
+    warm, prompt = prompt_ids(tok, 32, 20), prompt_ids(tok, 32, 0)
+    sizes = None
+    rows = []
+    for budget in args.budgets.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "t.jsonl"
+            with ZipMoEEngine(
+                store, memory_budget=budget, backend="ray", num_decompressors=2, cache_mode="bypass",
+                bandwidth=args.bandwidth * 1e9, trace_path=trace,
+            ) as engine:  # fmt: skip
+                engine.generate(warm, 24)
+                engine.reset_stats()
+                engine.generate(prompt, args.new_tokens)
+                st = engine.stats()
+                plan = engine.plan
+                sizes = sizes or expert_sizes(engine.store)
+            if args.traces_dir:
+                Path(args.traces_dir).mkdir(parents=True, exist_ok=True)
+                shutil.copy(trace, Path(args.traces_dir) / f"trace-{budget.strip('%')}pct.jsonl")
+            rec = load_recorded(trace)
+            w = Workload.from_recorded(rec, sizes=sizes)
+            first = sum(1 for s in rec.steps if s.kind == "decode" and s.request == 0)
+            sim = simulate(
+                w, engine.budget, profile, "zipmoe", plan=plan, warm_start=False, measure_from=first
+            )
+        err = (sim.tpot_s - st["tpot_s"]) / st["tpot_s"]
+        rows.append(
+            {
+                "budget": budget,
+                "engine_tpot_s": st["tpot_s"],
+                "simulated_tpot_s": sim.tpot_s,
+                "error": err,
+                "engine_hits": st["hits"],
+                "engine_misses": st["misses"],
+                "simulated_hit_rates": sim.hit_rates,
+                "engine_bytes_read": st["bytes_read"],
+                "simulated_bytes_read": sim.bytes_read,
+            }
+        )
+        print(
+            f"budget {budget}: engine TPOT {st['tpot_s'] * 1e3:.0f} ms, simulated {sim.tpot_s * 1e3:.0f} ms "
+            f"({err:+.0%}); bytes read engine {st['bytes_read'] / 1e6:.0f} MB (prefill included), simulated "
+            f"{sim.bytes_read / 1e6:.0f} MB (decode steps)"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"machine": machine(), "profile": profile.to_json(), "rows": rows}, indent=2)
+        )
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
