@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from zipmoe_ray.backends.ray_backend import (
@@ -44,6 +46,9 @@ def test_user_started_stages_wired_into_an_engine(tiny_stores, tiny_models, ray_
         assert engine.generate(BATCH1[0], 8).token_ids == ref[0]
         assert engine.stats()["lanes"]["workers"] == 1
     assert ray.get(executor.ping.remote())  # the engine does not kill stages it did not start
+    # Ray would hide the node's GPUs from an actor that asks for none; the executor must still see them
+    seen = ray.get(executor.__ray_call__.remote(lambda self: os.environ.get("CUDA_VISIBLE_DEVICES")))
+    assert seen == os.environ.get("CUDA_VISIBLE_DEVICES")
     for a in stages.all():
         ray.kill(a, no_restart=True)
 

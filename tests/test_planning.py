@@ -239,3 +239,30 @@ def test_engine_uses_a_plan(tiny_stores, tmp_path):
     assert {k: v for k, v in s["split"]["plan"].items() if k != "disk"} == cached
     foreign = DeviceProfile.from_json(ORIN.to_json())  # profiles survive JSON
     assert foreign == ORIN
+
+
+# -- several devices -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["zipmoe", "full-lru"])
+def test_a_one_device_cluster_simulates_exactly_like_one_device(policy):
+    from zipmoe_ray.sim import simulate_cluster
+
+    w = workload(1.0)
+    b = int(0.3 * w.expert_bytes)
+    one = simulate(w, b, ORIN, policy)
+    cl = simulate_cluster(w, 1, b, ORIN, policy=policy, hidden_size=2048)
+    assert cl.tpot_s == one.tpot_s and cl.bytes_read == one.bytes_read and cl.remote_share == 0
+
+
+def test_more_devices_hold_more_and_send_hidden_states_not_experts():
+    from zipmoe_ray.sim import simulate_cluster
+
+    w = workload(0.5)
+    per = w.expert_bytes // 2
+    one, two = (simulate_cluster(w, n, per, ORIN, hidden_size=2048) for n in (1, 2))
+    assert two.bytes_read < one.bytes_read  # twice the memory: fewer misses
+    assert 0.3 < two.remote_share < 0.7  # half the experts live on the second device
+    tokens = sum(tok for step in w.steps for picks in step for _, tok in picks) / len(w.steps)
+    assert two.network_bytes_per_step <= 2 * tokens * 2048 * 2  # rows out and back, never weights
+    assert [d["experts_homed"] for d in two.per_device] == [len(w.sizes) // 2] * 2
+    with pytest.raises(ConfigError, match="devices"):
+        simulate_cluster(w, 0, per, ORIN, hidden_size=2048)

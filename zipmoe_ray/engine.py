@@ -101,6 +101,8 @@ class ZipMoEEngine:
         self._last: GenerateResult | None = None
         self._tokenizer = None
         self._owned: list = []
+        self._cluster = None  # backends.cluster.ClusterStages when serving across several nodes
+        self._here: dict = {}  # Ray options pinning single-node stages to this program's node
         self.plan = None
         self.plan_source = "fixed split" if (self.config.split or self.config.policy != "zipmoe") else ""
         t0 = time.perf_counter()
@@ -212,21 +214,126 @@ class ZipMoEEngine:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
                 self._ray_started = True
         res = self.config.resources or None
+        if stages is None and not res and self._start_cluster_workers():
+            return
         if stages is None:
-            self._loader = rb.start_loader(self.store_dir, self.config.read_options(), resources=res)
-            self._decompressors = rb.start_decompressors(self.store_dir, self.config.workers, resources=res)
+            here = self._here
+            self._loader = rb.start_loader(self.store_dir, self.config.read_options(), resources=res, **here)
+            self._decompressors = rb.start_decompressors(
+                self.store_dir, self.config.workers, resources=res, **here
+            )
             self._owned = [self._loader, *self._decompressors]
             self._wait([a.ping.remote() for a in self._owned])
         else:
             self._loader, self._decompressors = stages.loader, stages.decompressors
 
+    def _start_cluster_workers(self) -> bool:
+        """On a cluster of several nodes, start every node's stages (see backends/cluster.py); False when
+        this program sees one node only."""
+        from .backends import cluster
+
+        infos = cluster.discover_nodes(list(self.config.nodes) if self.config.nodes else None)
+        if len(infos) < 2:  # one node serves: keep every stage on this program's node
+            self._here = cluster.pin(infos[0])
+            self._node_info = infos[0]
+            return False
+        inflight = cluster.inflight_per_node(self.store.top_k, len(infos))
+        budgets = cluster.node_budgets(self.budget, infos)
+        need = minimum_budget(self.sizes, inflight)
+        if min(budgets.values()) < need:
+            raise BudgetError(
+                f"memory budget {self.budget:,} B split over {len(infos)} nodes leaves {min(budgets.values()):,} B "
+                f"per node; each needs at least {need:,} B for {inflight} experts in flight: give at least "
+                f"--memory-budget {need * len(infos)}"
+            )
+        self._cluster = cluster.ClusterStages()
+        for info in infos:
+            ns = cluster.start_node(
+                info,
+                self.store_dir,
+                self.config.read_options(),
+                self.config.num_decompressors,
+                self.config.torch_threads,
+                self.device,
+            )
+            self._cluster.nodes[info.name] = ns
+            self._owned.extend(ns.actors())
+        ids = {}
+        for name, ns in self._cluster.nodes.items():  # every node must read a copy of this very store
+            try:
+                ids[name] = self._wait(ns.loader.store_id.remote())
+            except ZipMoEError as e:
+                raise type(e)(f"node {name} ({ns.info.address}) cannot serve this store: {e}") from None
+        mine = self.store.index.store_id.hex()
+        other = sorted(n for n, i in ids.items() if i != mine)
+        if other:
+            raise ConfigError(
+                f"nodes {other} read a different store at {self.store_dir}; every node needs a copy of the same "
+                "store at the same path (copy the store directory to each device)"
+            )
+        self._wait([a.ping.remote() for a in self._cluster.actors()])
+        ex = self._cluster.executor_node
+        self._loader, self._decompressors = ex.loader, ex.decompressors
+        self._node_budgets, self._inflight = budgets, inflight
+        log.info(
+            "serving across %d nodes: %s", len(infos), ", ".join(f"{i.name} ({i.address})" for i in infos)
+        )
+        return True
+
+    def _start_cluster_rest(self) -> None:
+        from .backends import cluster
+        from .backends import ray_backend as rb
+        from .stages.cluster_scheduler import NodeSetup
+
+        setups = [
+            NodeSetup(
+                name,
+                self._node_budgets[name],
+                rb.RayRunner(ns.loader, ns.decompressors),
+                executor=ns.info.driver,
+                inflight=self._inflight,
+            )
+            for name, ns in self._cluster.nodes.items()
+        ]
+        here = cluster.pin(self._cluster.executor_node.info)
+        classes = rb.actor_classes()
+        scheduler = (
+            classes["ClusterScheduler"].options(**here).remote(self.store_dir, self._sched_config, setups)
+        )
+        hosts = {name: ns.host for name, ns in self._cluster.nodes.items() if ns.host is not None}
+        transport = rb.RayTransport(scheduler, hosts, self.config.node_timeout)
+        executor = (
+            classes["Executor"]
+            .options(runtime_env=rb.SEE_GPUS, **here)
+            .remote(self.store_dir, transport, self.device, self.config.dtype, self.config.torch_threads)
+        )
+        self._owned.extend([scheduler, executor])
+        ex = self._cluster.executor_node
+        self._stages = rb.Stages(ex.loader, ex.decompressors, scheduler, executor)
+        self._scheduler, self._executor = scheduler, executor
+        self._wait([scheduler.ping.remote(), executor.ping.remote()])
+        self.device = self._wait(executor.stats.remote())["device"]
+        for name, host in hosts.items():  # remote experts must run the executor's kernels to stay bit-exact
+            got = self._wait(host.stats.remote())["device"]
+            if got.split(":")[0] != str(self.device).split(":")[0]:
+                raise ConfigError(
+                    f"node {name} computes experts on {got} but the executor runs on {self.device}: outputs would "
+                    "not be bit-identical; give every node the same kind of device (--device), or leave that "
+                    "node out (--nodes)"
+                )
+
     def _start_ray_rest(self, stages) -> None:
         from .backends import ray_backend as rb
 
+        if self._cluster is not None:
+            self._start_cluster_rest()
+            return
         res = self.config.resources or None
         if stages is None:
             loader, decompressors = self._loader, self._decompressors
-            scheduler = rb.start_scheduler(self.store_dir, self._sched_config, loader, decompressors)
+            scheduler = rb.start_scheduler(
+                self.store_dir, self._sched_config, loader, decompressors, **self._here
+            )
             executor = rb.start_executor(
                 self.store_dir,
                 scheduler,
@@ -234,6 +341,7 @@ class ZipMoEEngine:
                 dtype=self.config.dtype,
                 torch_threads=self.config.torch_threads,
                 resources=res,
+                **self._here,
             )
             stages = rb.Stages(loader, decompressors, scheduler, executor)
             self._owned = stages.all()
@@ -273,7 +381,13 @@ class ZipMoEEngine:
         return costs
 
     def _reset_stats(self) -> None:
-        for target in (self._loader, *self._decompressors, self._scheduler, self._executor):
+        targets = [self._loader, *self._decompressors, self._scheduler, self._executor]
+        if self._cluster is not None:
+            gone = set(self._call(self._scheduler, "stats")["failed"])
+            targets = [self._scheduler, self._executor] + [
+                a for name, ns in self._cluster.nodes.items() if name not in gone for a in ns.actors()
+            ]
+        for target in targets:
             self._call(target, "reset_stats")
         self._generation_s = 0.0
 
@@ -440,10 +554,23 @@ class ZipMoEEngine:
         """Counters since start-up: latency of the last generation, hits and misses per cache form, bytes read,
         peak cache bytes against the budget, lane utilisation, calibration."""
         self._check_open()
-        loader = self._call(self._loader, "stats")
-        decs = [self._call(d, "stats") for d in self._decompressors]
         sched = self._call(self._scheduler, "stats")
         ex = self._call(self._executor, "stats")
+        nodes = self._node_stats(sched)
+        if self._cluster is not None:
+            answering = [n for n, v in nodes.items() if v["alive"]]
+            alive = [self._cluster.nodes[n] for n in answering]
+            loaders = [self._call(ns.loader, "stats") for ns in alive]
+            loader = {
+                "bytes_read": sum(x["bytes_read"] for x in loaders),
+                "busy_s": max(x["busy_s"] for x in loaders),
+                "read_mode": loaders[0]["read_mode"],
+                "read_options": loaders[0]["read_options"],
+            }
+            decs = [self._call(d, "stats") for ns in alive for d in ns.decompressors]
+        else:
+            loader = self._call(self._loader, "stats")
+            decs = [self._call(d, "stats") for d in self._decompressors]
         wall = self._generation_s or 1e-9
         last = self._last
         misses = sched["misses"]
@@ -482,7 +609,43 @@ class ZipMoEEngine:
             "calibration": self.costs.to_dict(),
             "backend": self.config.backend,
             "generation_s": self._generation_s,
+            "nodes": nodes,
         }
+
+    def _node_stats(self, sched: dict) -> dict[str, dict]:
+        """Per node: tasks run, hits per form, bytes read (one node unless serving across a cluster)."""
+        from .backends.cluster import node_entry
+
+        if self._cluster is None:
+            info = getattr(self, "_node_info", None)
+            name, address = (info.name, info.address) if info else ("local", "local")
+            loader = self._call(self._loader, "stats")
+            decs = [self._call(d, "stats") for d in self._decompressors]
+            return {name: node_entry(address, loader, decs, None, sched, len(self.sizes))}
+        import ray
+
+        out = {}
+        for name, ns in self._cluster.nodes.items():
+            down = {"alive": False, "address": ns.info.address, "tasks": None}
+            if name not in sched["alive"]:
+                out[name] = down
+                continue
+            refs = [a.stats.remote() for a in ns.actors()]
+            try:  # a node that died since the last layer must not hang the report
+                got = ray.get(refs, timeout=2 * self.config.node_timeout)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+                out[name] = {**down, "note": f"not answering within {2 * self.config.node_timeout:g} s"}
+                continue
+            n = len(ns.decompressors)
+            out[name] = node_entry(
+                ns.info.address,
+                got[0],
+                got[1 : 1 + n],
+                got[1 + n] if ns.host is not None else None,
+                sched["nodes"][name],
+                sched["homes"][name],
+            )
+        return out
 
     def timeline(self) -> list[tuple]:
         """The executor's MoE-layer timeline since the last reset (needs ZIPMOE_TIMELINE=1 when the engine

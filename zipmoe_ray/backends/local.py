@@ -83,9 +83,22 @@ class LocalTransport:
     def step(self, hits, released) -> None:
         self.scheduler.step(hits, released)
 
-    def wait_any(self, handles: list) -> list:
-        done, _ = cf.wait(handles, return_when=cf.FIRST_COMPLETED)
+    def wait_any(self, handles: list, timeout: float | None = None) -> list:
+        done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
         return [h for h in handles if h in done]
+
+    def compute(self, node, *args):
+        raise NotImplementedError("the local backend runs on one device")
+
+    def unresponsive(self, nodes, timeout: float) -> set:
+        return set()
+
+    def node_failed(self, node) -> None:
+        raise NotImplementedError("the local backend runs on one device")
+
+    @staticmethod
+    def is_node_failure(e: BaseException) -> bool:
+        return False
 
     def get(self, handle) -> np.ndarray:
         return _value(handle)

@@ -53,6 +53,12 @@ def actor_classes() -> dict[str, Any]:
         _classes["Decompressor"] = ray.remote(num_cpus=0, **restart)(Decompressor)
         _classes["Scheduler"] = ray.remote(num_cpus=0)(Scheduler)
         _classes["Executor"] = ray.remote(num_cpus=0, max_concurrency=4)(Executor)
+        from ..stages.cluster_scheduler import ClusterScheduler
+        from ..stages.expert_host import ExpertHost
+
+        # two threads: a liveness ping is answered while an expert is being computed
+        _classes["ExpertHost"] = ray.remote(num_cpus=0, max_concurrency=2, **restart)(ExpertHost)
+        _classes["ClusterScheduler"] = ray.remote(num_cpus=0)(ClusterScheduler)
     return _classes
 
 
@@ -72,6 +78,17 @@ class RayRunner:
         self.decompressors = list(decompressors)
         self.workers = len(self.decompressors)
 
+    def abandon(self) -> None:
+        """The node these actors run on failed: end them, so that their pending tasks fail instead of
+        waiting for a node that will not come back."""
+        import ray
+
+        for a in (self.loader, *self.decompressors):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception as e:  # already gone
+                log.debug("abandoning %s: %s", a, e)
+
     def read(self, key, part):
         return self.loader.read.remote(key[0], key[1], part)
 
@@ -86,10 +103,13 @@ class RayRunner:
 
 
 class RayTransport:
-    """The executor's view of a scheduler actor and of ObjectRef results."""
+    """The executor's view of a scheduler actor, of ObjectRef results and, in a cluster, of the other
+    nodes' ExpertHosts."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, hosts: dict | None = None, node_timeout: float = 5.0):
         self.scheduler = scheduler
+        self.hosts = dict(hosts or {})
+        self.node_timeout = node_timeout
 
     def request(self, layer, misses, hits, released):
         import ray
@@ -102,11 +122,54 @@ class RayTransport:
     def step(self, hits, released) -> None:
         self.scheduler.step.remote(hits, released)  # fire and forget: ordered before the next request
 
-    def wait_any(self, handles: list) -> list:
+    def wait_any(self, handles: list, timeout: float | None = None) -> list:
         import ray
 
-        ready, _ = ray.wait(handles, num_returns=1)
+        ready, _ = ray.wait(handles, num_returns=1, timeout=timeout)
         return ready
+
+    def compute(self, node: str, layer: int, expert: int, kind: str, x, w, values: list):
+        return self.hosts[node].compute.remote(layer, expert, kind, x, w, *values)
+
+    def unresponsive(self, nodes, timeout: float) -> set[str]:
+        """Of ``nodes``, those whose ExpertHost does not answer a ping within ``timeout`` seconds."""
+        import ray
+
+        pings = {self.hosts[n].ping.remote(): n for n in nodes}
+        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout)
+        alive = set()
+        for r in ready:
+            try:
+                ray.get(r)
+                alive.add(pings[r])
+            except Exception:  # a ping that errors is a node that does not answer
+                pass
+        return set(nodes) - alive
+
+    def node_failed(self, node: str) -> None:
+        import ray
+
+        ray.get(self.scheduler.node_failed.remote(node))
+        host = self.hosts.pop(node, None)
+        if host is not None:
+            try:
+                ray.kill(host, no_restart=True)
+            except Exception as e:  # already gone
+                log.debug("abandoning the host of %s: %s", node, e)
+
+    @staticmethod
+    def is_node_failure(e: BaseException) -> bool:
+        """Errors that mean a node's work is lost (its process, node or objects died), not a bug or bad data."""
+        import ray
+
+        lost = (
+            ray.exceptions.RayActorError,
+            ray.exceptions.ObjectLostError,
+            ray.exceptions.OwnerDiedError,
+            ray.exceptions.NodeDiedError,
+            ray.exceptions.WorkerCrashedError,
+        )
+        return isinstance(e, lost) or isinstance(getattr(e, "cause", None), lost)
 
     def get(self, handle):
         import ray
@@ -129,6 +192,12 @@ class Stages:
 
     def all(self) -> list[Any]:
         return [self.loader, *self.decompressors, self.scheduler, self.executor]
+
+
+# Ray hides every GPU from an actor that asks for none (CUDA_VISIBLE_DEVICES=""): an executor left that way
+# would silently run on the CPU of a Jetson. The stages that compute (Executor, ExpertHost) see the node's
+# GPUs instead; they ask for num_cpus=0 like every zipmoe actor, so they fit nodes started without --num-gpus.
+SEE_GPUS = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
 
 
 def _opts(resources: dict[str, float] | None, name: str | None = None, **extra) -> dict:
@@ -180,6 +249,7 @@ def start_executor(
 ):
     """Start an Executor actor (the model on ``device``) whose MoE layers fetch experts via ``scheduler``."""
     cls = actor_classes()["Executor"]
+    ray_options.setdefault("runtime_env", SEE_GPUS)
     return cls.options(**_opts(resources, **ray_options)).remote(
         store_path, RayTransport(scheduler), device, dtype, torch_threads
     )

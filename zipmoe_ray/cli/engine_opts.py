@@ -30,6 +30,18 @@ def add_engine_options(p: argparse.ArgumentParser, *, budget_default: str = "50%
     )
     g.add_argument("--backend", choices=["ray", "local"], default="ray")
     g.add_argument("--address", help="attach to a running Ray cluster (HOST:PORT or auto)")
+    g.add_argument(
+        "--nodes",
+        help="with --address: the cluster nodes to serve across, comma-separated names (a node's custom "
+        "resource) or addresses (default: every alive node)",
+    )
+    g.add_argument(
+        "--node-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a layer waits on another node before checking it is alive; a node that then does not "
+        "answer a ping within as long is declared failed (default 5)",
+    )
     g.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     g.add_argument("--num-decompressors", type=int, help="decode lanes W (default: one per CPU core)")
     g.add_argument("--policy", choices=list(POLICIES), default="zipmoe", help="cache forms to use")
@@ -46,6 +58,8 @@ def engine_kwargs(args) -> dict:
         memory_budget=args.memory_budget,
         backend=args.backend,
         address=args.address,
+        nodes=tuple(n.strip() for n in args.nodes.split(",") if n.strip()) if args.nodes else None,
+        node_timeout=args.node_timeout,
         device=args.device,
         num_decompressors=args.num_decompressors,
         policy=args.policy,

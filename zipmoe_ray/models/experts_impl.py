@@ -47,8 +47,12 @@ class ExpertWeights:
 class ExpertSource(Protocol):
     """What a MoE layer asks for its active experts (the executor's ExpertClient)."""
 
-    def fetch(self, layer: int, experts: list[int], tokens: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
-        """Yield ``(expert, weights)`` for every requested expert, each as soon as it is usable."""
+    def fetch(
+        self, layer: int, experts: list[int], tokens: list[int], inputs=None
+    ) -> Iterator[tuple[int, ExpertWeights | torch.Tensor]]:
+        """Yield ``(expert, weights)`` for every requested expert, each as soon as it is usable, or
+        ``(expert, output_rows)`` when another device computed the expert on ``inputs(expert)`` (its input
+        rows and routing weights): the hidden states travel to the expert instead of the reverse."""
         ...
 
     def done(self, layer: int, expert: int) -> None:
@@ -78,15 +82,23 @@ def zipmoe_experts_forward(
         groups[e] = (a, pos + 1)
     active = sorted(groups)
     weighted_out = None  # [S, hidden], rows in sorted order
-    for e, w in source.fetch(layer, active, [groups[e][1] - groups[e][0] for e in active]):
+
+    def inputs(e: int):
         a, b = groups[e]
-        x = selected_g[a:b]
-        proj = torch.mm(x.to(w.first.dtype), w.first.t())  # what grouped_mm computes for this group
-        proj = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)
-        proj = torch.mm(proj.to(w.second.dtype), w.second.t())
-        if self.has_post_expert_norm:
-            proj = self.post_expert_norm(proj)
-        out = proj * sample_weights_g[a:b].unsqueeze(-1)
+        return selected_g[a:b], sample_weights_g[a:b]
+
+    for e, w in source.fetch(layer, active, [groups[e][1] - groups[e][0] for e in active], inputs):
+        a, b = groups[e]
+        if isinstance(w, torch.Tensor):  # computed where the expert is held (see ExpertHost)
+            out = w.to(hidden_states.device)
+        else:
+            x = selected_g[a:b]
+            proj = torch.mm(x.to(w.first.dtype), w.first.t())  # what grouped_mm computes for this group
+            proj = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)
+            proj = torch.mm(proj.to(w.second.dtype), w.second.t())
+            if self.has_post_expert_norm:
+                proj = self.post_expert_norm(proj)
+            out = proj * sample_weights_g[a:b].unsqueeze(-1)
         if weighted_out is None:
             weighted_out = torch.empty(len(ids), hidden_dim, dtype=out.dtype, device=out.device)
         weighted_out[a:b] = out
@@ -122,8 +134,21 @@ class SwitchExperts(torch.nn.Module):
             rows[e] = (pos, top_x)
         active = sorted(rows)
         outs = {}
-        for e, w in self._zipmoe_source.fetch(self._zipmoe_layer, active, [len(rows[e][1]) for e in active]):
+
+        def inputs(e: int):
             pos, top_x = rows[e]
+            return hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1]), routing_weights[
+                top_x, pos
+            ]
+
+        for e, w in self._zipmoe_source.fetch(
+            self._zipmoe_layer, active, [len(rows[e][1]) for e in active], inputs
+        ):
+            pos, top_x = rows[e]
+            if isinstance(w, torch.Tensor):  # computed where the expert is held (see ExpertHost)
+                outs[e] = w.to(hidden_states.device)
+                self._zipmoe_source.done(self._zipmoe_layer, e)
+                continue
             x = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
             h = self.act(F.linear(x, w.first))
             if h.dtype != w.second.dtype and w.second.dtype != torch.int8:

@@ -33,6 +33,8 @@ class EngineConfig:
     torch_threads: int | None = None  # executor's intra-op threads; None = CPU count
     dtype: str = "auto"  # non-expert weights' dtype as stored
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources pinning all stages
+    nodes: tuple[str, ...] | None = None  # cluster nodes to serve across (names or addresses); None = all
+    node_timeout: float = 5.0  # seconds a layer waits on another node before checking that it lives
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -53,6 +55,16 @@ class EngineConfig:
             raise ConfigError(f"decay must be in (0, 1], got {self.decay}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ConfigError(f"device {self.device!r} is not cpu, cuda[:N] or mps")
+        if self.nodes is not None and (
+            isinstance(self.nodes, str) or not all(isinstance(n, str) for n in self.nodes)
+        ):
+            raise ConfigError(f"nodes must be a list of node names, got {self.nodes!r}")
+        if not (isinstance(self.node_timeout, (int, float)) and self.node_timeout > 0):
+            raise ConfigError(f"node_timeout must be a positive number of seconds, got {self.node_timeout!r}")
+        if self.nodes is not None and self.resources:
+            raise ConfigError(
+                "give either resources (pin every stage to one node) or nodes (serve across several)"
+            )
         self.read_options()  # validates bandwidth and latency
 
     @property

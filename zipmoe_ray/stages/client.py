@@ -45,6 +45,7 @@ class ClientStats:
     requests: int = 0
     waves: int = 0
     wait_s: float = 0.0  # time the layer computation waited for an expert
+    remote: dict[str, int] = field(default_factory=dict)  # experts computed on other nodes
 
 
 class ExpertClient:
@@ -52,6 +53,8 @@ class ExpertClient:
 
     def __init__(self, transport, store, device: str | torch.device = "cpu"):
         self.transport = transport
+        # how long a layer waits on another node before asking whether it still lives (clusters only)
+        self.node_timeout = getattr(transport, "node_timeout", None) or 5.0
         self.device = torch.device(device)
         dtypes = {t.dtype for r in store.index.experts for t in r.tensors}
         self.layout = layout_for(dtypes.pop())
@@ -121,7 +124,9 @@ class ExpertClient:
         return shape.shapes[0], shape.shapes[1]
 
     # -- the ExpertSource protocol -------------------------------------------------------------------------
-    def fetch(self, layer: int, experts: list[int], tokens: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    def fetch(
+        self, layer: int, experts: list[int], tokens: list[int], inputs=None
+    ) -> Iterator[tuple[int, ExpertWeights | torch.Tensor]]:
         hits = [(e, t) for e, t in zip(experts, tokens) if (layer, e) in self.full]
         misses = [(e, t) for e, t in zip(experts, tokens) if (layer, e) not in self.full]
         self.stats.full_hits += len(hits)
@@ -139,8 +144,12 @@ class ExpertClient:
             w = self.full.get((layer, e))
             if w is not None:
                 yield e, w
+        tokens_of = dict(zip(experts, tokens))
         while True:
-            yield from self._consume(layer, resp)
+            redo = yield from self._consume(layer, resp, inputs)
+            if redo:  # a node failed: its experts now have other homes
+                resp = self._request(layer, [(e, tokens_of[e]) for e in redo], [])
+                continue
             if not resp.deferred:
                 break
             resp = self._request(layer, resp.deferred, [])
@@ -157,20 +166,49 @@ class ExpertClient:
             self.full.pop(tuple(key), None)
         return resp
 
-    def _consume(self, layer: int, resp) -> Iterator[tuple[int, ExpertWeights]]:
+    def _consume(self, layer: int, resp, inputs=None):
+        """Yield each delivered expert when ready; returns the experts to request again because their node
+        failed (its computation errored or did not answer within ``node_timeout``)."""
         pending: dict[Any, Delivery] = {}
         remaining: dict[int, int] = {}
+        remote: dict[Any, str] = {}
         for d in resp.deliveries:
+            if d.node is not None:  # send the hidden states to the expert's node
+                x, w = inputs(d.expert)
+                h = self.transport.compute(
+                    d.node, layer, d.expert, d.kind, x.cpu(), w.cpu(), d.parts or [d.handle]
+                )
+                pending[h], remaining[d.expert], remote[h] = d, 1, d.node
+                continue
             handles = d.parts or [d.handle]
             remaining[d.expert] = len(handles)
             for h in handles:
                 pending[h] = d
+        failed: set[str] = set()
+        redo: list[int] = []
         while pending:
             t0 = time.perf_counter()
-            ready = self.transport.wait_any(list(pending))
+            ready = self.transport.wait_any(list(pending), timeout=self.node_timeout if remote else None)
             self.stats.wait_s += time.perf_counter() - t0
+            if not ready:  # nothing arrived in node_timeout: ask the nodes still owing results if they live
+                owed = {remote[h] for h in pending if h in remote}
+                failed |= self.transport.unresponsive(owed, self.node_timeout)
             for h in ready:
                 d = pending.pop(h)
+                if h in remote:
+                    try:
+                        out = self.transport.get(h)
+                    except Exception as e:  # the node's work may be lost: see is_node_failure
+                        if self.transport.is_node_failure(e):
+                            failed.add(remote[h])
+                            redo.append(d.expert)
+                            continue
+                        raise
+                    self._event("ready", layer, d.expert, f"{d.form}@{remote[h]}")
+                    self.stats.remote[remote[h]] = self.stats.remote.get(remote[h], 0) + 1
+                    self._in_use[(layer, d.expert)] = out  # done() releases the node's staging
+                    yield d.expert, out
+                    continue
                 remaining[d.expert] -= 1
                 if remaining[d.expert]:
                     continue  # other pieces of this expert are still being decoded
@@ -188,6 +226,14 @@ class ExpertClient:
                     self.full[key] = w
                 self._in_use[key] = w
                 yield d.expert, w
+            if failed:
+                for h in [h for h in pending if remote.get(h) in failed]:
+                    redo.append(pending.pop(h).expert)
+                for node in failed:
+                    log.warning("node %s stopped answering; its experts move to the nodes left", node)
+                    self.transport.node_failed(node)
+                failed = set()
+        return redo
 
     def _assemble(self, layer: int, kind: str, pieces: list[list[tuple]]) -> ExpertWeights:
         """One expert's weights from the pieces decoded by several lanes (see Decompressor.decode)."""
@@ -237,6 +283,7 @@ class ExpertClient:
             "requests": self.stats.requests,
             "waves": self.stats.waves,
             "executor_wait_s": self.stats.wait_s,
+            "remote_computes": dict(self.stats.remote),
             "full_experts_held": len(self.full),
         }
 

@@ -64,6 +64,10 @@ class IOLoader:
         bps, latency, n = measure_read(self.store, keys, min_bytes)
         return {"read_bps": bps, "read_latency": latency, "bytes": n, "mode": self.store.reader.mode_in_use}
 
+    def store_id(self) -> str:
+        """The identity of the store this loader reads (equal on every node holding a copy of one store)."""
+        return self.store.index.store_id.hex()
+
     def stats(self) -> dict:
         s = self.store.reader.stats.snapshot()
         with self._lock:

@@ -18,6 +18,7 @@ class Delivery:
     keep: bool  # the executor keeps it as the expert's FULL form
     form: str  # the form it was fetched from (for the executor's statistics)
     parts: list[Any] | None = None  # when the decode was spread over lanes: one handle per piece
+    node: str | None = None  # compute on this node's ExpertHost instead of fetching the weights (clusters)
 
 
 @dataclass

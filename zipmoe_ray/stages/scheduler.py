@@ -78,6 +78,10 @@ class SchedulerConfig:
     keep_full_payload: bool = True  # keep a handle to FULL weights (CPU executors): demotion re-splits them
     prior: dict[tuple[int, int], float] | None = None  # popularity prior per expert (a plan's access)
     decode_parts: int | None = None  # lanes one expert's decode may be spread over (None: up to its shards)
+    serve_full_payload: bool = False  # FULL experts live in this scheduler's object store (a remote node's)
+    reserve_experts: int | None = (
+        None  # experts in flight at once (staging reserve); None = the model's top-k
+    )
 
 
 @dataclass
@@ -108,10 +112,11 @@ class Scheduler:
         self.sizes = layout.sizes
         self.raw_codec = layout.raw_codec
         self.top_k = layout.top_k
-        self.reserve = minimum_budget(self.sizes, self.top_k)
+        inflight = config.reserve_experts or self.top_k
+        self.reserve = minimum_budget(self.sizes, inflight)
         if config.budget < self.reserve:
             raise BudgetError(
-                f"memory budget {config.budget:,} B is too small: one MoE layer's {self.top_k} active experts need "
+                f"memory budget {config.budget:,} B is too small: {inflight} active experts need "
                 f"{self.reserve:,} B of buffers in flight; give at least {self.reserve:,} B"
             )
         split = config.split
@@ -215,10 +220,18 @@ class Scheduler:
                     self.cache.unpin((layer, e))
 
     def _request(self, layer: int, misses) -> LayerResponse:
-        pending = []
+        pending, served = [], []
         for e, tokens in misses:
             key = (layer, e)
             form = self.cache.touch(key, tokens)
+            if (
+                form == Form.FULL
+                and self.config.serve_full_payload
+                and self.cache.entries[key].payload is not None
+            ):
+                self.counters["hits"]["full"] += 1  # held here in full form: hand out the object, no task
+                served.append(Delivery(e, self.cache.entries[key].payload, "words", False, "full"))
+                continue
             if form == Form.FULL:  # the executor lost its copy (e.g. restarted): fetch it again
                 self.cache.drop(key)
                 form = Form.DISK
@@ -243,7 +256,7 @@ class Scheduler:
             self.cache.reserve(need)
             self.cache.pin(key)
             self._flights[key] = _Flight(need, form)
-        deliveries = self._dispatch(wave)
+        deliveries = served + self._dispatch(wave)
         drops, self._drops = self._drops, []
         return LayerResponse(layer, deliveries, drops, deferred)
 

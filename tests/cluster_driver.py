@@ -1,0 +1,64 @@
+"""The driver program of the cluster tests: run inside the head node's namespace, as a user's program would.
+
+Prints ``READY`` once the engine is up, ``TOKEN id`` per generated token (with --stream) and finally
+``RESULT {json}`` (token ids, the engine's stats). With --kill-host-after N it kills the ExpertHost actor of
+the second node after N tokens (Ray restarts it: the engine must carry on)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from zipmoe_ray import ZipMoEEngine
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("store")
+    p.add_argument("--address", required=True)
+    p.add_argument("--ids", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--budget", default="50%")
+    p.add_argument("--node-timeout", type=float, default=5.0)
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--logits", help="save the generated steps' logits here (torch.save)")
+    p.add_argument("--kill-host-after", type=int)
+    p.add_argument("--ssd-latency", type=float, default=0.0, help="emulated seconds per read: a slower run")
+    a = p.parse_args()
+    ids = [int(x) for x in a.ids.split(",")]
+    with ZipMoEEngine(
+        a.store,
+        memory_budget=a.budget,
+        address=a.address,
+        node_timeout=a.node_timeout,
+        num_decompressors=1,
+        latency=a.ssd_latency,
+        bandwidth=20e6 if a.ssd_latency else None,
+    ) as engine:
+        print("READY", flush=True)
+        tokens: list[int] = []
+        if a.stream or a.kill_host_after is not None:
+            for tok, _ in engine.stream(ids, a.max_new_tokens):
+                tokens.append(tok)
+                print("TOKEN", tok, flush=True)
+                if a.kill_host_after is not None and len(tokens) == a.kill_host_after:
+                    import ray
+
+                    host = next(ns.host for ns in engine._cluster.nodes.values() if ns.host is not None)
+                    ray.kill(host, no_restart=False)
+                    print("KILLED", flush=True)
+        else:
+            out = engine.generate(ids, a.max_new_tokens, output_logits=bool(a.logits))
+            tokens = out.token_ids
+            if a.logits:
+                torch.save(out.logits, a.logits)
+        stats = engine.stats()
+        print("RESULT", json.dumps({"token_ids": tokens, "stats": stats}, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Simulating one model served across several devices (what one machine cannot show).
+
+The same placement as the runtime's ClusterScheduler: every expert has a home device, interleaved
+(``(layer + expert) mod n``); each device runs the runtime's own Scheduler over its budget with its own I/O
+lane and decode lanes (SimRunner on the device profile). Device 0 runs the executor. Per MoE layer:
+
+* experts homed on device 0 are served exactly as in ``simulate`` (full-form hits in executor memory, a
+  scheduler round trip for the rest, each computed on the executor when ready);
+* for each expert homed on device j > 0 the executor sends that expert's input rows (tokens x hidden x 2 B)
+  over the network; device j fetches the expert through its cache (a full-form copy on j is served without
+  a task), computes it on its accelerator (``expert bytes / executor_gbps``, one expert at a time), and
+  sends the output rows back. The executor's network link is one lane each way (``bytes / gbps`` plus
+  ``latency_s`` per message) and every remote expert costs ``rpc_overhead_s`` of call overhead;
+* the layer ends when the executor's own experts and every remote output are done, plus the non-MoE time.
+
+With one device this reduces to ``simulate`` step for step (tests/test_planning.py checks it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..cache.forms import Form
+from ..cache.split import SplitRule
+from ..errors import ConfigError
+from ..stages.scheduler import ModelLayout, Scheduler, SchedulerConfig, minimum_budget
+from .runner import SimRunner, ready_time
+from .simulator import POLICIES, _choose_plan, _raw_sizes
+
+__all__ = ["NETWORKS", "ClusterSimResult", "NetworkProfile", "simulate_cluster"]
+
+
+@dataclass(frozen=True)
+class NetworkProfile:
+    name: str
+    gbps: float  # GB/s each way of one device's link
+    latency_s: float  # one way, per message
+    rpc_overhead_s: float  # per remote expert: the call to its device and the result back (both ends)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.gbps > 0 or self.latency_s < 0 or self.rpc_overhead_s < 0:
+            raise ConfigError(f"network {self.name}: gbps must be positive, latency and overhead >= 0")
+
+
+NETWORKS = {
+    "1gbe": NetworkProfile(
+        "1gbe",
+        0.117,
+        150e-6,
+        1e-3,
+        {
+            "gbps": "datasheet: 1000BASE-T, 1 Gbit/s = 0.125 GB/s less ~6% Ethernet/IP/TCP framing",
+            "latency_s": "estimate: one switch hop between two hosts on a LAN, ~0.1-0.2 ms one way",
+            "rpc_overhead_s": "estimate: a Ray actor call and its result, ~1 ms; a call to a loopback actor "
+            "measured ~0.5-1 ms on this project's 2-core x86 VM (one scheduler round trip per layer ~1.9 ms)",
+        },
+    ),
+    "10gbe": NetworkProfile(
+        "10gbe",
+        1.17,
+        50e-6,
+        1e-3,
+        {"gbps": "datasheet: 10GBASE-T less framing", "latency_s": "estimate", "rpc_overhead_s": "as 1gbe"},
+    ),
+}
+
+
+@dataclass
+class ClusterSimResult:
+    devices: int
+    policy: str
+    budget_per_device: int
+    batch: int
+    steps: int
+    tpot_s: float
+    tokens_per_s: float
+    hit_rates: dict[str, float]
+    bytes_read: int
+    bytes_read_per_step: float
+    remote_share: float  # of expert uses, those computed away from the executor's device
+    network_bytes_per_step: float
+    network: str
+    per_device: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def simulate_cluster(
+    workload,
+    devices: int,
+    budget_per_device: int,
+    profile,
+    network: NetworkProfile | str = "1gbe",
+    policy: str = "zipmoe",
+    *,
+    hidden_size: int,
+    warm_start: bool = True,
+) -> ClusterSimResult:
+    """Replay ``workload`` on ``devices`` copies of ``profile`` joined by ``network``, each with
+    ``budget_per_device`` bytes, serving one model as the runtime's cluster mode does. Blocks."""
+    if policy not in POLICIES:
+        raise ConfigError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"devices must be a positive integer, got {devices!r}")
+    net = NETWORKS[network] if isinstance(network, str) else network
+    raw = policy.startswith("full-")
+    sizes = _raw_sizes(workload.sizes) if raw else dict(workload.sizes)
+    costs = profile.costs()
+    on_device = profile.recombine_on_device
+    layout = ModelLayout(sizes, workload.top_k, raw)
+    inflight = max(1, math.ceil(workload.top_k / devices))
+    prior = None
+    plan = None
+    if policy == "zipmoe":
+        total = budget_per_device * devices
+        plan = _choose_plan(workload, total, profile, minimum_budget(sizes, workload.top_k))
+        split, prior = plan.split_rule(sizes), plan.access
+    elif raw:
+        split = SplitRule(1.0, 0.0, 0.0)
+    elif policy == "compressed-only":
+        split = SplitRule(0.0, 1.0, 0.0)
+    else:
+        split = SplitRule(0.0, 0.0, 1.0)
+    base = SchedulerConfig(
+        budget=budget_per_device,
+        split=split,
+        popularity="lru" if policy == "full-lru" else "lfu",
+        recombine_on_device=on_device,
+        keep_full_payload=False,
+        prior=prior,
+        decode_parts=None if on_device else 1,
+        reserve_experts=inflight if devices > 1 else None,
+    )
+    runners, scheds = [], []
+    for j in range(devices):
+        r = SimRunner(
+            sizes,
+            costs,
+            profile.decode_workers,
+            on_device=on_device,
+            delivery_overhead=profile.delivery_overhead_s,
+        )
+        cfg = base if j == 0 else _remote(base)
+        runners.append(r)
+        scheds.append(Scheduler(layout, cfg, r, costs))
+    home = {key: (key[0] + key[1]) % devices for key in sizes}
+    exec_bps = profile.executor_gbps * 1e9
+    net_bps = net.gbps * 1e9
+    non_layer = profile.non_moe_s_per_layer
+    if non_layer is None:
+        non_layer = (
+            workload.non_expert_bytes_per_layer or 4 * max(s.full for s in sizes.values())
+        ) / exec_bps
+    non_token = profile.non_moe_s_per_token or 0.0
+    first = len(workload.steps) if warm_start else 0
+    t = 0.0
+    step_times: list[float] = []
+    released: list[list] = [[] for _ in range(devices)]
+    notes: list = []
+    marks = None
+    uses = remote_uses = 0
+    net_bytes = 0.0
+    compute_busy = [0.0] * devices
+    for i, step in enumerate([*workload.steps, *workload.steps] if warm_start else workload.steps):
+        if i == first:
+            for s in scheds:
+                s.reset_stats()
+            marks = (t, [r.bytes_read for r in runners], [r.io_busy for r in runners])
+            uses = remote_uses = 0
+            net_bytes = 0.0
+            compute_busy = [0.0] * devices
+        t0 = t
+        for pos, picks in enumerate(step):
+            layer = workload.layers[pos]
+            local = [(e, tok) for e, tok in picks if home[(layer, e)] == 0]
+            away: dict[int, list] = {}
+            for e, tok in picks:
+                if home[(layer, e)]:
+                    away.setdefault(home[(layer, e)], []).append((e, tok))
+            uses += len(picks)
+            # -- the executor's device: exactly simulate()'s layer ---------------------------------------
+            sched, runner = scheds[0], runners[0]
+            hits = [(e, tok) for e, tok in local if sched.cache.form((layer, e)) == Form.FULL]
+            misses = [(e, tok) for e, tok in local if sched.cache.form((layer, e)) != Form.FULL]
+            t_exec = t
+            for e, _ in hits:
+                t_exec += sizes[(layer, e)].full / exec_bps
+                compute_busy[0] += sizes[(layer, e)].full / exec_bps
+            if not misses:
+                notes.extend((layer, e, tok) for e, tok in hits)
+            else:
+                pending, first_call = misses, True
+                while pending:
+                    t_call = (t if first_call else max(t, t_exec)) + profile.request_overhead_s
+                    runner.now = t_call
+                    resp = sched.request(layer, pending, hits if first_call else [], released[0])
+                    released[0] = []
+                    t_exec = max(t_exec, t_call)
+                    ready = {
+                        d.expert: ready_time(tuple(d.parts) if d.parts else d.handle) for d in resp.deliveries
+                    }
+                    for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
+                        dt = sizes[(layer, d.expert)].full / exec_bps
+                        t_exec = max(t_exec, ready[d.expert]) + dt
+                        compute_busy[0] += dt
+                        released[0].append((layer, d.expert))
+                    pending, first_call = resp.deferred, False
+            # -- other devices: rows out, expert fetched and computed there, rows back ------------------------
+            done = t_exec
+            nic_out = nic_in = t
+            for j, wanted in sorted(away.items()):
+                remote_uses += len(wanted)
+                sched, runner = scheds[j], runners[j]
+                arrive: dict[int, float] = {}
+                for e, tok in wanted:  # input rows leave the executor one message after another
+                    nbytes = tok * hidden_size * 2
+                    nic_out = max(nic_out, t) + nbytes / net_bps
+                    arrive[e] = nic_out + net.latency_s + net.rpc_overhead_s / 2
+                    net_bytes += nbytes
+                lane = t
+                pending = wanted
+                while pending:  # a later wave is requested when the last one is computed
+                    runner.now = lane + profile.request_overhead_s + net.latency_s
+                    resp = sched.request(layer, pending, [], released[j])
+                    released[j] = []
+                    ready = {d.expert: ready_time(d.handle) for d in resp.deliveries}
+                    for d in sorted(resp.deliveries, key=lambda d: max(ready[d.expert], arrive[d.expert])):
+                        dt = sizes[(layer, d.expert)].full / exec_bps
+                        lane = max(lane, ready[d.expert], arrive[d.expert]) + dt
+                        compute_busy[j] += dt
+                        released[j].append((layer, d.expert))
+                        nbytes = dict(wanted)[d.expert] * hidden_size * 2
+                        nic_in = max(nic_in, lane + net.latency_s) + nbytes / net_bps
+                        net_bytes += nbytes
+                        done = max(done, nic_in + net.rpc_overhead_s / 2)
+                    pending = resp.deferred
+            t = done + non_layer
+        t += non_token
+        for j, (s, r) in enumerate(zip(scheds, runners)):
+            r.now = t
+            s.step(notes if j == 0 else [], released[j])
+            released[j] = []
+        notes = []
+        if i >= first:
+            step_times.append(t - t0)
+    if marks is None:
+        raise ConfigError("the workload has no steps to simulate")
+    elapsed = t - marks[0] or 1e-12
+    stats = [s.stats() for s in scheds]
+    hits = {f: sum(st["hits"][f] for st in stats) for f in stats[0]["hits"]}
+    misses = sum(st["misses"] for st in stats)
+    acc = sum(hits.values()) + misses
+    read = sum(r.bytes_read - m for r, m in zip(runners, marks[1]))
+    tpot = sum(step_times) / len(step_times)
+    per_device = [
+        {
+            "device": j,
+            "experts_homed": sum(1 for h in home.values() if h == j),
+            "bytes_read": runners[j].bytes_read - marks[1][j],
+            "hit_rates": {**stats[j]["hit_rate"], "disk": stats[j]["miss_rate"]},
+            "io_utilisation": min(1.0, (runners[j].io_busy - marks[2][j]) / elapsed),
+            "compute_utilisation": min(1.0, compute_busy[j] / elapsed),
+        }
+        for j in range(devices)
+    ]
+    return ClusterSimResult(
+        devices=devices,
+        policy=policy,
+        budget_per_device=budget_per_device,
+        batch=workload.batch,
+        steps=len(step_times),
+        tpot_s=tpot,
+        tokens_per_s=workload.batch / tpot if tpot else 0.0,
+        hit_rates={
+            **{f: (v / acc if acc else 0.0) for f, v in hits.items()},
+            "disk": misses / acc if acc else 0.0,
+        },
+        bytes_read=read,
+        bytes_read_per_step=read / len(step_times),
+        remote_share=remote_uses / uses if uses else 0.0,
+        network_bytes_per_step=net_bytes / len(step_times),
+        network=net.name,
+        per_device=per_device,
+    )
+
+
+def _remote(cfg: SchedulerConfig) -> SchedulerConfig:
+    """A device other than the executor's keeps full-form experts itself and serves them without a task."""
+    from dataclasses import replace
+
+    return replace(
+        cfg, serve_full_payload=True, keep_full_payload=True, recombine_on_device=False, decode_parts=1
+    )
