@@ -53,14 +53,21 @@ class CostModel:
         return cls(read_bps=2e9, read_latency=1e-4, decode_bps=2.5e9, decompress_bps=5e9, source="nominal")
 
 
-def measure_read(store, keys: list[tuple[int, int]], min_bytes: int = 64 << 20) -> tuple[float, float, int]:
-    """Read whole extents of ``keys`` (cycling) through the store's reader until ``min_bytes``; returns
-    (bytes/s, seconds per request of latency estimated from the smallest read, bytes read). Uses the
-    store's read options, so a bandwidth cap or page-cache bypass is measured as configured."""
-    total, t0, n = 0, time.perf_counter(), 0
+def measure_read(
+    store, keys: list[tuple[int, int]], min_bytes: int = 64 << 20, min_seconds: float = 0.5
+) -> tuple[float, float, int]:
+    """Read whole extents of ``keys`` (cycling) through the store's reader until ``min_bytes`` and
+    ``min_seconds`` (at most 5 s); returns (sustained bytes/s, seconds per request of latency estimated from
+    the smallest read, bytes read). Uses the store's read options, so a bandwidth cap or page-cache bypass is
+    measured as configured. The rate excludes the first read and takes half a second: block-layer throttles
+    (cgroups) and device caches let a short burst through far above the sustained rate, and a plan made
+    from a burst would be wrong for every read after it."""
+    total, n = 0, 0
     smallest = None
     i = 0
-    while total < min_bytes or n < 4:
+    t0 = t_first = time.perf_counter()
+    first = 0
+    while total < min_bytes or n < 4 or time.perf_counter() - t0 < min_seconds:
         layer, expert = keys[i % len(keys)]
         i += 1
         rec = store.record(layer, expert)
@@ -69,12 +76,14 @@ def measure_read(store, keys: list[tuple[int, int]], min_bytes: int = 64 << 20) 
         dt = time.perf_counter() - t
         total += rec.length
         n += 1
+        if n == 1:
+            t_first, first = time.perf_counter(), rec.length
         if smallest is None or rec.length < smallest[0]:
             smallest = (rec.length, dt)
         if time.perf_counter() - t0 > 5 and n >= 4:
             break
-    elapsed = time.perf_counter() - t0
-    bps = total / elapsed
+    elapsed = time.perf_counter() - t_first
+    bps = (total - first) / elapsed if n > 1 and elapsed > 0 else total / (time.perf_counter() - t0)
     latency = max(0.0, smallest[1] - smallest[0] / bps) if smallest else 0.0
     return bps, latency, total
 
