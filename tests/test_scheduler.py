@@ -119,6 +119,9 @@ def test_waves_when_staging_exceeds_the_budget(store):
         e for e, _ in resp.deferred
     }
     assert sched.stats()["cache"]["peak"] <= need
+    st = sched.stats()  # a deferred expert is counted when it is fetched, not each time it is asked for
+    fetched = len(resp.deliveries) + len(resp2.deliveries)
+    assert st["misses"] + sum(st["hits"].values()) == fetched
 
 
 def test_step_ages_and_counts_full_hits(store):

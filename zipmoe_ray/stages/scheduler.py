@@ -235,10 +235,6 @@ class Scheduler:
             if form == Form.FULL:  # the executor lost its copy (e.g. restarted): fetch it again
                 self.cache.drop(key)
                 form = Form.DISK
-            if form == Form.DISK:
-                self.counters["misses"] += 1
-            else:
-                self.counters["hits"][form.label] += 1
             pending.append((key, form, tokens))
         pending.sort(key=lambda p: (-p[2], p[0]))
         wave, deferred, staging = [], [], 0
@@ -251,6 +247,11 @@ class Scheduler:
             staging += need
         if deferred:
             self.counters["waves"] += 1
+        for _, form, _ in wave:  # deferred experts come back in a later request: count them then, once
+            if form == Form.DISK:
+                self.counters["misses"] += 1
+            else:
+                self.counters["hits"][form.label] += 1
         for key, form, _ in wave:
             need = sum(self._staging(key, form))
             self.cache.reserve(need)
