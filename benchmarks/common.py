@@ -114,3 +114,13 @@ def stores_for(model: Path, codecs=("zstd", "none"), log=print) -> dict[str, Pat
             log(f"  compressed in {time.perf_counter() - t0:.0f}s")
         out[codec] = store
     return out
+
+
+def padded(batch: list[list[int]], pad: int):
+    """Left-padded input ids and attention mask for a decoder-only batch (as the engine pads)."""
+    import torch
+
+    n = max(len(x) for x in batch)
+    ids = [[pad] * (n - len(x)) + list(x) for x in batch]
+    mask = [[0] * (n - len(x)) + [1] * len(x) for x in batch]
+    return torch.tensor(ids), torch.tensor(mask)
