@@ -19,15 +19,14 @@ With one device this reduces to ``simulate`` step for step (tests/test_planning.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..cache.forms import Form
-from ..cache.split import SplitRule
 from ..errors import ConfigError
-from ..stages.scheduler import ModelLayout, Scheduler, SchedulerConfig, minimum_budget
+from ..stages.scheduler import Scheduler, SchedulerConfig
 from .runner import SimRunner, ready_time
-from .simulator import POLICIES, _choose_plan, _raw_sizes
+from .simulator import policy_setup
 
 __all__ = ["NETWORKS", "ClusterSimResult", "NetworkProfile", "simulate_cluster"]
 
@@ -102,60 +101,28 @@ def simulate_cluster(
 ) -> ClusterSimResult:
     """Replay ``workload`` on ``devices`` copies of ``profile`` joined by ``network``, each with
     ``budget_per_device`` bytes, serving one model as the runtime's cluster mode does. Blocks."""
-    if policy not in POLICIES:
-        raise ConfigError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
     if not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"devices must be a positive integer, got {devices!r}")
     net = NETWORKS[network] if isinstance(network, str) else network
-    raw = policy.startswith("full-")
-    sizes = _raw_sizes(workload.sizes) if raw else dict(workload.sizes)
-    costs = profile.costs()
-    on_device = profile.recombine_on_device
-    layout = ModelLayout(sizes, workload.top_k, raw)
+    ps = policy_setup(workload, policy, budget_per_device, profile, plan_budget=budget_per_device * devices)
+    sizes = ps.sizes
     inflight = max(1, math.ceil(workload.top_k / devices))
-    prior = None
-    plan = None
-    if policy == "zipmoe":
-        total = budget_per_device * devices
-        plan = _choose_plan(workload, total, profile, minimum_budget(sizes, workload.top_k))
-        split, prior = plan.split_rule(sizes), plan.access
-    elif raw:
-        split = SplitRule(1.0, 0.0, 0.0)
-    elif policy == "compressed-only":
-        split = SplitRule(0.0, 1.0, 0.0)
-    else:
-        split = SplitRule(0.0, 0.0, 1.0)
-    base = SchedulerConfig(
-        budget=budget_per_device,
-        split=split,
-        popularity="lru" if policy == "full-lru" else "lfu",
-        recombine_on_device=on_device,
-        keep_full_payload=False,
-        prior=prior,
-        decode_parts=None if on_device else 1,
-        reserve_experts=inflight if devices > 1 else None,
-    )
+    base = replace(ps.config, reserve_experts=inflight if devices > 1 else None)
     runners, scheds = [], []
     for j in range(devices):
         r = SimRunner(
             sizes,
-            costs,
+            profile.costs(),
             profile.decode_workers,
-            on_device=on_device,
+            on_device=profile.recombine_on_device,
             delivery_overhead=profile.delivery_overhead_s,
         )
         cfg = base if j == 0 else _remote(base)
         runners.append(r)
-        scheds.append(Scheduler(layout, cfg, r, costs))
+        scheds.append(Scheduler(ps.layout, cfg, r, profile.costs()))
     home = {key: (key[0] + key[1]) % devices for key in sizes}
-    exec_bps = profile.executor_gbps * 1e9
+    exec_bps, non_layer, non_token = ps.exec_bps, ps.non_layer_s, ps.non_token_s
     net_bps = net.gbps * 1e9
-    non_layer = profile.non_moe_s_per_layer
-    if non_layer is None:
-        non_layer = (
-            workload.non_expert_bytes_per_layer or 4 * max(s.full for s in sizes.values())
-        ) / exec_bps
-    non_token = profile.non_moe_s_per_token or 0.0
     first = len(workload.steps) if warm_start else 0
     t = 0.0
     step_times: list[float] = []
@@ -290,8 +257,6 @@ def simulate_cluster(
 
 def _remote(cfg: SchedulerConfig) -> SchedulerConfig:
     """A device other than the executor's keeps full-form experts itself and serves them without a task."""
-    from dataclasses import replace
-
     return replace(
         cfg, serve_full_payload=True, keep_full_payload=True, recombine_on_device=False, decode_parts=1
     )

@@ -28,7 +28,7 @@ from ..stages.scheduler import ModelLayout, Scheduler, SchedulerConfig, minimum_
 from .bound import lower_bound
 from .runner import SimRunner, ready_time
 
-__all__ = ["POLICIES", "SimResult", "simulate"]
+__all__ = ["POLICIES", "PolicySetup", "SimResult", "policy_setup", "simulate"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,64 @@ def _choose_plan(workload, budget, profile, reserve):
     )
 
 
+@dataclass
+class PolicySetup:
+    """What a policy runs with in the simulator: expert sizes as stored, the layout, the scheduler config, its
+    split and plan (zipmoe only), and the executor's modelled rates."""
+
+    sizes: dict
+    layout: ModelLayout
+    config: SchedulerConfig
+    split: SplitRule
+    plan: Any
+    exec_bps: float
+    non_layer_s: float
+    non_token_s: float
+
+
+def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan_budget=None) -> PolicySetup:
+    """Sizes, scheduler config and executor rates of ``policy`` with ``budget`` bytes (per device); a zipmoe
+    plan is made for ``plan_budget`` (a cluster's total; default ``budget``) unless ``plan`` is given."""
+    if policy not in POLICIES:
+        raise ConfigError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+    raw = policy.startswith("full-")  # classic offloading: full BF16 only, uncompressed reads
+    sizes = _raw_sizes(workload.sizes) if raw else dict(workload.sizes)
+    on_device = profile.recombine_on_device
+    prior = None
+    if policy == "zipmoe":
+        if plan is None:
+            reserve = minimum_budget(sizes, workload.top_k)
+            plan = _choose_plan(workload, plan_budget or budget, profile, reserve)
+        split, prior = plan.split_rule(sizes), plan.access
+    else:
+        plan, split = None, SplitRule.for_policy("full-only" if raw else policy)
+    config = SchedulerConfig(
+        budget=budget,
+        split=split,
+        popularity="lru" if policy == "full-lru" else "lfu",
+        recombine_on_device=on_device,
+        keep_full_payload=False,
+        prior=prior,
+        decode_parts=None if on_device else 1,  # as the engine does (pieces only go to an accelerator)
+    )
+    exec_bps = profile.executor_gbps * 1e9
+    non_layer = profile.non_moe_s_per_layer
+    if non_layer is None:
+        non_layer = (
+            workload.non_expert_bytes_per_layer or 4 * max(s.full for s in sizes.values())
+        ) / exec_bps
+    return PolicySetup(
+        sizes,
+        ModelLayout(sizes, workload.top_k, raw),
+        config,
+        split,
+        plan,
+        exec_bps,
+        non_layer,
+        profile.non_moe_s_per_token or 0.0,
+    )
+
+
 def simulate(
     workload,
     budget: int,
@@ -111,47 +169,17 @@ def simulate(
         under ``policy`` with ``budget`` bytes on ``profile``. With ``warm_start`` the steps are first replayed
         once unmeasured, so that every policy is measured in steady state, not on cold misses; without it, steps
     before ``measure_from`` warm the cache and are not measured (replaying a recorded warm-up). Blocks."""
-    if policy not in POLICIES:
-        raise ConfigError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
-    raw = policy.startswith("full-")
-    sizes = _raw_sizes(workload.sizes) if raw else dict(workload.sizes)
-    costs = profile.costs()
-    workers = profile.decode_workers
-    on_device = profile.recombine_on_device
-    layout = ModelLayout(sizes, workload.top_k, raw)
-    reserve = minimum_budget(sizes, workload.top_k)
-    prior = None
-    if policy == "zipmoe":
-        if plan is None:
-            plan = _choose_plan(workload, budget, profile, reserve)
-        split = plan.split_rule(sizes)
-        prior = plan.access
-    elif raw:
-        split = SplitRule(1.0, 0.0, 0.0)
-    elif policy == "compressed-only":
-        split = SplitRule(0.0, 1.0, 0.0)
-    else:
-        split = SplitRule(0.0, 0.0, 1.0)
-    config = SchedulerConfig(
-        budget=budget,
-        split=split,
-        popularity="lru" if policy == "full-lru" else "lfu",
-        recombine_on_device=on_device,
-        keep_full_payload=False,
-        prior=prior,
-        decode_parts=None if on_device else 1,  # as the engine does (pieces only go to an accelerator)
-    )
+    ps = policy_setup(workload, policy, budget, profile, plan=plan)
+    sizes, split, plan = ps.sizes, ps.split, ps.plan
     runner = SimRunner(
-        sizes, costs, workers, on_device=on_device, delivery_overhead=profile.delivery_overhead_s
+        sizes,
+        profile.costs(),
+        profile.decode_workers,
+        on_device=profile.recombine_on_device,
+        delivery_overhead=profile.delivery_overhead_s,
     )
-    sched = Scheduler(layout, config, runner, costs)
-    exec_bps = profile.executor_gbps * 1e9
-    non_layer = profile.non_moe_s_per_layer
-    if non_layer is None:
-        non_layer = (
-            workload.non_expert_bytes_per_layer or 4 * max(s.full for s in sizes.values())
-        ) / exec_bps
-    non_token = profile.non_moe_s_per_token or 0.0
+    sched = Scheduler(ps.layout, ps.config, runner, profile.costs())
+    exec_bps, non_layer, non_token = ps.exec_bps, ps.non_layer_s, ps.non_token_s
     first = len(workload.steps) if warm_start else measure_from
     t = 0.0
     step_times: list[float] = []
