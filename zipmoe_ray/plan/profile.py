@@ -112,36 +112,27 @@ _ORIN_SOURCES = {
     "delivery_overhead_s": "estimate: ~0.2 ms of object-store hand-off per expert",
 }
 
+_ORIN_64 = DeviceProfile(
+    name="orin-agx-64gb",
+    cpu_cores=12,
+    decode_workers=10,
+    decompress_gbps_per_core=3.0,
+    recombine_gbps_per_core=3.0,
+    recombine_on_device=True,
+    ssd_read_gbps=2.0,
+    ssd_latency_s=100e-6,
+    executor_gbps=140.0,
+    memory_bytes=64 * 10**9,
+    request_overhead_s=0.5e-3,
+    delivery_overhead_s=0.2e-3,
+    sources=_ORIN_SOURCES,
+)
+
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {
-    "orin-agx-64gb": DeviceProfile(
-        name="orin-agx-64gb",
-        cpu_cores=12,
-        decode_workers=10,
-        decompress_gbps_per_core=3.0,
-        recombine_gbps_per_core=3.0,
-        recombine_on_device=True,
-        ssd_read_gbps=2.0,
-        ssd_latency_s=100e-6,
-        executor_gbps=140.0,
-        memory_bytes=64 * 10**9,
-        request_overhead_s=0.5e-3,
-        delivery_overhead_s=0.2e-3,
-        sources=_ORIN_SOURCES,
-    ),
-    "orin-agx-32gb": DeviceProfile(
-        name="orin-agx-32gb",
-        cpu_cores=8,
-        decode_workers=6,
-        decompress_gbps_per_core=3.0,
-        recombine_gbps_per_core=3.0,
-        recombine_on_device=True,
-        ssd_read_gbps=2.0,
-        ssd_latency_s=100e-6,
-        executor_gbps=140.0,
-        memory_bytes=32 * 10**9,
-        request_overhead_s=0.5e-3,
-        delivery_overhead_s=0.2e-3,
-        sources=_ORIN_SOURCES,
+    "orin-agx-64gb": _ORIN_64,
+    # the 32 GB module: 8 cores and half the memory, otherwise the same figures
+    "orin-agx-32gb": _ORIN_64.with_(
+        name="orin-agx-32gb", cpu_cores=8, decode_workers=6, memory_bytes=32 * 10**9
     ),
 }
 
