@@ -34,31 +34,17 @@ def prompt_ids(tokenizer, n_tokens: int, index: int = 0) -> list[int]:
     return ids[:n_tokens]
 
 
-def model_and_stores(
-    preset: str, layers: int, seed: int = 0, codecs=("zstd", "none"), log=print
-) -> dict[str, Path]:
-    """Build (once, cached in $ZIPMOE_BENCH_CACHE) the preset checkpoint and a store per codec."""
+def base_model(preset: str, layers: int, seed: int = 0, log=print) -> Path:
+    """Build (once, cached in $ZIPMOE_BENCH_CACHE) the random-initialised preset checkpoint."""
     from zipmoe_ray.models.tiny import build_tiny_model
-    from zipmoe_ray.store import CompressOptions, compress
-    from zipmoe_ray.store.format import INDEX_NAME
 
-    root = CACHE / f"{preset}-L{layers}-s{seed}"
-    model = root / "model"
-    out = {"model": model}
+    model = CACHE / f"{preset}-L{layers}-s{seed}" / "model"
     if not (model / "config.json").is_file():
         t0 = time.perf_counter()
         log(f"building the {preset} preset with {layers} MoE layers in {model} ...")
         build_tiny_model(model, preset=preset, layers=layers, seed=seed)
         log(f"  built in {time.perf_counter() - t0:.0f}s")
-    for codec in codecs:
-        store = root / f"store-{codec}"
-        if not (store / INDEX_NAME).is_file():
-            t0 = time.perf_counter()
-            log(f"compressing with codec {codec} into {store} ...")
-            compress(model, store, CompressOptions(codec=codec, overwrite=True))
-            log(f"  compressed in {time.perf_counter() - t0:.0f}s")
-        out[codec] = store
-    return out
+    return model
 
 
 def machine() -> dict:
@@ -79,7 +65,7 @@ def routed_model(preset: str, layers: int, skew: float | None, seed: int = 0, lo
     import torch
     from transformers import AutoTokenizer
 
-    base = model_and_stores(preset, layers, seed, codecs=(), log=log)["model"]
+    base = base_model(preset, layers, seed, log=log)
     if skew is None:
         return base
     out = base.parent / f"model-skew{skew:g}"
