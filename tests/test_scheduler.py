@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from zipmoe_ray.cache import Form, SplitRule
 from zipmoe_ray.errors import BudgetError
+from zipmoe_ray.stages.protocol import Delivery, LayerResponse
 from zipmoe_ray.stages.scheduler import Scheduler, SchedulerConfig, expert_sizes, minimum_budget
 from zipmoe_ray.store import open_store
 
@@ -122,6 +124,7 @@ def test_waves_when_staging_exceeds_the_budget(store):
     st = sched.stats()  # a deferred expert is counted when it is fetched, not each time it is asked for
     fetched = len(resp.deliveries) + len(resp2.deliveries)
     assert st["misses"] + sum(st["hits"].values()) == fetched
+    assert sched.cache.popularity.score((0, resp.deferred[0][0])) == 1  # and its popularity counted once
 
 
 def test_step_ages_and_counts_full_hits(store):
@@ -180,3 +183,51 @@ def test_a_failed_node_s_experts_move_to_the_nodes_left(store):
     resp = sched.request(0, [(e, 1) for e in range(16)])
     assert {d.node for d in resp.deliveries} <= {None, "c"}
     assert sched.node_failed("a") == ["a", "c"]  # the executor's node cannot be failed: it is this program
+
+
+class _FlakyNodeTransport:
+    """Layer 0 asks for experts 0-2: expert 0 goes to node b, which dies; 1 and 2 wait for the next wave."""
+
+    node_timeout = 0.01
+
+    def __init__(self):
+        self.asked: list[list[int]] = []
+        self.failed: list[str] = []
+
+    def request(self, layer, misses, hits, released):
+        self.asked.append([e for e, _ in misses])
+        if len(self.asked) == 1:
+            return LayerResponse(layer, [Delivery(0, None, "words", False, "full", node="b")], [], misses[1:])
+        return LayerResponse(layer, [Delivery(e, None, "words", False, "full", node="c") for e, _ in misses])
+
+    def compute(self, node, layer, expert, kind, x, w, values):
+        return (node, expert)
+
+    def wait_any(self, handles, timeout=None):
+        return handles
+
+    def get(self, handle):
+        node, expert = handle
+        if node == "b":
+            raise RuntimeError("node b died")
+        return torch.full((1,), float(expert))
+
+    def is_node_failure(self, e):
+        return "died" in str(e)
+
+    def unresponsive(self, nodes, timeout):
+        return set()
+
+    def node_failed(self, node):
+        self.failed.append(node)
+
+
+def test_experts_waiting_for_a_wave_survive_a_node_failure(store):
+    from zipmoe_ray.stages.client import ExpertClient
+
+    transport = _FlakyNodeTransport()
+    client = ExpertClient(transport, open_store(store))
+    rows = lambda e: (torch.zeros(1, 4), torch.ones(1))  # noqa: E731
+    got = [e for e, _ in client.fetch(0, [0, 1, 2], [3, 2, 1], rows)]
+    assert sorted(got) == [0, 1, 2]  # every routed expert computed exactly once
+    assert transport.failed == ["b"] and transport.asked[1] == [0, 1, 2]  # the redo carries the deferred

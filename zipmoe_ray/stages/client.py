@@ -147,8 +147,8 @@ class ExpertClient:
         tokens_of = dict(zip(experts, tokens))
         while True:
             redo = yield from self._consume(layer, resp, inputs)
-            if redo:  # a node failed: its experts now have other homes
-                resp = self._request(layer, [(e, tokens_of[e]) for e in redo], [])
+            if redo:  # a node failed: its experts now have other homes; the deferred ones still wait
+                resp = self._request(layer, [(e, tokens_of[e]) for e in redo] + list(resp.deferred), [])
                 continue
             if not resp.deferred:
                 break

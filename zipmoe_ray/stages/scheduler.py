@@ -223,12 +223,13 @@ class Scheduler:
         pending, served = [], []
         for e, tokens in misses:
             key = (layer, e)
-            form = self.cache.touch(key, tokens)
+            form = self.cache.form(key)  # touched (a use counted) only when served or fetched, below
             if (
                 form == Form.FULL
                 and self.config.serve_full_payload
                 and self.cache.entries[key].payload is not None
             ):
+                self.cache.touch(key, tokens)
                 self.counters["hits"]["full"] += 1  # held here in full form: hand out the object, no task
                 served.append(Delivery(e, self.cache.entries[key].payload, "words", False, "full"))
                 continue
@@ -247,7 +248,8 @@ class Scheduler:
             staging += need
         if deferred:
             self.counters["waves"] += 1
-        for _, form, _ in wave:  # deferred experts come back in a later request: count them then, once
+        for key, form, tokens in wave:  # deferred experts come back in a later request: count them then, once
+            self.cache.touch(key, tokens)
             if form == Form.DISK:
                 self.counters["misses"] += 1
             else:
