@@ -18,13 +18,14 @@ With one device this reduces to ``simulate`` step for step (tests/test_planning.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..backends.cluster import inflight_per_node
 from ..cache.forms import Form
 from ..errors import ConfigError
-from ..stages.scheduler import Scheduler, SchedulerConfig
+from ..stages.cluster_scheduler import home_index, remote_node_config
+from ..stages.scheduler import Scheduler
 from .runner import SimRunner, ready_time
 from .simulator import policy_setup
 
@@ -106,21 +107,21 @@ def simulate_cluster(
     net = NETWORKS[network] if isinstance(network, str) else network
     ps = policy_setup(workload, policy, budget_per_device, profile, plan_budget=budget_per_device * devices)
     sizes = ps.sizes
-    inflight = max(1, math.ceil(workload.top_k / devices))
-    base = replace(ps.config, reserve_experts=inflight if devices > 1 else None)
+    base = replace(ps.config, reserve_experts=inflight_per_node(workload.top_k, devices))
+    costs = profile.costs()
     runners, scheds = [], []
     for j in range(devices):
         r = SimRunner(
             sizes,
-            profile.costs(),
+            costs,
             profile.decode_workers,
             on_device=profile.recombine_on_device,
             delivery_overhead=profile.delivery_overhead_s,
         )
-        cfg = base if j == 0 else _remote(base)
+        cfg = base if j == 0 else remote_node_config(base)
         runners.append(r)
-        scheds.append(Scheduler(ps.layout, cfg, r, profile.costs()))
-    home = {key: (key[0] + key[1]) % devices for key in sizes}
+        scheds.append(Scheduler(ps.layout, cfg, r, costs))
+    home = {key: home_index(key, devices) for key in sizes}
     exec_bps, non_layer, non_token = ps.exec_bps, ps.non_layer_s, ps.non_token_s
     net_bps = net.gbps * 1e9
     first = len(workload.steps) if warm_start else 0
@@ -252,11 +253,4 @@ def simulate_cluster(
         network_bytes_per_step=net_bytes / len(step_times),
         network=net.name,
         per_device=per_device,
-    )
-
-
-def _remote(cfg: SchedulerConfig) -> SchedulerConfig:
-    """A device other than the executor's keeps full-form experts itself and serves them without a task."""
-    return replace(
-        cfg, serve_full_payload=True, keep_full_payload=True, recombine_on_device=False, decode_parts=1
     )

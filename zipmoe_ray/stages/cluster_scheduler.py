@@ -22,7 +22,21 @@ from typing import Any
 from .protocol import LayerResponse
 from .scheduler import ModelLayout, Scheduler, SchedulerConfig, expert_sizes
 
-__all__ = ["ClusterScheduler", "NodeSetup"]
+__all__ = ["ClusterScheduler", "NodeSetup", "home_index", "remote_node_config"]
+
+
+def remote_node_config(cfg: SchedulerConfig) -> SchedulerConfig:
+    """A node other than the executor's keeps full experts as objects and serves them to its ExpertHost."""
+    return replace(
+        cfg, serve_full_payload=True, keep_full_payload=True, recombine_on_device=False, decode_parts=1
+    )
+
+
+def home_index(key: tuple[int, int], nodes: int) -> int:
+    """The initial home of an expert among ``nodes``: interleaved, so every node holds its share of every
+    layer."""
+    return (key[0] + key[1]) % nodes
+
 
 log = logging.getLogger(__name__)
 Key = tuple[int, int]
@@ -50,19 +64,13 @@ class ClusterScheduler:
         self.executor_node = next(n.name for n in nodes if n.executor)
         for n in nodes:
             cfg = replace(config, budget=n.budget, reserve_experts=n.inflight)
-            if not n.executor:  # remote nodes keep full experts as objects and serve them to their host
-                cfg = replace(
-                    cfg,
-                    serve_full_payload=True,
-                    keep_full_payload=True,
-                    recombine_on_device=False,
-                    decode_parts=1,
-                )
+            if not n.executor:
+                cfg = remote_node_config(cfg)
             self.nodes[n.name] = Scheduler(self.layout, cfg, n.runner, costs)
         self.alive = [n.name for n in nodes]
         self.home: dict[Key, str] = {}
-        for key in sorted(self.layout.sizes):  # interleaved: every node holds its share of every layer
-            self.home[key] = self.alive[(key[0] + key[1]) % len(self.alive)]
+        for key in sorted(self.layout.sizes):
+            self.home[key] = self.alive[home_index(key, len(self.alive))]
         self.failed: list[str] = []
         self._lock = threading.RLock()
 
@@ -82,7 +90,7 @@ class ClusterScheduler:
         with self._lock:
             rel: dict[str, list] = {}
             for key in released:
-                rel.setdefault(self.home.get(tuple(key), self.executor_node), []).append(key)
+                rel.setdefault(self.home[tuple(key)], []).append(key)
             by = self._split(layer, misses)
             out = LayerResponse(layer, [])
             hits_by = self._split(layer, hits)
@@ -107,7 +115,7 @@ class ClusterScheduler:
                 hits_by.setdefault(self.home[(layer, e)], []).append((layer, e, t))
             rel: dict[str, list] = {}
             for key in released:
-                rel.setdefault(self.home.get(tuple(key), self.executor_node), []).append(key)
+                rel.setdefault(self.home[tuple(key)], []).append(key)
             for name in self.alive:
                 self.nodes[name].step(hits_by.get(name, []), rel.get(name, []))
 
