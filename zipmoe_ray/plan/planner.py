@@ -50,10 +50,6 @@ class Plan:
     scope: str = "global"
     device: str = ""
 
-    @property
-    def capacity(self) -> dict[Form, int]:
-        return dict(self._capacity) if hasattr(self, "_capacity") else {}
-
     def held(self, sizes) -> dict[Form, int]:
         out = {Form.FULL: 0, Form.COMPRESSED: 0, Form.SM: 0}
         for k, f in self.forms.items():

@@ -39,7 +39,6 @@ class Workload:
     batch: int = 1
     non_expert_bytes_per_layer: int | None = None
     access: dict[Key, float] = field(default_factory=dict)
-    mean_tokens: dict[Key, float] = field(default_factory=dict)
     recorded: bool = False  # steps come from a recorded trace (real order), not drawn from counts
 
     def __post_init__(self):
@@ -49,15 +48,12 @@ class Workload:
     def _estimate_access(self) -> None:
         n = max(1, len(self.steps))
         seen: dict[Key, int] = {}
-        toks: dict[Key, int] = {}
         for step in self.steps:
             for pos, picks in enumerate(step):
                 layer = self.layers[pos]
-                for e, t in picks:
+                for e, _ in picks:
                     seen[(layer, e)] = seen.get((layer, e), 0) + 1
-                    toks[(layer, e)] = toks.get((layer, e), 0) + t
         self.access = {k: seen.get(k, 0) / n for k in self.sizes}
-        self.mean_tokens = {k: toks[k] / seen[k] for k in seen}
 
     @property
     def expert_bytes(self) -> int:

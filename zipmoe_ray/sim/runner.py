@@ -51,7 +51,6 @@ class SimRunner:
         self.io_busy = 0.0
         self.cpu_busy = [0.0] * workers
         self.bytes_read = 0
-        self.reads = 0
 
     def read(self, key, part):
         s = self.sizes[key]
@@ -61,7 +60,6 @@ class SimRunner:
         self.io_free = start + dt
         self.io_busy += dt
         self.bytes_read += nbytes
-        self.reads += 1
         return SimHandle(start + dt)
 
     def read_split(self, key):

@@ -82,7 +82,7 @@ def _choose_plan(workload, budget, profile, reserve):
 
     def evaluate(forms) -> float:
         trial = Plan(budget, reserve, forms, 0.0, "trial", access=workload.access)
-        return simulate(head, budget, profile, "zipmoe", plan=trial).tpot_s
+        return simulate(head, budget, profile, "zipmoe", plan=trial, bound=False).tpot_s
 
     costs = profile.costs()
     return make_plan(
@@ -99,13 +99,12 @@ def _choose_plan(workload, budget, profile, reserve):
 
 @dataclass
 class PolicySetup:
-    """What a policy runs with in the simulator: expert sizes as stored, the layout, the scheduler config, its
-    split and plan (zipmoe only), and the executor's modelled rates."""
+    """What a policy runs with in the simulator: expert sizes as stored, the layout, the scheduler config, the
+    plan (zipmoe only), and the executor's modelled rates."""
 
     sizes: dict
     layout: ModelLayout
-    config: SchedulerConfig
-    split: SplitRule
+    config: SchedulerConfig  # its split is the policy's
     plan: Any
     exec_bps: float
     non_layer_s: float
@@ -147,7 +146,6 @@ def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan
         sizes,
         ModelLayout(sizes, workload.top_k, raw),
         config,
-        split,
         plan,
         exec_bps,
         non_layer,
@@ -164,21 +162,24 @@ def simulate(
     plan=None,
     warm_start: bool = True,
     measure_from: int = 0,
+    bound: bool = True,
 ) -> SimResult:
     """Replay ``workload`` (plan.workload.Workload; its steps are the decode steps, its batch the batch size)
         under ``policy`` with ``budget`` bytes on ``profile``. With ``warm_start`` the steps are first replayed
         once unmeasured, so that every policy is measured in steady state, not on cold misses; without it, steps
-    before ``measure_from`` warm the cache and are not measured (replaying a recorded warm-up). Blocks."""
+    before ``measure_from`` warm the cache and are not measured (replaying a recorded warm-up). ``bound=False``
+    skips the lower bounds (NaN; the planner's trial replays do not need them). Blocks."""
     ps = policy_setup(workload, policy, budget, profile, plan=plan)
-    sizes, split, plan = ps.sizes, ps.split, ps.plan
+    sizes, split, plan = ps.sizes, ps.config.split, ps.plan
+    costs = profile.costs()
     runner = SimRunner(
         sizes,
-        profile.costs(),
+        costs,
         profile.decode_workers,
         on_device=profile.recombine_on_device,
         delivery_overhead=profile.delivery_overhead_s,
     )
-    sched = Scheduler(ps.layout, ps.config, runner, profile.costs())
+    sched = Scheduler(ps.layout, ps.config, runner, costs)
     exec_bps, non_layer, non_token = ps.exec_bps, ps.non_layer_s, ps.non_token_s
     first = len(workload.steps) if warm_start else measure_from
     t = 0.0
@@ -227,7 +228,11 @@ def simulate(
     elapsed = t - marks[0] or 1e-12
     st = sched.stats()
     measured = workload.steps[0 if warm_start else measure_from :]
-    lb = lower_bound(workload, budget, profile, measured, recorded=getattr(workload, "recorded", False))
+    lb = (
+        lower_bound(workload, budget, profile, measured, recorded=getattr(workload, "recorded", False))
+        if bound
+        else {"tpot_s": float("nan"), "offline_tpot_s": float("nan")}
+    )
     tpot = sum(step_times) / len(step_times)
     return SimResult(
         policy=policy,
