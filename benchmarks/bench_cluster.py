@@ -92,6 +92,8 @@ def main() -> None:
             rows[name] = json.loads(r.stdout.strip().splitlines()[-1])
     a, b = rows.values()
     same = a["token_ids"] == b["token_ids"]
+    if not same:
+        sys.exit(f"tokens differ between the configurations: {a['token_ids']} vs {b['token_ids']}")
     print(
         f"budget {args.budget} of the routed-expert bytes, SSD {args.bandwidth} GB/s per node; tokens identical: {same}"
     )

@@ -274,7 +274,7 @@ def run_engine(spec: dict) -> dict:
         "ttft_s": s["ttft_s"],
         "tpot_s": s["tpot_s"],
         "tokens_per_s": sum(len(r) for r in rows) / gen_s,
-        "bytes_read": s["bytes_read"] if io0 is None else io1 - io0,
+        "bytes_read": None if io0 is None else io1 - io0,  # from the disk, as for the other systems
         "expert_bytes_read": s["bytes_read"],
         "expert_bytes_requested": uses * per_expert,  # hits + misses: counts a re-requested expert again
         "hits": s["hits"],
@@ -566,8 +566,8 @@ def main() -> None:
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
         sys.exit(f"unknown system(s) {', '.join(bad)}; choose from {', '.join(SYSTEMS)}")
-    if "transformers" not in systems:
-        systems.insert(0, "transformers")  # the reference every system's tokens are checked against
+    # transformers always runs, once per preset and batch: the reference every system's tokens are checked against
+    systems = [s for s in systems if s != "transformers"]
     budgets = [b.strip() for b in args.budgets.split(",")]
     for b in budgets:
         if not b.endswith("%"):
@@ -637,9 +637,7 @@ def main() -> None:
                     for budget in budgets:
                         run = {"preset": preset, "layers": args.layers, "budget": budget,
                                "bandwidth_gbps": bw, "batch": batch, "systems": {"transformers": floor}}  # fmt: skip
-                        for name in systems[1:] if systems[0] == "transformers" else systems:
-                            if name == "transformers":
-                                continue
+                        for name in systems:
                             log(f"[{preset}, batch {batch}, {bw:g} GB/s, {budget}] {name} ...")
                             spec = {**base, "system": name, "budget": budget, "bandwidth_gbps": bw,
                                     "budget_frac": float(budget.rstrip("%")) / 100}  # fmt: skip
@@ -656,9 +654,11 @@ def main() -> None:
                             else:
                                 log(f"  failed: {r['error']}")
                             run["systems"][name] = r
-                        used = floor.get("expert_bytes_used")  # the same tokens route the same way
+                        used = floor.get("expert_bytes_used")  # the same tokens route the same way ...
                         for r in run["systems"].values():
-                            if used is not None and r.get("generation_s"):
+                            if (
+                                used is not None and r.get("generation_s") and r.get("tokens_match")
+                            ):  # ... only
                                 r["expert_gbps"] = used / r["generation_s"] / 1e9
                         results["runs"].append(run)
                         print(table(run) + "\n", flush=True)
@@ -666,14 +666,22 @@ def main() -> None:
         if throttle:
             throttle.remove()
         shutil.rmtree(CACHE / f"offload-{os.getpid()}", ignore_errors=True)
-    for line in figures(results["runs"]):
-        print(line)
     results["figures"] = figures(results["runs"])
-    headline = next(
-        (r for r in results["runs"] if (r["budget"], r["bandwidth_gbps"], r["batch"]) == ("25%", 0.5, 1)),
-        results["runs"][0] if results["runs"] else None,
+    for line in results["figures"]:
+        print(line)
+    # "systems": the one configuration of a single-configuration run (--quick), else the headline one
+    runs = results["runs"]
+    headline = (
+        runs[0]
+        if len(runs) == 1
+        else next(
+            (r for r in runs if (r["budget"], r["bandwidth_gbps"], r["batch"]) == ("25%", 0.5, 1)), None
+        )
     )
     results["systems"] = headline["systems"] if headline else {}
+    results["systems_config"] = (
+        {k: headline[k] for k in ("preset", "budget", "bandwidth_gbps", "batch")} if headline else None
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if args.png and results["runs"]:

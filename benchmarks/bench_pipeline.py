@@ -34,7 +34,7 @@ from timeline import breakdown
 from zipmoe_ray.engine import ZipMoEEngine
 
 
-def run_system(store, *, budget, policy, bandwidth, workers, backend, prompt, warm, new_tokens, log):
+def run_system(store, *, budget, policy, bandwidth, workers, backend, prompt, warm, new_tokens):
     t0 = time.perf_counter()
     with ZipMoEEngine(
         store,
@@ -117,7 +117,7 @@ def main() -> None:
             log(f"{name} at {bw} GB/s ...")
             runs[name] = run_system(
                 store, budget=args.budget, policy=policy, bandwidth=bw * 1e9, workers=args.workers, backend="ray",
-                prompt=prompt, warm=warm, new_tokens=args.new_tokens, log=log,
+                prompt=prompt, warm=warm, new_tokens=args.new_tokens,
             )  # fmt: skip
             r = runs[name]
             log(f"  where a token's time goes (ms): {r['where_the_time_goes']}")
@@ -141,7 +141,7 @@ def main() -> None:
             log(f"all-hit run, {backend} backend ...")
             r = run_system(
                 stores["zstd"], budget="200%", policy="zipmoe", bandwidth=None, workers=args.workers,
-                backend=backend, prompt=prompt, warm=prompt, new_tokens=16, log=log,
+                backend=backend, prompt=prompt, warm=prompt, new_tokens=16,
             )  # fmt: skip
             over[backend] = r
         per_layer = (over["ray"]["tpot_s"] - over["local"]["tpot_s"]) / args.layers

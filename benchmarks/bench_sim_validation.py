@@ -98,7 +98,9 @@ def main() -> None:
         Path(args.json).write_text(
             json.dumps({"machine": machine(), "profile": profile.to_json(), "rows": rows}, indent=2)
         )
-    os._exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: Ray's atexit hooks can hang after the engine runs
 
 
 if __name__ == "__main__":

@@ -101,7 +101,6 @@ def rebias(model_dir: Path, out_dir: Path, skew: float, batches, seed: int = 0) 
     n = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None) or cfg.num_local_experts
     top_k = getattr(cfg, "num_experts_per_tok", 1)
     before = summarise(measure_routing(model, batches, top_k), n)
-    means, sigmas = {}, {}
     hooks = []
     sums: dict[str, list] = {}
     for name, mod in _router_modules(model).items():
@@ -146,7 +145,6 @@ def rebias(model_dir: Path, out_dir: Path, skew: float, batches, seed: int = 0) 
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if fitted(mid) < skew else (lo, mid)
         bias = ((lo + hi) / 2 if skew > 0 else 0.0) * shape
-        means[name], sigmas[name] = float(c.norm()), sigma
         new = w_perp + bias[:, None] * (chat / c.norm())[None, :]
         new_weights[name + ".weight"] = new.to(mod.weight.dtype)
         with torch.no_grad():
@@ -156,7 +154,7 @@ def rebias(model_dir: Path, out_dir: Path, skew: float, batches, seed: int = 0) 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(model_dir, out_dir)
-    disk_names = {k.replace("model.layers", "model.layers"): v for k, v in new_weights.items()}
+    disk_names = new_weights
     for f in sorted(out_dir.glob("*.safetensors")):
         sd = load_file(str(f))
         changed = False
