@@ -204,7 +204,7 @@ class ExpertClient:
                             redo.append(d.expert)
                             continue
                         raise
-                    self._event("ready", layer, d.expert, f"{d.form}@{remote[h]}")
+                    self._event("ready", layer, d.expert, (d.form, remote[h]))
                     self.stats.remote[remote[h]] = self.stats.remote.get(remote[h], 0) + 1
                     self._in_use[(layer, d.expert)] = out  # done() releases the node's staging
                     yield d.expert, out
