@@ -673,12 +673,15 @@ class ZipMoEEngine:
             import ray
         except ImportError:
             return
-        for actor in self._owned:
-            with contextlib.suppress(Exception):  # already dead
-                ray.kill(actor, no_restart=True)
-        self._owned = []
-        if self._ray_started and ray.is_initialized():
-            ray.shutdown()
+        from .backends.ray_backend import kill_and_wait
+
+        owned, self._owned = self._owned, []
+        if not ray.is_initialized():
+            return
+        if self._ray_started:
+            ray.shutdown()  # the embedded cluster goes, and every actor with it
+        else:
+            kill_and_wait(owned)  # on a shared cluster: gone before close() returns
 
     def __enter__(self) -> ZipMoEEngine:
         return self

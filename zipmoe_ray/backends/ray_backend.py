@@ -24,6 +24,7 @@ __all__ = [
     "RayTransport",
     "Stages",
     "actor_classes",
+    "kill_and_wait",
     "object_store_usage",
     "start_decompressors",
     "start_executor",
@@ -253,6 +254,41 @@ def start_executor(
     return cls.options(**_opts(resources, **ray_options)).remote(
         store_path, RayTransport(scheduler), device, dtype, torch_threads
     )
+
+
+def kill_and_wait(actors: list, timeout: float = 10.0) -> list:
+    """Kill ``actors`` and wait until Ray reports each one dead; returns those still alive at ``timeout``.
+
+    ``ray.kill`` only asks the GCS to kill: a call made right after it can still be served, and the actor's
+    memory is not yet free. Waiting here is what lets ``close()`` promise that the stages are gone."""
+    import time
+
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead, or its handle was never registered
+            log.debug("kill %s", actor, exc_info=True)
+    deadline = time.monotonic() + timeout
+    alive = list(actors)
+    while alive and time.monotonic() < deadline:
+        still = []
+        for actor in alive:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                still.append(actor)  # busy or not yet killed
+            except Exception:  # RayActorError and kin: dead
+                continue
+            else:
+                still.append(actor)
+        alive = still
+        if alive:
+            time.sleep(0.05)
+    if alive:
+        log.warning("%d actor(s) still alive %.0f s after ray.kill", len(alive), timeout)
+    return alive
 
 
 def object_store_usage() -> dict[str, int]:
