@@ -28,6 +28,10 @@ def ray_cluster():
     ray.shutdown()
 
 
+class _Plain:
+    pass
+
+
 def budget(store_dir, share: float) -> int:
     return int(sum(s.full for s in expert_sizes(open_store(store_dir)).values()) * share)
 
@@ -39,16 +43,21 @@ def test_user_started_stages_wired_into_an_engine(tiny_stores, tiny_models, ray_
     loader = start_loader(store, ReadOptions(cache="drop"))
     decompressors = start_decompressors(store, 1)
     scheduler = start_scheduler(store, SchedulerConfig(budget=b), loader, decompressors)
-    executor = start_executor(store, scheduler, device="cpu")
+    # Ray hides the node's GPUs from an actor that asks for none where RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1
+    # (and did so by default before 2.50): provoke that, with a caller's own runtime_env to merge with ours
+    hide = {"env_vars": {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "CUDA_VISIBLE_DEVICES": "0"}}
+    executor = start_executor(store, scheduler, device="cpu", runtime_env=hide)
     stages = Stages(loader, decompressors, scheduler, executor)
     ref, _ = reference(tiny_models["qwen2_moe"], "qwen2_moe", BATCH1, 8)
     with ZipMoEEngine(store, memory_budget=b, backend="ray", stages=stages) as engine:
         assert engine.generate(BATCH1[0], 8).token_ids == ref[0]
         assert engine.stats()["lanes"]["workers"] == 1
     assert ray.get(executor.ping.remote())  # the engine does not kill stages it did not start
-    # Ray would hide the node's GPUs from an actor that asks for none; the executor must still see them
-    seen = ray.get(executor.__ray_call__.remote(lambda self: os.environ.get("CUDA_VISIBLE_DEVICES")))
-    assert seen == os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = lambda self: os.environ.get("CUDA_VISIBLE_DEVICES")  # noqa: E731
+    control = ray.remote(num_cpus=0)(_Plain).options(runtime_env=hide).remote()
+    assert ray.get(control.__ray_call__.remote(visible)) == ""  # the hiding really happens here
+    assert ray.get(executor.__ray_call__.remote(visible)) == "0"  # yet the executor still sees the GPU
+    ray.kill(control)
     for a in stages.all():
         ray.kill(a, no_restart=True)
 

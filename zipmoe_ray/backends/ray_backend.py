@@ -201,6 +201,13 @@ class Stages:
 SEE_GPUS = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
 
 
+def seeing_gpus(runtime_env: dict | None) -> dict:
+    """``runtime_env`` (the caller's, if any) with :data:`SEE_GPUS` merged into its ``env_vars``."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**(env.get("env_vars") or {}), **SEE_GPUS["env_vars"]}
+    return env
+
+
 def _opts(resources: dict[str, float] | None, name: str | None = None, **extra) -> dict:
     o = dict(extra)
     if resources:
@@ -250,7 +257,7 @@ def start_executor(
 ):
     """Start an Executor actor (the model on ``device``) whose MoE layers fetch experts via ``scheduler``."""
     cls = actor_classes()["Executor"]
-    ray_options.setdefault("runtime_env", SEE_GPUS)
+    ray_options["runtime_env"] = seeing_gpus(ray_options.get("runtime_env"))
     return cls.options(**_opts(resources, **ray_options)).remote(
         store_path, RayTransport(scheduler), device, dtype, torch_threads
     )
