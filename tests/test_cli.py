@@ -167,11 +167,16 @@ def test_trace_plan_simulate_from_the_cli(tiny_stores, tmp_path, capsys):
         assert r["lower_bound_tpot_s"] <= r["tpot_s"]
     rc, out, _ = run(capsys, "plan", "--store", store, "--memory-budget", "30%")
     assert rc == 0 and "plan (global budget" in out
-    rc, _, _ = run(
+    rc, out, _ = run(
         capsys, "generate", store, "--prompt-ids", "5,6,7", "--max-new-tokens", 3, "--memory-budget", "30%",
-        "--backend", "local", "--plan", tmp_path / "plan.json",
+        "--backend", "local", "--plan", tmp_path / "plan.json", "--json",
     )  # fmt: skip
     assert rc == 0
+    from zipmoe_ray.plan.planner import Plan
+
+    split = json.loads(out)["stats"]["split"]  # the engine ran the plan it was given, not one of its own
+    assert split["source"] == "given plan"
+    assert split["plan"] == Plan.load(str(tmp_path / "plan.json")).counts()
     rc, _, err = run(capsys, "simulate", "--trace", tmp_path / "nope.json", "--memory-budget", "30%")
     assert rc == 1 and "cannot read" in err
 
