@@ -1,4 +1,4 @@
-"""Trace-driven simulation of the runtime on devices we do not have (no Ray, no torch)."""
+"""Trace-driven simulation of the runtime on devices we do not have (no Ray; the runtime's own cache and scheduler)."""
 
 from .bound import belady_misses, lower_bound
 from .cluster import NETWORKS, ClusterSimResult, NetworkProfile, simulate_cluster
