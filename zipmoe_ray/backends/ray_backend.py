@@ -283,7 +283,9 @@ def kill_and_wait(actors: list, timeout: float = 10.0) -> list:
         still = []
         for actor in alive:
             try:
-                ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                # no retry: a restartable actor's probe would otherwise be retried (and logged) forever
+                probe = actor.__ray_ready__.options(max_task_retries=0).remote()
+                ray.get(probe, timeout=max(0.1, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
                 still.append(actor)  # busy or not yet killed
             except Exception:  # RayActorError and kin: dead
