@@ -556,21 +556,13 @@ class ZipMoEEngine:
         self._check_open()
         sched = self._call(self._scheduler, "stats")
         ex = self._call(self._executor, "stats")
-        nodes = self._node_stats(sched)
-        if self._cluster is not None:
-            answering = [n for n, v in nodes.items() if v["alive"]]
-            alive = [self._cluster.nodes[n] for n in answering]
-            loaders = [self._call(ns.loader, "stats") for ns in alive]
-            loader = {
-                "bytes_read": sum(x["bytes_read"] for x in loaders),
-                "busy_s": max(x["busy_s"] for x in loaders),
-                "read_mode": loaders[0]["read_mode"],
-                "read_options": loaders[0]["read_options"],
-            }
-            decs = [self._call(d, "stats") for ns in alive for d in ns.decompressors]
-        else:
-            loader = self._call(self._loader, "stats")
-            decs = [self._call(d, "stats") for d in self._decompressors]
+        nodes, loaders, decs = self._node_stats(sched)
+        loader = {
+            "bytes_read": sum(x["bytes_read"] for x in loaders),
+            "busy_s": max(x["busy_s"] for x in loaders),
+            "read_mode": loaders[0]["read_mode"],
+            "read_options": loaders[0]["read_options"],
+        }
         wall = self._generation_s or 1e-9
         last = self._last
         misses = sched["misses"]
@@ -612,8 +604,9 @@ class ZipMoEEngine:
             "nodes": nodes,
         }
 
-    def _node_stats(self, sched: dict) -> dict[str, dict]:
-        """Per node: tasks run, hits per form, bytes read (one node unless serving across a cluster)."""
+    def _node_stats(self, sched: dict) -> tuple[dict[str, dict], list[dict], list[dict]]:
+        """Per node: tasks run, hits per form, bytes read (one node unless serving across a cluster); and the
+        stats of the loaders and decompressors that answered, each asked once."""
         from .backends.cluster import node_entry
 
         if self._cluster is None:
@@ -621,10 +614,10 @@ class ZipMoEEngine:
             name, address = (info.name, info.address) if info else ("local", "local")
             loader = self._call(self._loader, "stats")
             decs = [self._call(d, "stats") for d in self._decompressors]
-            return {name: node_entry(address, loader, decs, None, sched, len(self.sizes))}
+            return {name: node_entry(address, loader, decs, None, sched, len(self.sizes))}, [loader], decs
         import ray
 
-        out = {}
+        out, loaders, all_decs = {}, [], []
         for name, ns in self._cluster.nodes.items():
             down = {"alive": False, "address": ns.info.address, "tasks": None}
             if name not in sched["alive"]:
@@ -637,6 +630,8 @@ class ZipMoEEngine:
                 out[name] = {**down, "note": f"not answering within {2 * self.config.node_timeout:g} s"}
                 continue
             n = len(ns.decompressors)
+            loaders.append(got[0])
+            all_decs.extend(got[1 : 1 + n])
             out[name] = node_entry(
                 ns.info.address,
                 got[0],
@@ -645,7 +640,11 @@ class ZipMoEEngine:
                 sched["nodes"][name],
                 sched["homes"][name],
             )
-        return out
+        if not loaders:
+            raise ZipMoEError(
+                "no node of the cluster answers for its stats; check the nodes (README, Edge clusters)"
+            )
+        return out, loaders, all_decs
 
     def timeline(self) -> list[tuple]:
         """The executor's MoE-layer timeline since the last reset (needs ZIPMOE_TIMELINE=1 when the engine
