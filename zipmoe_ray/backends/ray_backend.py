@@ -36,6 +36,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _classes: dict[str, Any] = {}
+COMPUTE = "compute"  # ExpertHost's concurrency group for expert computation
 
 
 def actor_classes() -> dict[str, Any]:
@@ -57,8 +58,11 @@ def actor_classes() -> dict[str, Any]:
         from ..stages.cluster_scheduler import ClusterScheduler
         from ..stages.expert_host import ExpertHost
 
-        # two threads: a liveness ping is answered while an expert is being computed
-        _classes["ExpertHost"] = ray.remote(num_cpus=0, max_concurrency=2, **restart)(ExpertHost)
+        # experts are computed one at a time (each uses every core: two at once would only thrash), on their
+        # own thread, so that liveness pings and stats (the default group) are answered meanwhile
+        _classes["ExpertHost"] = ray.remote(num_cpus=0, concurrency_groups={COMPUTE: 1}, **restart)(
+            ExpertHost
+        )
         _classes["ClusterScheduler"] = ray.remote(num_cpus=0)(ClusterScheduler)
     return _classes
 
@@ -130,7 +134,11 @@ class RayTransport:
         return ready
 
     def compute(self, node: str, layer: int, expert: int, kind: str, x, w, values: list):
-        return self.hosts[node].compute.remote(layer, expert, kind, x, w, *values)
+        return (
+            self.hosts[node]
+            .compute.options(concurrency_group=COMPUTE)
+            .remote(layer, expert, kind, x, w, *values)
+        )
 
     def unresponsive(self, nodes, timeout: float) -> set[str]:
         """Of ``nodes``, those whose ExpertHost does not answer a ping within ``timeout`` seconds."""
