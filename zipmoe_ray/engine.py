@@ -142,17 +142,16 @@ class ZipMoEEngine:
             source = "given plan"
         else:
             trace = os.path.join(self.store_dir, "zipmoe-trace.jsonl")
-            layers = self.store.layers()
+            w = None
             if os.path.isfile(trace):
                 from .trace.recorded import load_recorded
 
                 w = Workload.from_recorded(load_recorded(trace), sizes=self.sizes)
                 source = f"planned from {trace}"
-            else:
+            if w is None or not w.steps:  # no trace, or one without a step
+                layers = self.store.layers()
                 w = Workload.uniform(layers, self.store.num_experts, self.store.top_k, self.sizes)
                 source = "planned from a uniform prior"
-            if not w.steps:
-                w = Workload.uniform(layers, self.store.num_experts, self.store.top_k, self.sizes)
             reserve = minimum_budget(self.sizes, self.store.top_k)
             p = make_plan(
                 w,
