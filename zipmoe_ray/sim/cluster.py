@@ -168,9 +168,7 @@ def simulate_cluster(
                     resp = sched.request(layer, pending, hits if first_call else [], released[0])
                     released[0] = []
                     t_exec = max(t_exec, t_call)
-                    ready = {
-                        d.expert: ready_time(tuple(d.parts) if d.parts else d.handle) for d in resp.deliveries
-                    }
+                    ready = {d.expert: ready_time(d.parts or d.handle) for d in resp.deliveries}
                     for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
                         dt = sizes[(layer, d.expert)].full / exec_bps
                         t_exec = max(t_exec, ready[d.expert]) + dt
@@ -195,7 +193,7 @@ def simulate_cluster(
                     runner.now = lane + profile.request_overhead_s + net.latency_s
                     resp = sched.request(layer, pending, [], released[j])
                     released[j] = []
-                    ready = {d.expert: ready_time(d.handle) for d in resp.deliveries}
+                    ready = {d.expert: ready_time(d.parts or d.handle) for d in resp.deliveries}
                     for d in sorted(resp.deliveries, key=lambda d: max(ready[d.expert], arrive[d.expert])):
                         dt = sizes[(layer, d.expert)].full / exec_bps
                         lane = max(lane, ready[d.expert], arrive[d.expert]) + dt

@@ -21,13 +21,15 @@ class SimHandle:
 
 
 def ready_time(x) -> float:
+    """When a simulated result is ready: a handle, or the latest of several (an expert's pieces); None is
+    an input that was never produced (ready at once). Anything else is a bug in the caller."""
     if x is None:
         return 0.0
     if isinstance(x, SimHandle):
         return x.ready
-    if isinstance(x, tuple):
+    if isinstance(x, (tuple, list)):
         return max((ready_time(y) for y in x), default=0.0)
-    return 0.0
+    raise TypeError(f"not a simulated result: {type(x).__name__}")
 
 
 class SimRunner:

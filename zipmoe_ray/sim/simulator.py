@@ -209,9 +209,7 @@ def simulate(
                     resp = sched.request(layer, pending, hits if first_call else [], released)
                     released = []
                     t_exec = max(t_exec, t_call)
-                    ready = {
-                        d.expert: ready_time(tuple(d.parts) if d.parts else d.handle) for d in resp.deliveries
-                    }
+                    ready = {d.expert: ready_time(d.parts or d.handle) for d in resp.deliveries}
                     for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
                         t_exec = max(t_exec, ready[d.expert]) + sizes[(layer, d.expert)].full / exec_bps
                         released.append((layer, d.expert))
