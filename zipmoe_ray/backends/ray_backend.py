@@ -133,11 +133,11 @@ class RayTransport:
         ready, _ = ray.wait(handles, num_returns=1, timeout=timeout)
         return ready
 
-    def compute(self, node: str, layer: int, expert: int, kind: str, x, w, values: list):
+    def compute(self, node: str, layer: int, expert: int, kind: str, x, w, value):
         return (
             self.hosts[node]
             .compute.options(concurrency_group=COMPUTE)
-            .remote(layer, expert, kind, x, w, *values)
+            .remote(layer, expert, kind, x, w, value)
         )
 
     def unresponsive(self, nodes, timeout: float) -> set[str]:

@@ -175,9 +175,9 @@ class ExpertClient:
         for d in resp.deliveries:
             if d.node is not None:  # send the hidden states to the expert's node
                 x, w = inputs(d.expert)
-                h = self.transport.compute(
-                    d.node, layer, d.expert, d.kind, x.cpu(), w.cpu(), d.parts or [d.handle]
-                )
+                if d.parts:  # remote nodes decode whole experts (remote_node_config): never pieces
+                    raise RuntimeError(f"expert {(layer, d.expert)} was delivered in pieces to node {d.node}")
+                h = self.transport.compute(d.node, layer, d.expert, d.kind, x.cpu(), w.cpu(), d.handle)
                 pending[h], remaining[d.expert], remote[h] = d, 1, d.node
                 continue
             handles = d.parts or [d.handle]

@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -54,19 +53,14 @@ class ExpertHost:
         self._lock = threading.Lock()
 
     def compute(
-        self, layer: int, expert: int, kind: str, x: torch.Tensor, w: torch.Tensor, *values
+        self, layer: int, expert: int, kind: str, x: torch.Tensor, w: torch.Tensor, value
     ) -> torch.Tensor:
         """Weighted output rows of ``expert`` for input rows ``x`` [n, hidden] and routing weights ``w`` [n].
 
-        ``values``: the decoded weights (one array) or its pieces (several lists), resolved by Ray on this
-        node from the object store without a copy."""
+        ``value``: the expert's decoded weights, one array (remote nodes decode in one piece:
+        ``remote_node_config`` sets ``decode_parts=1``), resolved by Ray on this node without a copy."""
         t0 = time.monotonic()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            if len(values) == 1 and not isinstance(values[0], list):
-                weights = self.builder._weights(layer, kind, np.asarray(values[0]))
-            else:
-                weights = self.builder._assemble(layer, kind, list(values))
+        weights = self.builder._weights(layer, kind, np.asarray(value))
         w1, w2 = weights.first, weights.second
         x, w = x.to(self.device), w.to(self.device)
         if self.gated:
