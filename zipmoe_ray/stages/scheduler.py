@@ -231,7 +231,7 @@ class Scheduler:
             ):
                 self.cache.touch(key, tokens)
                 self.counters["hits"]["full"] += 1  # held here in full form: hand out the object, no task
-                served.append(Delivery(e, self.cache.entries[key].payload, "words", False, "full"))
+                served.append(Delivery(e, self.cache.entries[key].payload, self._kind(), False, "full"))
                 continue
             if form == Form.FULL:  # the executor lost its copy (e.g. restarted): fetch it again
                 self.cache.drop(key)
@@ -307,7 +307,7 @@ class Scheduler:
                 outputs.setdefault(piece.key, [None] * piece.count)[piece.index] = h
         deliveries = []
         for t in tasks:
-            kind = "raw" if self.raw_codec else ("planes" if planes else "words")
+            kind = self._kind()
             handles = [parts[t.key][1]] if self.raw_codec else outputs[t.key]
             final = self._admit(t.key, t.tag, parts[t.key], handles[0] if len(handles) == 1 else None)
             deliveries.append(
@@ -321,6 +321,10 @@ class Scheduler:
                 )
             )
         return deliveries
+
+    def _kind(self) -> str:
+        """What a fetched expert's output is (and a kept full payload therefore holds): see Delivery."""
+        return "raw" if self.raw_codec else ("planes" if self.config.recombine_on_device else "words")
 
     def _parts(self, s: ExpertSizes) -> int:
         if self.raw_codec:
