@@ -102,6 +102,7 @@ class ZipMoEEngine:
         self._tokenizer = None
         self._owned: list = []
         self._cluster = None  # backends.cluster.ClusterStages when serving across several nodes
+        self._node_info = None  # the node of a one-node Ray run (None: local backend)
         self._here: dict = {}  # Ray options pinning single-node stages to this program's node
         self.plan = None
         self.plan_source = "fixed split" if (self.config.split or self.config.policy != "zipmoe") else ""
@@ -301,10 +302,14 @@ class ZipMoEEngine:
         )
         hosts = {name: ns.host for name, ns in self._cluster.nodes.items() if ns.host is not None}
         transport = rb.RayTransport(scheduler, hosts, self.config.node_timeout)
-        executor = (
-            classes["Executor"]
-            .options(runtime_env=rb.SEE_GPUS, **here)
-            .remote(self.store_dir, transport, self.device, self.config.dtype, self.config.torch_threads)
+        executor = rb.start_executor(
+            self.store_dir,
+            scheduler,
+            device=self.device,
+            dtype=self.config.dtype,
+            torch_threads=self.config.torch_threads,
+            transport=transport,
+            **here,
         )
         self._owned.extend([scheduler, executor])
         ex = self._cluster.executor_node
@@ -609,7 +614,7 @@ class ZipMoEEngine:
         from .backends.cluster import node_entry
 
         if self._cluster is None:
-            info = getattr(self, "_node_info", None)
+            info = self._node_info
             name, address = (info.name, info.address) if info else ("local", "local")
             loader = self._call(self._loader, "stats")
             decs = [self._call(d, "stats") for d in self._decompressors]
@@ -625,8 +630,11 @@ class ZipMoEEngine:
             refs = [a.stats.remote() for a in ns.actors()]
             try:  # a node that died since the last layer must not hang the report
                 got = ray.get(refs, timeout=2 * self.config.node_timeout)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+            except ray.exceptions.GetTimeoutError:
                 out[name] = {**down, "note": f"not answering within {2 * self.config.node_timeout:g} s"}
+                continue
+            except ray.exceptions.RayError as e:  # died since, or a bug in stats(): say which
+                out[name] = {**down, "note": f"stats failed: {type(e).__name__}: {e}"}
                 continue
             n = len(ns.decompressors)
             loaders.append(got[0])

@@ -134,17 +134,15 @@ def start_node(
 ) -> NodeStages:
     """Start one node's loader, decompressors (``workers``, default one per CPU the node declares) and, away
     from the driver, its ExpertHost."""
-    from .ray_backend import SEE_GPUS, actor_classes
+    from .ray_backend import SEE_GPUS, actor_classes, start_decompressors, start_loader
 
-    cls = actor_classes()
     opts = pin(info)
-    loader = cls["IOLoader"].options(**opts).remote(store_path, read_options)
-    n = workers or info.cpus
-    decs = [cls["Decompressor"].options(**opts).remote(store_path, i) for i in range(n)]
+    loader = start_loader(store_path, read_options, **opts)
+    decs = start_decompressors(store_path, workers or info.cpus, **opts)
     host = None
     if not info.driver:
         host = (
-            cls["ExpertHost"]
+            actor_classes()["ExpertHost"]
             .options(runtime_env=SEE_GPUS, **opts)
             .remote(store_path, info.name, device, torch_threads)
         )

@@ -24,6 +24,7 @@ __all__ = [
     "RayTransport",
     "Stages",
     "actor_classes",
+    "kill",
     "kill_and_wait",
     "object_store_usage",
     "start_decompressors",
@@ -86,13 +87,7 @@ class RayRunner:
     def abandon(self) -> None:
         """The node these actors run on failed: end them, so that their pending tasks fail instead of
         waiting for a node that will not come back."""
-        import ray
-
-        for a in (self.loader, *self.decompressors):
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception as e:  # already gone
-                log.debug("abandoning %s: %s", a, e)
+        kill([self.loader, *self.decompressors])
 
     def read(self, key, part):
         return self.loader.read.remote(key[0], key[1], part)
@@ -161,10 +156,7 @@ class RayTransport:
         ray.get(self.scheduler.node_failed.remote(node))
         host = self.hosts.pop(node, None)
         if host is not None:
-            try:
-                ray.kill(host, no_restart=True)
-            except Exception as e:  # already gone
-                log.debug("abandoning the host of %s: %s", node, e)
+            kill([host])
 
     @staticmethod
     def is_node_failure(e: BaseException) -> bool:
@@ -261,14 +253,27 @@ def start_executor(
     dtype: str = "auto",
     torch_threads: int | None = None,
     resources: dict[str, float] | None = None,
+    transport: RayTransport | None = None,
     **ray_options,
 ):
-    """Start an Executor actor (the model on ``device``) whose MoE layers fetch experts via ``scheduler``."""
+    """Start an Executor actor (the model on ``device``) whose MoE layers fetch experts via ``scheduler``
+    (or through ``transport``, which in a cluster also reaches the other nodes' ExpertHosts)."""
     cls = actor_classes()["Executor"]
     ray_options["runtime_env"] = seeing_gpus(ray_options.get("runtime_env"))
     return cls.options(**_opts(resources, **ray_options)).remote(
-        store_path, RayTransport(scheduler), device, dtype, torch_threads
+        store_path, transport or RayTransport(scheduler), device, dtype, torch_threads
     )
+
+
+def kill(actors: list) -> None:
+    """Ask Ray to end ``actors`` for good (no restart); one already gone is skipped."""
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as e:  # already dead, or its handle was never registered
+            log.debug("kill %s: %s", actor, e)
 
 
 def kill_and_wait(actors: list, timeout: float = 10.0) -> list:
@@ -280,11 +285,7 @@ def kill_and_wait(actors: list, timeout: float = 10.0) -> list:
 
     import ray
 
-    for actor in actors:
-        try:
-            ray.kill(actor, no_restart=True)
-        except Exception:  # already dead, or its handle was never registered
-            log.debug("kill %s", actor, exc_info=True)
+    kill(actors)
     deadline = time.monotonic() + timeout
     alive = list(actors)
     while alive and time.monotonic() < deadline:
