@@ -188,6 +188,9 @@ class NetnsCluster:
                 os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
+        # taken before TERM: workers live in sessions of their own and, once the raylet is gone, are no
+        # longer its descendants, so the process groups alone would leave surviving actors behind
+        pids = [pid for i in list(self.groups) for pid in self.node_processes(i)]
         for pg in list(self.groups.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pg, signal.SIGTERM)
@@ -197,6 +200,9 @@ class NetnsCluster:
         for pg in self.groups.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pg, signal.SIGKILL)
+        for pid in pids:  # whatever TERM left of the workers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.groups.clear()
         for ns in self.namespaces:
             _ip("netns", "del", ns, check=False)
