@@ -29,6 +29,11 @@ def disk_of(path: str | os.PathLike) -> str:
     st = os.stat(path)
     dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     sysdev = Path("/sys/dev/block") / dev
+    if not sysdev.exists():
+        raise RuntimeError(
+            f"{path} is on device {dev}, not a block device (overlay or tmpfs?): the emulated SSD throttles a "
+            "disk; put the benchmark cache (ZIPMOE_BENCH_CACHE or ~/.cache/zipmoe/bench) on one"
+        )
     if (sysdev / "partition").is_file():
         dev = (sysdev.resolve().parent / "dev").read_text().strip()
     return dev
