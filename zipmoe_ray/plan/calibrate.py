@@ -129,30 +129,32 @@ def _executor_gbps(seconds: float = 1.0) -> float:
 
 
 def _memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 34
+    """Physical memory in bytes (raises where the OS cannot say: no guess is written as measured)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _engine(store: str, workers: int, base: DeviceProfile) -> tuple[dict, dict]:
     """Measure the runtime on ``store`` (Ray backend): an all-hit run and a run under a small budget."""
-    os.environ["ZIPMOE_TIMELINE"] = "1"
     from ..engine import ZipMoEEngine
 
     prompt = [3 + (i * 7) % 200 for i in range(32)]
     out, src = {}, {}
-    with ZipMoEEngine(store, memory_budget="200%", backend="ray", num_decompressors=workers) as e:
-        e.generate(prompt, 16)
-        e.generate(prompt, 16)  # everything resident now
-        e.reset_stats()
-        e.generate(prompt, 16)
-        tl = e.timeline()
-        expert_bytes = max(s.full for s in e.sizes.values())
-        layers = len(e.store.layers())
+    before = os.environ.get("ZIPMOE_TIMELINE")
+    os.environ["ZIPMOE_TIMELINE"] = "1"  # read when the engine starts; not left on for later engines
+    try:
+        with ZipMoEEngine(store, memory_budget="200%", backend="ray", num_decompressors=workers) as e:
+            e.generate(prompt, 16)
+            e.generate(prompt, 16)  # everything resident now
+            e.reset_stats()
+            e.generate(prompt, 16)
+            tl = e.timeline()
+            expert_bytes = max(s.full for s in e.sizes.values())
+            layers = len(e.store.layers())
+    finally:
+        if before is None:
+            os.environ.pop("ZIPMOE_TIMELINE", None)
+        else:
+            os.environ["ZIPMOE_TIMELINE"] = before
     steps = [t for t, k, *_ in tl if k == "step"]
     moe, n_experts, layer_t = 0.0, 0, None
     for t, kind, _layer, x, _ in tl:
@@ -223,7 +225,7 @@ def calibrate(
         + (" on the store's files" if store else ""),
         "ssd_latency_s": "measured: median 4 KiB read",
         "executor_gbps": "measured: GEMV over expert-sized BF16 matrices (torch, default threads)",
-        "memory_bytes": "measured: /proc/meminfo",
+        "memory_bytes": "measured: physical pages x page size (sysconf)",
     }
     profile = DeviceProfile(
         name=f"calibrated-{os.uname().nodename}",
