@@ -18,6 +18,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 from zipmoe_ray.plan import Workload, load_profile
 from zipmoe_ray.sim import simulate
@@ -112,6 +113,7 @@ def main() -> None:
             w.sizes[k] = dataclasses.replace(w.sizes[k], shards=8)
         results[f"recorded: {path.rsplit('/', 1)[-1]}"] = sweep(path, w, profile, budgets, log)
     if args.png:
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)  # bench-results/ is not in a fresh clone
         plot(results, args.png, profile.name)
     print(
         "| trace | budget | zipmoe | full-lru | full-lfu | compressed-only | lower bound | zipmoe / best full | zipmoe / bound |"
