@@ -58,7 +58,8 @@ def main() -> None:
             engine.reset_stats()
             out = engine.generate(prompt, args.new_tokens)[0]
             s = engine.stats()
-        ref = ref or out.token_ids
+        if ref is None:
+            ref = out.token_ids
         if out.token_ids != ref:
             sys.exit(f"{name}: tokens differ from the first configuration's")
         h = s["hits"]
