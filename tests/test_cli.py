@@ -20,6 +20,29 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def _commands(parser, prefix=()):
+    """Every command path of the parser (``("trace", "synth")`` and so on)."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_every_command_has_working_help(capsys):
+    from zipmoe_ray.cli.main import build_parser
+
+    commands = list(_commands(build_parser()))
+    assert {("generate",), ("chat",), ("trace", "synth")} <= set(commands)
+    for cmd in commands:  # argparse %-formats help texts: a stray % breaks --help of that command
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0, cmd
+        assert "usage: zipmoe" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_end_to_end_every_architecture(arch, tmp_path, capsys):
     m, s = tmp_path / "m", tmp_path / "s"

@@ -26,7 +26,7 @@ def add_engine_options(p: argparse.ArgumentParser, *, budget_default: str = "50%
         "--memory-budget",
         default=budget_default,
         help=f"bytes for all expert forms and buffers: 1.5GiB, 800MB, or a share of the routed-expert bytes "
-        f"like 25%% (default {budget_default})",
+        f"like 25%% (default {budget_default.replace('%', '%%')})",  # argparse %-formats help
     )
     g.add_argument("--backend", choices=["ray", "local"], default="ray")
     g.add_argument("--address", help="attach to a running Ray cluster (HOST:PORT or auto)")
