@@ -106,7 +106,10 @@ class RayTransport:
     """The executor's view of a scheduler actor, of ObjectRef results and, in a cluster, of the other
     nodes' ExpertHosts."""
 
-    def __init__(self, scheduler, hosts: dict | None = None, node_timeout: float = 5.0):
+    def __init__(self, scheduler, hosts: dict | None = None, node_timeout: float | None = None):
+        """``node_timeout``: seconds to wait on another node's ``hosts`` (given with them, in a cluster)."""
+        if hosts and node_timeout is None:
+            raise ValueError("other nodes' hosts need a node_timeout (EngineConfig.node_timeout)")
         self.scheduler = scheduler
         self.hosts = dict(hosts or {})
         self.node_timeout = node_timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cache.split import POLICIES
+from ..runtime.config import EngineConfig
 from ..runtime.sizes import parse_size
 from ..store.io import CACHE_MODES
 
@@ -38,9 +39,9 @@ def add_engine_options(p: argparse.ArgumentParser, *, budget_default: str = "50%
     g.add_argument(
         "--node-timeout",
         type=float,
-        default=5.0,
+        default=EngineConfig.node_timeout,
         help="seconds a layer waits on another node before checking it is alive; a node that then does not "
-        "answer a ping within as long is declared failed (default 5)",
+        f"answer a ping within as long is declared failed (default {EngineConfig.node_timeout:g})",
     )
     g.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     g.add_argument("--num-decompressors", type=int, help="decode lanes W (default: one per CPU core)")

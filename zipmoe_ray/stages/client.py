@@ -54,7 +54,7 @@ class ExpertClient:
     def __init__(self, transport, store, device: str | torch.device = "cpu"):
         self.transport = transport
         # how long a layer waits on another node before asking whether it still lives (clusters only)
-        self.node_timeout = getattr(transport, "node_timeout", None) or 5.0
+        self.node_timeout = getattr(transport, "node_timeout", None)  # only read with remote experts
         self.device = torch.device(device)
         dtypes = {t.dtype for r in store.index.experts for t in r.tensors}
         self.layout = layout_for(dtypes.pop())
