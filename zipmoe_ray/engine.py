@@ -387,7 +387,7 @@ class ZipMoEEngine:
     def _reset_stats(self) -> None:
         targets = [self._loader, *self._decompressors, self._scheduler, self._executor]
         if self._cluster is not None:
-            gone = set(self._call(self._scheduler, "stats")["failed"])
+            gone = set(self._call(self._scheduler, "failed_nodes"))
             targets = [self._scheduler, self._executor] + [
                 a for name, ns in self._cluster.nodes.items() if name not in gone for a in ns.actors()
             ]

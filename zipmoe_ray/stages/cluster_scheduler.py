@@ -135,6 +135,10 @@ class ClusterScheduler:
             log.warning("node %s failed: %d experts re-homed on %s", name, len(moved), ", ".join(self.alive))
             return list(self.alive)
 
+    def failed_nodes(self) -> list[str]:
+        with self._lock:
+            return list(self.failed)
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             per = {name: s.stats() for name, s in self.nodes.items()}
