@@ -146,7 +146,9 @@ def expected_makespan(
                 if f == Form.FULL:
                     continue
                 s = w.sizes[k]
-                tasks.append(Task(k, costs.io_time(s, f), costs.cpu_time(s, f, on_device), t))
+                # decodes are cut into shard pieces only for an accelerator, as the engine does (decode_parts)
+                parts = s.shards if on_device else 1
+                tasks.append(Task(k, costs.io_time(s, f), costs.cpu_time(s, f, on_device), t, parts=parts))
             if tasks:
                 total += plan_layer(tasks, workers).makespan
     return total / len(steps)
