@@ -74,7 +74,10 @@ def belady_misses(requests: list[list[tuple[int, int]]], capacity: int) -> list[
     return misses
 
 
-def _costs(workload, profile):
+def executor_rates(workload, profile) -> tuple[float, float, float]:
+    """(executor bytes/s for expert weights, seconds outside the experts per layer, per token) on
+    ``profile``: a per-layer figure the profile lacks is estimated from the layer's non-expert bytes (or
+    four experts' worth)."""
     sizes = workload.sizes
     exec_bps = profile.executor_gbps * 1e9
     non_layer = profile.non_moe_s_per_layer
@@ -118,7 +121,7 @@ def online_lower_bound(workload, budget: int, profile, steps=None) -> dict[str, 
     if not steps:
         return {"tpot_s": 0.0}
     sizes = workload.sizes
-    exec_bps, non_layer, non_token = _costs(workload, profile)
+    exec_bps, non_layer, non_token = executor_rates(workload, profile)
     bw, lat = profile.ssd_read_gbps * 1e9, profile.ssd_latency_s
     workers = profile.decode_workers
     dec_bps = (
@@ -174,7 +177,7 @@ def offline_lower_bound(workload, budget: int, profile, steps=None) -> dict[str,
     if not steps:
         return {"tpot_s": 0.0}
     sizes = workload.sizes
-    exec_bps, non_layer, non_token = _costs(workload, profile)
+    exec_bps, non_layer, non_token = executor_rates(workload, profile)
     extent = min(s.extent for s in sizes.values())
     compute = 0.0
     requests = []

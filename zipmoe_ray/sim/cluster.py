@@ -22,12 +22,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..backends.cluster import inflight_per_node
-from ..cache.forms import Form
 from ..errors import ConfigError
 from ..stages.cluster_scheduler import home_index, remote_node_config
 from ..stages.scheduler import Scheduler
 from .runner import SimRunner, ready_time
-from .simulator import policy_setup
+from .simulator import executor_layer, policy_setup
 
 __all__ = ["NETWORKS", "ClusterSimResult", "NetworkProfile", "simulate_cluster"]
 
@@ -151,30 +150,19 @@ def simulate_cluster(
                     away.setdefault(home[(layer, e)], []).append((e, tok))
             uses += len(picks)
             # -- the executor's device: exactly simulate()'s layer ---------------------------------------
-            sched, runner = scheds[0], runners[0]
-            hits = [(e, tok) for e, tok in local if sched.cache.form((layer, e)) == Form.FULL]
-            misses = [(e, tok) for e, tok in local if sched.cache.form((layer, e)) != Form.FULL]
-            t_exec = t
-            for e, _ in hits:
-                t_exec += sizes[(layer, e)].full / exec_bps
-                compute_busy[0] += sizes[(layer, e)].full / exec_bps
-            if not misses:
-                notes.extend((layer, e, tok) for e, tok in hits)
-            else:
-                pending, first_call = misses, True
-                while pending:
-                    t_call = (t if first_call else max(t, t_exec)) + profile.request_overhead_s
-                    runner.now = t_call
-                    resp = sched.request(layer, pending, hits if first_call else [], released[0])
-                    released[0] = []
-                    t_exec = max(t_exec, t_call)
-                    ready = {d.expert: ready_time(d.parts or d.handle) for d in resp.deliveries}
-                    for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
-                        dt = sizes[(layer, d.expert)].full / exec_bps
-                        t_exec = max(t_exec, ready[d.expert]) + dt
-                        compute_busy[0] += dt
-                        released[0].append((layer, d.expert))
-                    pending, first_call = resp.deferred, False
+            t_exec, busy, released[0] = executor_layer(
+                scheds[0],
+                runners[0],
+                layer,
+                local,
+                t,
+                sizes,
+                exec_bps,
+                profile.request_overhead_s,
+                released[0],
+                notes,
+            )
+            compute_busy[0] += busy
             # -- other devices: rows out, expert fetched and computed there, rows back ------------------------
             done = t_exec
             nic_out = nic_in = t

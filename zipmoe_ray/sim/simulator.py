@@ -25,7 +25,7 @@ from ..cache.forms import ExpertSizes, Form
 from ..cache.split import SplitRule
 from ..errors import ConfigError
 from ..stages.scheduler import ModelLayout, Scheduler, SchedulerConfig, minimum_budget
-from .bound import lower_bound
+from .bound import executor_rates, lower_bound
 from .runner import SimRunner, ready_time
 
 __all__ = ["POLICIES", "PolicySetup", "SimResult", "policy_setup", "simulate"]
@@ -136,21 +136,53 @@ def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan
         prior=prior,
         decode_parts=None if on_device else 1,  # as the engine does (pieces only go to an accelerator)
     )
-    exec_bps = profile.executor_gbps * 1e9
-    non_layer = profile.non_moe_s_per_layer
-    if non_layer is None:
-        non_layer = (
-            workload.non_expert_bytes_per_layer or 4 * max(s.full for s in sizes.values())
-        ) / exec_bps
     return PolicySetup(
-        sizes,
-        ModelLayout(sizes, workload.top_k, raw),
-        config,
-        plan,
-        exec_bps,
-        non_layer,
-        profile.non_moe_s_per_token or 0.0,
+        sizes, ModelLayout(sizes, workload.top_k, raw), config, plan, *executor_rates(workload, profile)
     )
+
+
+def executor_layer(
+    sched,
+    runner,
+    layer: int,
+    picks,
+    t: float,
+    sizes,
+    exec_bps: float,
+    overhead: float,
+    released: list,
+    notes: list,
+) -> tuple[float, float, list]:
+    """One MoE layer on the executor's device from time ``t``, as the client runs it: held FULL experts are
+    computed at once; the rest are requested (in waves, each after the last is computed) and computed in the
+    order they become ready. ``released`` goes out with the first request; hits without a request are added
+    to ``notes`` (reported with the step). Returns (the time the layer's experts are computed, the compute
+    seconds spent, the experts to release with the next request)."""
+    hits = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) == Form.FULL]
+    misses = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) != Form.FULL]
+    t_exec, busy = t, 0.0
+    for e, _ in hits:
+        dt = sizes[(layer, e)].full / exec_bps
+        t_exec += dt
+        busy += dt
+    if not misses:
+        notes.extend((layer, e, tok) for e, tok in hits)
+        return t_exec, busy, released
+    pending, first_call = misses, True
+    while pending:
+        t_call = (t if first_call else max(t, t_exec)) + overhead
+        runner.now = t_call
+        resp = sched.request(layer, pending, hits if first_call else [], released)
+        released = []
+        t_exec = max(t_exec, t_call)
+        ready = {d.expert: ready_time(d.parts or d.handle) for d in resp.deliveries}
+        for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
+            dt = sizes[(layer, d.expert)].full / exec_bps
+            t_exec = max(t_exec, ready[d.expert]) + dt
+            busy += dt
+            released.append((layer, d.expert))
+        pending, first_call = resp.deferred, False
+    return t_exec, busy, released
 
 
 def simulate(
@@ -194,26 +226,9 @@ def simulate(
         t0 = t
         for pos, picks in enumerate(step):
             layer = workload.layers[pos]
-            hits = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) == Form.FULL]
-            misses = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) != Form.FULL]
-            t_exec = t
-            for e, _ in hits:
-                t_exec += sizes[(layer, e)].full / exec_bps
-            if not misses:
-                notes.extend((layer, e, tok) for e, tok in hits)
-            else:
-                pending, first_call = misses, True
-                while pending:
-                    t_call = max(t, t_exec if not first_call else t) + profile.request_overhead_s
-                    runner.now = t_call
-                    resp = sched.request(layer, pending, hits if first_call else [], released)
-                    released = []
-                    t_exec = max(t_exec, t_call)
-                    ready = {d.expert: ready_time(d.parts or d.handle) for d in resp.deliveries}
-                    for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
-                        t_exec = max(t_exec, ready[d.expert]) + sizes[(layer, d.expert)].full / exec_bps
-                        released.append((layer, d.expert))
-                    pending, first_call = resp.deferred, False
+            t_exec, _, released = executor_layer(
+                sched, runner, layer, picks, t, sizes, exec_bps, profile.request_overhead_s, released, notes
+            )
             t = t_exec + non_layer
         t += non_token
         runner.now = t
