@@ -118,3 +118,36 @@ def test_registry_recognises_expert_names():
     assert (hit.layer, hit.expert, hit.role) == (27, 7, "wo")
     with pytest.raises(ArchitectureError, match="unexpected name"):
         q.classify("model.layers.1.mlp.experts.3.weird.weight", cfg)
+
+
+def test_expert_host_arithmetic_is_refused_where_it_differs():
+    """An ExpertHost computes the default chunk gate only: a model with its own gate, no gate, or a norm after
+    the expert must be refused remote results, not combined with wrong ones."""
+    import torch
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
+
+    from zipmoe_ray.models.experts_impl import ExpertWeights, _computable_elsewhere, chunk_gate, gated_rows
+
+    def module(cls, **flags):
+        m = object.__new__(cls)
+        m.__dict__.update({"has_gate": True, "has_post_expert_norm": False, **flags})
+        return m
+
+    class OwnGate(Qwen2MoeExperts):
+        def _apply_gate(self, gate_up):
+            return gate_up[..., : gate_up.shape[-1] // 2]
+
+    assert _computable_elsewhere(module(Qwen2MoeExperts))
+    assert not _computable_elsewhere(module(OwnGate))
+    assert not _computable_elsewhere(module(Qwen2MoeExperts, has_gate=False))
+    assert not _computable_elsewhere(module(Qwen2MoeExperts, has_post_expert_norm=True))
+    # and the shared gate is transformers' default, bit for bit
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=g, dtype=torch.bfloat16)
+    w = ExpertWeights(torch.randn(12, 8, generator=g, dtype=torch.bfloat16),
+                      torch.randn(8, 6, generator=g, dtype=torch.bfloat16))  # fmt: skip
+    r = torch.rand(5, generator=g, dtype=torch.bfloat16)
+    m = module(Qwen2MoeExperts, act_fn=torch.nn.functional.silu)
+    assert torch.equal(
+        gated_rows(x, w, r, chunk_gate(torch.nn.functional.silu)), gated_rows(x, w, r, m._apply_gate)
+    )

@@ -44,6 +44,50 @@ class ExpertWeights:
     second: torch.Tensor
 
 
+def chunk_gate(act):
+    """transformers' default gate (``_default_apply_gate``): the gate half activated, times the up half."""
+
+    def gate(gate_up: torch.Tensor) -> torch.Tensor:
+        g, up = gate_up.chunk(2, dim=-1)
+        return act(g) * up
+
+    return gate
+
+
+def gated_rows(
+    x: torch.Tensor, w: ExpertWeights, routing: torch.Tensor, gate, post_norm=None
+) -> torch.Tensor:
+    """A gated expert on its group of rows ``x``, weighted by ``routing`` [n]: what ``grouped_mm`` computes
+    for one group (the executor's and the ExpertHost's arithmetic, operation for operation)."""
+    proj = torch.mm(x.to(w.first.dtype), w.first.t())
+    proj = gate(proj)
+    proj = torch.mm(proj.to(w.second.dtype), w.second.t())
+    if post_norm is not None:
+        proj = post_norm(proj)
+    return proj * routing.unsqueeze(-1)
+
+
+def switch_rows(x: torch.Tensor, w: ExpertWeights, routing: torch.Tensor, act) -> torch.Tensor:
+    """A Switch Transformers expert on rows ``x``, weighted by the router probability ``routing`` [n]."""
+    h = act(F.linear(x, w.first))
+    if h.dtype != w.second.dtype and w.second.dtype != torch.int8:
+        h = h.to(w.second.dtype)
+    return F.linear(h, w.second) * routing[:, None]
+
+
+def _computable_elsewhere(module) -> bool:
+    """Whether an ExpertHost (which knows only the model's activation) computes this experts module's
+    arithmetic: the default chunk gate (or none, for Switch) and no norm after the expert."""
+    if getattr(module, "has_post_expert_norm", False):
+        return False
+    if not getattr(module, "has_gate", False):
+        return not hasattr(module, "has_gate")  # Switch: no gate flag at all
+    from transformers.integrations import moe
+
+    default = getattr(moe, "_default_apply_gate", None)
+    return default is not None and getattr(type(module), "_apply_gate", None) is default
+
+
 class ExpertSource(Protocol):
     """What a MoE layer asks for its active experts (the executor's ExpertClient)."""
 
@@ -90,15 +134,20 @@ def zipmoe_experts_forward(
     for e, w in source.fetch(layer, active, [groups[e][1] - groups[e][0] for e in active], inputs):
         a, b = groups[e]
         if isinstance(w, torch.Tensor):  # computed where the expert is held (see ExpertHost)
+            if not _computable_elsewhere(self):
+                raise NotImplementedError(
+                    f"{type(self).__name__} has its own gate or a post-expert norm, which an ExpertHost does "
+                    "not compute: serve this model on one node"
+                )
             out = w.to(hidden_states.device)
         else:
-            x = selected_g[a:b]
-            proj = torch.mm(x.to(w.first.dtype), w.first.t())  # what grouped_mm computes for this group
-            proj = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)
-            proj = torch.mm(proj.to(w.second.dtype), w.second.t())
-            if self.has_post_expert_norm:
-                proj = self.post_expert_norm(proj)
-            out = proj * sample_weights_g[a:b].unsqueeze(-1)
+            out = gated_rows(
+                selected_g[a:b],
+                w,
+                sample_weights_g[a:b],
+                self._apply_gate if self.has_gate else self.act_fn,
+                self.post_expert_norm if self.has_post_expert_norm else None,
+            )
         if weighted_out is None:
             weighted_out = torch.empty(len(ids), hidden_dim, dtype=out.dtype, device=out.device)
         weighted_out[a:b] = out
@@ -150,10 +199,7 @@ class SwitchExperts(torch.nn.Module):
                 self._zipmoe_source.done(self._zipmoe_layer, e)
                 continue
             x = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
-            h = self.act(F.linear(x, w.first))
-            if h.dtype != w.second.dtype and w.second.dtype != torch.int8:
-                h = h.to(w.second.dtype)
-            outs[e] = F.linear(h, w.second) * routing_weights[top_x, pos, None]
+            outs[e] = switch_rows(x, w, routing_weights[top_x, pos], self.act)
             self._zipmoe_source.done(self._zipmoe_layer, e)
         for e in active:  # the reference's accumulation order
             final.index_add_(0, rows[e][1], outs[e].to(hidden_states.dtype))

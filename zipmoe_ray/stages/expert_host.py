@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..models.experts_impl import chunk_gate, gated_rows, switch_rows
 from ..models.registry import get_arch
 from ..store import open_store
 from .client import ExpertClient
@@ -48,6 +48,7 @@ class ExpertHost:
         self.gated = get_arch(self.store.model_type).family == "causal"
         act = config.get("hidden_act") if self.gated else config.get("dense_act_fn", "relu")
         self.act = ACT2FN[act]
+        self.gate = chunk_gate(self.act)  # the default gate: _computable_elsewhere refuses any other
         self._tasks = 0
         self._busy = 0.0
         self._lock = threading.Lock()
@@ -61,19 +62,11 @@ class ExpertHost:
         ``remote_node_config`` sets ``decode_parts=1``), resolved by Ray on this node without a copy."""
         t0 = time.monotonic()
         weights = self.builder._weights(layer, kind, np.asarray(value))
-        w1, w2 = weights.first, weights.second
         x, w = x.to(self.device), w.to(self.device)
         if self.gated:
-            proj = torch.mm(x.to(w1.dtype), w1.t())
-            gate, up = proj.chunk(2, dim=-1)
-            proj = self.act(gate) * up
-            proj = torch.mm(proj.to(w2.dtype), w2.t())
-            out = proj * w.unsqueeze(-1)
+            out = gated_rows(x, weights, w, self.gate)
         else:
-            h = self.act(F.linear(x, w1))
-            if h.dtype != w2.dtype:
-                h = h.to(w2.dtype)
-            out = F.linear(h, w2) * w[:, None]
+            out = switch_rows(x, weights, w, self.act)
         out = out.cpu()
         with self._lock:
             self._tasks += 1
