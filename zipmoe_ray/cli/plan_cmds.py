@@ -156,13 +156,13 @@ def cmd_plan(args) -> int:
         raise ConfigError("zipmoe plan needs --store STORE_DIR or --trace TRACE (or both)")
     from ..plan import load_profile
     from ..runtime.sizes import parse_size
-    from ..sim.simulator import _choose_plan
+    from ..sim.simulator import choose_plan
     from ..stages.scheduler import minimum_budget
 
     w = _workload(args)
     profile = load_profile(args.device_profile)
     budget = parse_size(args.memory_budget, total=w.expert_bytes)
-    plan = _choose_plan(w, budget, profile, minimum_budget(w.sizes, w.top_k))
+    plan = choose_plan(w, budget, profile, minimum_budget(w.sizes, w.top_k))
     if args.out:
         plan.save(args.out)
     doc = {k: v for k, v in plan.to_json().items() if k not in ("forms", "access")}

@@ -35,7 +35,8 @@ __all__ = ["PLAN_FORMAT", "Plan", "expected_makespan", "make_plan"]
 
 PLAN_FORMAT = "zipmoe-plan/1"
 Key = tuple[int, int]
-UPGRADES = (Form.SM, Form.COMPRESSED, Form.FULL)
+UPGRADES = (Form.SM, Form.COMPRESSED, Form.FULL)  # cheapest first
+EVALUATE_TOP = 4  # planned candidates an evaluator re-scores (with every single-form cache)
 
 
 @dataclass
@@ -157,19 +158,17 @@ def expected_makespan(
 def _greedy(
     w: Workload,
     cache_bytes: int,
-    costs: CostModel,
+    io: dict,
+    cpu: dict,
     workers: int,
-    on_device: bool,
     allowed,
-    tail: float,
     start: dict[Key, Form] | None = None,
 ) -> dict[Key, Form]:
     """Greedy upgrades by objective decrease per byte (see the module docstring). Per layer the objective
-    is max(A, B / min(W, n)) + 0.3 min(A, B / min(W, n)) + tail * q * b: expected read time A, decode time
-    B spread over at most as many lanes as there are decodes (n expected non-FULL active experts), plus
-    ``tail`` times the decode that follows the last read (q: probability that any non-FULL expert is
-    active, b: one decode)."""
-    io, cpu = _task_costs(w, costs, on_device)
+    is max(A, B / min(W, n)) + 0.3 min(A, B / min(W, n)) + q * b: expected read time A, decode time B
+    spread over at most as many lanes as there are decodes (n expected non-FULL active experts), plus the
+    decode that follows the last read (q: probability that any non-FULL expert is active, b: one decode).
+    ``io`` and ``cpu``: per form, per expert, its read and decode seconds (_task_costs)."""
     p = w.access
     forms = dict(start) if start else {k: Form.DISK for k in w.sizes}
     A = {l: 0.0 for l in w.layers}
@@ -189,7 +188,7 @@ def _greedy(
 
     def J(l: int, a: float, b: float, n: float, logq: float) -> float:
         x, y = a, b / min(workers, max(1.0, n))
-        return max(x, y) + 0.3 * min(x, y) + tail * (1 - math.exp(logq)) * bdec[l]
+        return max(x, y) + 0.3 * min(x, y) + (1 - math.exp(logq)) * bdec[l]
 
     def moved(k: Key, target: Form):
         f = forms[k]
@@ -266,14 +265,12 @@ def make_plan(
     *,
     reserve: int = 0,
     on_device: bool = False,
-    allowed: tuple[Form, ...] = UPGRADES,
     device: str = "",
     evaluator=None,
-    evaluate_top: int = 4,
 ) -> Plan:
     """Choose the forms of every expert for ``budget`` bytes (``reserve`` of them kept for staging).
 
-    ``evaluator(forms) -> seconds`` (optional) re-scores the ``evaluate_top`` best candidates of the static
+    ``evaluator(forms) -> seconds`` (optional) re-scores the ``EVALUATE_TOP`` best candidates of the static
     model and the single-form caches with a more faithful model (the simulator passes a short replay of
     the workload through the dynamic cache), and the plan is chosen on those scores."""
     if budget < reserve:
@@ -283,17 +280,17 @@ def make_plan(
     # The FULL form only pays off when it covers a layer's active experts together (it removes the decode
     # that follows the last read), which a per-byte greedy cannot see; so search over the share of the
     # cache given to the most popular experts in full form, and fill the rest greedily.
-    lower = tuple(f for f in allowed if f != Form.FULL)
-    shares = (0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0) if Form.FULL in allowed else (0.0,)
-    for share in shares:
+    io, cpu = _task_costs(w, costs, on_device)
+    lower = tuple(f for f in UPGRADES if f != Form.FULL)
+    for share in (0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0):
         start = _single_form(w, int(cache * share), Form.FULL) if share else None
-        forms = _greedy(w, cache, costs, workers, on_device, lower or allowed, tail=1.0, start=start)
+        forms = _greedy(w, cache, io, cpu, workers, lower, start=start)
         cands[f"planned-full{round(share * 100)}"] = forms
-    for f in allowed:
+    for f in UPGRADES:
         cands[f"{f.label}-only"] = _single_form(w, cache, f)
     scores = {name: expected_makespan(w, forms, costs, workers, on_device) for name, forms in cands.items()}
     if evaluator is not None:
-        ranked = sorted((n for n in scores if n.startswith("planned")), key=scores.__getitem__)[:evaluate_top]
+        ranked = sorted((n for n in scores if n.startswith("planned")), key=scores.__getitem__)[:EVALUATE_TOP]
         shortlist = [*ranked, *(n for n in scores if n.endswith("-only"))]
         scores = {name: evaluator(cands[name]) for name in shortlist}
     chosen = min(scores, key=lambda n: (scores[n], not n.startswith("planned")))

@@ -28,7 +28,15 @@ from ..stages.scheduler import ModelLayout, Scheduler, SchedulerConfig, minimum_
 from .bound import executor_rates, lower_bound
 from .runner import SimRunner, ready_time
 
-__all__ = ["POLICIES", "PolicySetup", "SimResult", "policy_setup", "simulate"]
+__all__ = [
+    "POLICIES",
+    "PolicySetup",
+    "SimResult",
+    "choose_plan",
+    "executor_layer",
+    "policy_setup",
+    "simulate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ def _raw_sizes(sizes: dict) -> dict:
     return {k: ExpertSizes(s.full, s.full, 0, s.full, raw_codec=True) for k, s in sizes.items()}
 
 
-def _choose_plan(workload, budget, profile, reserve):
+def choose_plan(workload, budget, profile, reserve):
     """The planner's plan, its shortlist re-scored by replaying the start of the workload in the simulator."""
     from ..plan.planner import Plan, make_plan
     from ..plan.workload import Workload
@@ -123,7 +131,7 @@ def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan
     if policy == "zipmoe":
         if plan is None:
             reserve = minimum_budget(sizes, workload.top_k)
-            plan = _choose_plan(workload, plan_budget or budget, profile, reserve)
+            plan = choose_plan(workload, plan_budget or budget, profile, reserve)
         split, prior = plan.split_rule(sizes), plan.access
     else:
         plan, split = None, SplitRule.for_policy("full-only" if raw else policy)
