@@ -85,8 +85,8 @@ class Plan:
             "expected_makespan_s": self.expected_makespan_s,
             "candidates": self.candidates,
             "experts_per_form": self.counts(),
-            "forms": [[l, e, f.label] for (l, e), f in sorted(self.forms.items()) if f != Form.DISK],
-            "access": [[l, e, p] for (l, e), p in sorted(self.access.items()) if p > 0],
+            "forms": [[layer, e, f.label] for (layer, e), f in sorted(self.forms.items()) if f != Form.DISK],
+            "access": [[layer, e, p] for (layer, e), p in sorted(self.access.items()) if p > 0],
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -96,7 +96,7 @@ class Plan:
     def from_json(cls, d: dict[str, Any], where: str = "plan") -> Plan:
         if d.get("format") != PLAN_FORMAT:
             raise ConfigError(f"{where}: format {d.get('format')!r}, expected {PLAN_FORMAT}")
-        forms = {(int(l), int(e)): Form[f.upper()] for l, e, f in d["forms"]}
+        forms = {(int(layer), int(e)): Form[f.upper()] for layer, e, f in d["forms"]}
         return cls(
             budget=int(d["budget"]),
             reserve=int(d["reserve"]),
@@ -104,7 +104,7 @@ class Plan:
             expected_makespan_s=float(d["expected_makespan_s"]),
             chosen=d["chosen"],
             candidates=d.get("candidates", {}),
-            access={(int(l), int(e)): float(p) for l, e, p in d.get("access", [])},
+            access={(int(layer), int(e)): float(p) for layer, e, p in d.get("access", [])},
             scope=d.get("scope", "global"),
             device=d.get("device", ""),
         )
@@ -171,11 +171,11 @@ def _greedy(
     ``io`` and ``cpu``: per form, per expert, its read and decode seconds (_task_costs)."""
     p = w.access
     forms = dict(start) if start else {k: Form.DISK for k in w.sizes}
-    A = {l: 0.0 for l in w.layers}
-    B = {l: 0.0 for l in w.layers}
-    N = {l: 0.0 for l in w.layers}
-    LOGQ = {l: 0.0 for l in w.layers}  # sum of log(1 - p) over non-FULL experts
-    bdec = {l: 0.0 for l in w.layers}
+    A = {layer: 0.0 for layer in w.layers}
+    B = {layer: 0.0 for layer in w.layers}
+    N = {layer: 0.0 for layer in w.layers}
+    LOGQ = {layer: 0.0 for layer in w.layers}  # sum of log(1 - p) over non-FULL experts
+    bdec = {layer: 0.0 for layer in w.layers}
     for k in w.sizes:
         pk = min(p.get(k, 0.0), 1 - 1e-9)
         f = forms[k]
@@ -186,27 +186,27 @@ def _greedy(
             LOGQ[k[0]] += math.log1p(-pk)
         bdec[k[0]] = max(bdec[k[0]], cpu[Form.DISK][k])
 
-    def J(l: int, a: float, b: float, n: float, logq: float) -> float:
+    def J(layer: int, a: float, b: float, n: float, logq: float) -> float:
         x, y = a, b / min(workers, max(1.0, n))
-        return max(x, y) + 0.3 * min(x, y) + (1 - math.exp(logq)) * bdec[l]
+        return max(x, y) + 0.3 * min(x, y) + (1 - math.exp(logq)) * bdec[layer]
 
     def moved(k: Key, target: Form):
         f = forms[k]
-        l = k[0]
+        layer = k[0]
         pk = min(p.get(k, 0.0), 1 - 1e-9)
-        a = A[l] + pk * (io[target][k] - io[f][k])
-        b = B[l] + pk * (cpu[target][k] - cpu[f][k])
+        a = A[layer] + pk * (io[target][k] - io[f][k])
+        b = B[layer] + pk * (cpu[target][k] - cpu[f][k])
         full_now, full_then = f == Form.FULL, target == Form.FULL
-        n = N[l] + (pk if full_now else 0) - (pk if full_then else 0)
-        lq = LOGQ[l] - (math.log1p(-pk) if full_then and not full_now else 0)
+        n = N[layer] + (pk if full_now else 0) - (pk if full_then else 0)
+        lq = LOGQ[layer] - (math.log1p(-pk) if full_then and not full_now else 0)
         return a, b, n, lq
 
     def gain(k: Key, target: Form) -> tuple[float, int]:
-        l = k[0]
+        layer = k[0]
         a, b, n, lq = moved(k, target)
-        return J(l, A[l], B[l], N[l], LOGQ[l]) - J(l, a, b, n, lq), w.sizes[k].held(target) - w.sizes[k].held(
-            forms[k]
-        )
+        return J(layer, A[layer], B[layer], N[layer], LOGQ[layer]) - J(layer, a, b, n, lq), w.sizes[k].held(
+            target
+        ) - w.sizes[k].held(forms[k])
 
     heap = []
     for k in w.sizes:
@@ -219,8 +219,8 @@ def _greedy(
     heapq.heapify(heap)
     used = sum(w.sizes[k].held(f) for k, f in forms.items() if f != Form.DISK)
     while heap:
-        _, e, l, t = heapq.heappop(heap)
-        k = (l, e)
+        _, e, layer, t = heapq.heappop(heap)
+        k = (layer, e)
         if t >= forms[k]:
             continue  # already at this form or better (forms are ordered best first)
         g, c = gain(k, t)
@@ -228,12 +228,12 @@ def _greedy(
             continue
         ratio = g / c
         if heap and ratio < -heap[0][0] - 1e-15:
-            heapq.heappush(heap, (-ratio, e, l, t))  # stale: re-queue with its current value
+            heapq.heappush(heap, (-ratio, e, layer, t))  # stale: re-queue with its current value
             continue
         if used + c > cache_bytes:
             continue
-        l = k[0]
-        A[l], B[l], N[l], LOGQ[l] = moved(k, t)
+        layer = k[0]
+        A[layer], B[layer], N[layer], LOGQ[layer] = moved(k, t)
         used += c
         forms[k] = t
         for t2 in allowed:  # further upgrades of this expert
@@ -241,7 +241,7 @@ def _greedy(
                 continue
             g2, c2 = gain(k, t2)
             if g2 > 0 and c2 > 0:
-                heapq.heappush(heap, (-g2 / c2, e, l, t2))
+                heapq.heappush(heap, (-g2 / c2, e, layer, t2))
     return forms
 
 

@@ -65,7 +65,7 @@ class Workload:
     ) -> Workload:
         ids = layers or list(range(trace.num_layers))
         sizes = sizes or {
-            (l, e): estimated_sizes(trace.expert_bytes) for l in ids for e in range(trace.num_experts)
+            (layer, e): estimated_sizes(trace.expert_bytes) for layer in ids for e in range(trace.num_experts)
         }
         return cls(
             ids,
@@ -82,7 +82,7 @@ class Workload:
         ids = trace.layers
         m = trace.model
         sizes = sizes or {
-            (l, e): estimated_sizes(m["expert_bytes"]) for l in ids for e in range(m["num_experts"])
+            (layer, e): estimated_sizes(m["expert_bytes"]) for layer in ids for e in range(m["num_experts"])
         }
         steps = [
             [list(s.layers.get(layer, [])) for layer in ids]
