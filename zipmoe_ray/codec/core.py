@@ -153,11 +153,16 @@ def _check_out(enc: EncodedTensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def _raw_plane(enc: EncodedTensor) -> np.ndarray:
+    """The uncompressed (sign+mantissa) plane as uint8, without a copy."""
+    return enc.raw if isinstance(enc.raw, np.ndarray) else np.frombuffer(enc.raw, dtype=np.uint8)
+
+
 def _shard_tasks(enc: EncodedTensor, exp: np.ndarray, words: np.ndarray):
     """One closure per shard: decompress into ``exp`` and recombine that range into ``words``."""
     layout = layout_for(enc.dtype)
     codec = get_codec(enc.codec, enc.level)
-    raw = np.frombuffer(enc.raw, dtype=np.uint8) if not isinstance(enc.raw, np.ndarray) else enc.raw
+    raw = _raw_plane(enc)
     if enc.codec == "none":
         if raw.size != enc.numel * layout.itemsize:
             raise StoreCorruptError(
@@ -257,22 +262,14 @@ def decode_shards(encoded: EncodedTensor, lo: int, hi: int, *, planes_only: bool
         raise ConfigError(f"cannot decode shards [{lo}, {hi}) of a tensor with {encoded.shards} shards")
     a = sum(encoded.shard_elems[:lo])
     b = a + sum(encoded.shard_elems[lo:hi])
+    if planes_only and layout.raw_width != 1:
+        raise ConfigError(f"{encoded.dtype}: piecewise plane output needs one raw byte per element")
     exp = np.empty(encoded.numel, dtype=np.uint8)  # only [a, b) is touched
-    if planes_only:
-        if layout.raw_width != 1:
-            raise ConfigError(f"{encoded.dtype}: piecewise plane output needs one raw byte per element")
-        tasks = _shard_tasks(encoded, exp, None)[lo:hi]
-        for t in tasks:
-            t()
-        raw = (
-            np.frombuffer(encoded.raw, dtype=np.uint8)
-            if not isinstance(encoded.raw, np.ndarray)
-            else encoded.raw
-        )
-        return a, exp[a:b], raw[a:b]
-    words = np.empty(encoded.numel, dtype=layout.word)
+    words = None if planes_only else np.empty(encoded.numel, dtype=layout.word)
     for t in _shard_tasks(encoded, exp, words)[lo:hi]:
         t()
+    if planes_only:
+        return a, exp[a:b], _raw_plane(encoded)[a:b]
     return a, words[a:b]
 
 
