@@ -117,6 +117,30 @@ def test_decompress_only_then_torch_recombination(dtype):
     assert_bit_equal(y, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_shards_pieces_make_the_whole(dtype):
+    """Several workers decoding pieces of one tensor (decode_shards): the words of the pieces, or their
+    planes recombined with merge_torch, are the tensor's, bit for bit."""
+    from zipmoe_ray.codec.core import decode_shards
+
+    x = (torch.randn(20_003) * 0.02).to(dtype)
+    enc = encode(x, shards=5)
+    layout = layout_for(dtype)
+    words, planes = [], []
+    for lo, hi in [(0, 2), (2, 3), (3, 5)]:
+        a, w = decode_shards(enc, lo, hi)
+        assert a == sum(len(p) for p in words)
+        words.append(w)
+        a2, exp, raw = decode_shards(enc, lo, hi, planes_only=True)
+        assert a2 == a and len(exp) == len(raw) == len(w)
+        planes.append(layout.merge_torch(torch.from_numpy(exp.copy()), torch.from_numpy(raw.copy())))
+    whole = torch.from_numpy(np.concatenate(words).view(np.int16)).view(dtype)
+    assert_bit_equal(whole, x)
+    assert_bit_equal(torch.cat(planes).view(x.shape), x)
+    with pytest.raises(ConfigError, match="shards"):
+        decode_shards(enc, 3, 6)
+
+
 @pytest.mark.parametrize("level", [None, -3, 1, 3, 19])
 def test_zstd_levels(level):
     x = (torch.randn(20_000) * 0.02).to(torch.bfloat16)
