@@ -28,28 +28,27 @@ sys.path.insert(0, str(HERE.parent))  # for tests.netns_cluster
 
 def driver(args) -> None:
     """Runs inside the head's namespace: one configuration, JSON on stdout."""
-    from common import prompt_ids  # sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 for one-node benchmarks ...
+    from common import (  # sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 for one-node benchmarks ...
+        emulated_engine,
+        prompt_ids,
+        warm_then_measure,
+    )
 
     os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # ... which would refuse this cluster
     from transformers import AutoTokenizer
 
-    from zipmoe_ray import ZipMoEEngine
-
     tok = AutoTokenizer.from_pretrained(args.store)
     warm, prompt = prompt_ids(tok, 32, 20), prompt_ids(tok, 32, 0)
-    with ZipMoEEngine(
+    with emulated_engine(
         args.store,
+        args.bandwidth,
         memory_budget=args.budget,
         address=args.address,
         nodes=tuple(args.nodes.split(",")) if args.nodes else None,
         num_decompressors=1,
-        cache_mode="bypass",
-        bandwidth=args.bandwidth * 1e9,
     ) as engine:
-        engine.generate(warm, 24)
-        engine.reset_stats()
-        out = engine.generate(prompt, args.new_tokens)
-        st = engine.stats()
+        m = warm_then_measure(engine, warm, 24, prompt, args.new_tokens)
+    out, st = m.outputs, m.stats
     keep = ("tpot_s", "ttft_s", "hits", "misses", "hit_rate", "miss_rate", "bytes_read", "budget", "nodes")
     print(json.dumps({"token_ids": out.token_ids, **{k: st[k] for k in keep}}, default=str))
 
@@ -68,11 +67,10 @@ def main() -> None:
     if args.driver:
         driver(args)
         return
-    from common import machine, routed_model, stores_for
+    from common import log, machine, routed_model, stores_for
 
     from tests.netns_cluster import NetnsCluster, unavailable
 
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     why = unavailable()
     if why:
         sys.exit(f"bench_cluster needs network namespaces: {why}")

@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
+
+from common import log
 
 from zipmoe_ray.plan import Workload, load_profile
 from zipmoe_ray.sim import NETWORKS, simulate_cluster
@@ -47,7 +48,6 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--png")
     args = ap.parse_args()
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     profile = load_profile(args.profile)
     out = {"profile": profile.to_json(), "network": dataclasses.asdict(NETWORKS[args.network]), "runs": []}
     print(

@@ -161,7 +161,6 @@ def run_hf(spec: dict) -> dict:
 
     from zipmoe_ray.models.hf import quiet_transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
     device = spec["device"]
     t0 = time.perf_counter()
     offload_dir = None
@@ -237,32 +236,31 @@ def run_hf(spec: dict) -> dict:
 
 def run_engine(spec: dict) -> dict:
     os.environ["ZIPMOE_TIMELINE"] = "1"
+    from common import emulated_engine, warm_then_measure
     from timeline import breakdown
-
-    from zipmoe_ray import ZipMoEEngine
 
     codec, policy, popularity, backend = ENGINES[spec["system"]]
     t0 = time.perf_counter()
-    with ZipMoEEngine(
+    with emulated_engine(
         spec["stores"][codec],
+        spec["bandwidth_gbps"],  # strict pacing; the cgroup cap alone lets bursts through
         memory_budget=spec["budget"],
         device=spec["device"],
         backend=backend,
         num_decompressors=spec["workers"],
         policy=policy,
         popularity=popularity,
-        cache_mode="bypass",
-        bandwidth=spec["bandwidth_gbps"] * 1e9,  # strict pacing; the cgroup cap alone lets bursts through
     ) as engine:
         load_s = time.perf_counter() - t0
-        engine.generate(spec["warm"], spec["warm_tokens"])
-        engine.reset_stats()
-        io0 = _cgroup_bytes(spec)
-        t = time.perf_counter()
-        outs = engine.generate(spec["prompts"], spec["new_tokens"])
-        gen_s = time.perf_counter() - t
-        io1 = _cgroup_bytes(spec)
-        s = engine.stats()
+        m = warm_then_measure(
+            engine,
+            spec["warm"],
+            spec["warm_tokens"],
+            spec["prompts"],
+            spec["new_tokens"],
+            lambda: _cgroup_bytes(spec),
+        )
+        outs, s, gen_s, (io0, io1) = m.outputs, m.stats, m.generation_s, m.probe
         where = breakdown(engine.timeline())
         per_expert = engine.expert_bytes / len(engine.sizes)
     uses = sum(s["hits"].values()) + s["misses"]["disk"]
@@ -293,7 +291,13 @@ def run_engine(spec: dict) -> dict:
 def child(spec: dict) -> None:
     import common  # noqa: F401  (Ray and HF environment)
 
-    res = run_hf(spec) if spec["system"] in ("transformers", "accelerate-disk") else run_engine(spec)
+    if spec["system"] in ("transformers", "accelerate-disk"):
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)  # as the engine's executor does (set here: run_hf is
+        res = run_hf(spec)  # also called inside the test process, whose torch it must not reconfigure)
+    else:
+        res = run_engine(spec)
     print(json.dumps(res, default=str), flush=True)
 
 
@@ -544,9 +548,8 @@ def main() -> None:
         if args.png:
             plot(runs, args.png)
         return
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))  # run the clean-up below
-    from common import CACHE, machine, prompt_ids, routed_model, stores_for
+    from common import CACHE, log, machine, prompt_ids, routed_model, stores_for
 
     device = "cpu"
     if args.gpu:

@@ -25,31 +25,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-from common import machine, prompt_ids, routed_model, stores_for
+from common import emulated_engine, log, machine, prompt_ids, routed_model, stores_for, warm_then_measure
 from timeline import breakdown
 
-from zipmoe_ray.engine import ZipMoEEngine
 
-
-def run_system(store, *, budget, policy, bandwidth, workers, backend, prompt, warm, new_tokens):
+def run_system(store, *, budget, policy, bandwidth_gbps, workers, backend, prompt, warm, new_tokens):
     t0 = time.perf_counter()
-    with ZipMoEEngine(
+    with emulated_engine(
         store,
+        bandwidth_gbps,
         memory_budget=budget,
         backend=backend,
         num_decompressors=workers,
         policy=policy,
-        cache_mode="bypass",
-        bandwidth=bandwidth,
     ) as engine:
         start_s = time.perf_counter() - t0
-        engine.generate(warm, new_tokens)
-        engine.reset_stats()
-        out = engine.generate(prompt, new_tokens)
-        s = engine.stats()
+        m = warm_then_measure(engine, warm, new_tokens, prompt, new_tokens)
+        out, s = m.outputs, m.stats
         where = breakdown(engine.timeline())
     return {
         "token_ids": out.token_ids,
@@ -88,7 +82,6 @@ def main() -> None:
     )
     ap.add_argument("--skip-overhead", action="store_true")
     args = ap.parse_args()
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     os.environ["ZIPMOE_TIMELINE"] = "1"
     stores = stores_for(
         routed_model("qwen1.5-moe", args.layers, None if args.skew < 0 else args.skew, log=log), log=log
@@ -116,7 +109,7 @@ def main() -> None:
         ):
             log(f"{name} at {bw} GB/s ...")
             runs[name] = run_system(
-                store, budget=args.budget, policy=policy, bandwidth=bw * 1e9, workers=args.workers, backend="ray",
+                store, budget=args.budget, policy=policy, bandwidth_gbps=bw, workers=args.workers, backend="ray",
                 prompt=prompt, warm=warm, new_tokens=args.new_tokens,
             )  # fmt: skip
             r = runs[name]
@@ -140,7 +133,7 @@ def main() -> None:
         for backend in ("local", "ray"):
             log(f"all-hit run, {backend} backend ...")
             r = run_system(
-                stores["zstd"], budget="200%", policy="zipmoe", bandwidth=None, workers=args.workers,
+                stores["zstd"], budget="200%", policy="zipmoe", bandwidth_gbps=None, workers=args.workers,
                 backend=backend, prompt=prompt, warm=prompt, new_tokens=16,
             )  # fmt: skip
             over[backend] = r

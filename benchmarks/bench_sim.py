@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
+
+from common import log
 
 from zipmoe_ray.plan import Workload, load_profile
 from zipmoe_ray.sim import simulate
@@ -94,7 +95,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="three budgets only")
     ap.add_argument("--reuse", help="a previous run's --json: keep its panels, compute only the missing ones")
     args = ap.parse_args()
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     profile = load_profile(args.profile)
     budgets = (0.1, 0.25, 0.5) if args.quick else BUDGETS
     results = {}

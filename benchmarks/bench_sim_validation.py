@@ -20,9 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import machine, prompt_ids, routed_model, stores_for
+from common import emulated_engine, log, machine, prompt_ids, routed_model, stores_for, warm_then_measure
 
-from zipmoe_ray.engine import ZipMoEEngine
 from zipmoe_ray.plan import Workload
 from zipmoe_ray.plan.calibrate import calibrate
 from zipmoe_ray.sim import simulate
@@ -39,7 +38,6 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--traces-dir", help="keep the recorded traces here (trace-<budget>.jsonl)")
     args = ap.parse_args()
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     store = stores_for(routed_model("qwen1.5-moe", args.layers, 0.0, log=log), codecs=("zstd",), log=log)[
         "zstd"
     ]
@@ -56,14 +54,15 @@ def main() -> None:
     for budget in args.budgets.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "t.jsonl"
-            with ZipMoEEngine(
-                store, memory_budget=budget, backend="ray", num_decompressors=2, cache_mode="bypass",
-                bandwidth=args.bandwidth * 1e9, trace_path=trace,
-            ) as engine:  # fmt: skip
-                engine.generate(warm, 24)
-                engine.reset_stats()
-                engine.generate(prompt, args.new_tokens)
-                st = engine.stats()
+            with emulated_engine(
+                store,
+                args.bandwidth,
+                memory_budget=budget,
+                backend="ray",
+                num_decompressors=2,
+                trace_path=trace,
+            ) as engine:
+                st = warm_then_measure(engine, warm, 24, prompt, args.new_tokens).stats
                 plan = engine.plan
                 sizes = sizes or expert_sizes(engine.store)
             if args.traces_dir:

@@ -17,9 +17,8 @@ import argparse
 import json
 import sys
 
-from common import prompt_ids, routed_model, stores_for
+from common import emulated_engine, log, prompt_ids, routed_model, stores_for, warm_then_measure
 
-from zipmoe_ray import ZipMoEEngine
 from zipmoe_ray.cache.split import SplitRule
 
 CONFIGS = {  # name -> (store codec, engine options)
@@ -39,7 +38,6 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--json")
     args = ap.parse_args()
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     stores = stores_for(routed_model("qwen1.5-moe", 4, 0.0, log=log), log=log)
     from transformers import AutoTokenizer
 
@@ -50,14 +48,11 @@ def main() -> None:
     print("| configuration | TPOT | hits full / compressed / SM | disk misses | read | I/O busy |")
     print("|---|---|---|---|---|---|")
     for name, (codec, kw) in CONFIGS.items():
-        with ZipMoEEngine(
-            stores[codec], memory_budget=args.budget, num_decompressors=2, cache_mode="bypass",
-            bandwidth=args.bandwidth * 1e9, **kw,
-        ) as engine:  # fmt: skip
-            engine.generate(warm, args.new_tokens // 2)
-            engine.reset_stats()
-            out = engine.generate(prompt, args.new_tokens)[0]
-            s = engine.stats()
+        with emulated_engine(
+            stores[codec], args.bandwidth, memory_budget=args.budget, num_decompressors=2, **kw
+        ) as e:
+            m = warm_then_measure(e, warm, args.new_tokens // 2, prompt, args.new_tokens)
+        out, s = m.outputs[0], m.stats
         if ref is None:
             ref = out.token_ids
         if out.token_ids != ref:

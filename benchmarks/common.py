@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -16,6 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("ZIPMOE_BENCH_CACHE", Path.home() / ".cache" / "zipmoe" / "bench"))
+
+
+def log(message: str) -> None:
+    """Progress for the person running a benchmark: stderr, so that stdout stays the results."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def prompts() -> list[dict]:
@@ -110,3 +118,33 @@ def padded(batch: list[list[int]], pad: int):
     ids = [[pad] * (n - len(x)) + list(x) for x in batch]
     mask = [[0] * (n - len(x)) + [1] * len(x) for x in batch]
     return torch.tensor(ids), torch.tensor(mask)
+
+
+def emulated_engine(store, bandwidth_gbps: float | None, **engine_kw):
+    """A ZipMoEEngine reading ``store`` past the page cache, paced at ``bandwidth_gbps`` (the emulated SSD;
+    None: the device's own speed; see storage.py for the kernel-side cap used by bench_e2e)."""
+    from zipmoe_ray import ZipMoEEngine
+
+    bandwidth = None if bandwidth_gbps is None else bandwidth_gbps * 1e9
+    return ZipMoEEngine(store, cache_mode="bypass", bandwidth=bandwidth, **engine_kw)
+
+
+@dataclass
+class Measured:
+    outputs: Any  # what engine.generate returned for the measured prompts
+    stats: dict  # engine.stats() after them
+    generation_s: float  # wall time of the measured generate call
+    probe: tuple = (None, None)  # probe() before and after it
+
+
+def warm_then_measure(engine, warm, warm_tokens: int, prompts, new_tokens: int, probe=None) -> Measured:
+    """The measurement every engine benchmark makes: warm the cache on ``warm``, zero the counters, then
+    generate ``prompts`` (``probe``, if given, is read just before and after, e.g. a cgroup's bytes read)."""
+    engine.generate(warm, warm_tokens)
+    engine.reset_stats()
+    before = probe() if probe else None
+    t = time.perf_counter()
+    outputs = engine.generate(prompts, new_tokens)
+    generation_s = time.perf_counter() - t
+    after = probe() if probe else None
+    return Measured(outputs, engine.stats(), generation_s, (before, after))
