@@ -110,13 +110,7 @@ def simulate_cluster(
     costs = profile.costs()
     runners, scheds = [], []
     for j in range(devices):
-        r = SimRunner(
-            sizes,
-            costs,
-            profile.decode_workers,
-            on_device=profile.recombine_on_device,
-            delivery_overhead=profile.delivery_overhead_s,
-        )
+        r = SimRunner.on_profile(sizes, profile, costs)
         cfg = base if j == 0 else remote_node_config(base)
         runners.append(r)
         scheds.append(Scheduler(ps.layout, cfg, r, costs))

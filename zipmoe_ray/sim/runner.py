@@ -54,6 +54,17 @@ class SimRunner:
         self.cpu_busy = [0.0] * workers
         self.bytes_read = 0
 
+    @classmethod
+    def on_profile(cls, sizes, profile, costs: CostModel | None = None) -> SimRunner:
+        """The I/O lane and decode lanes of one device described by ``profile`` (plan.DeviceProfile)."""
+        return cls(
+            sizes,
+            costs or profile.costs(),
+            profile.decode_workers,
+            on_device=profile.recombine_on_device,
+            delivery_overhead=profile.delivery_overhead_s,
+        )
+
     def read(self, key, part):
         s = self.sizes[key]
         nbytes = {"exp": s.exp, "raw": s.sm, "all": s.extent}[part]

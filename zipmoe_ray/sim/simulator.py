@@ -212,13 +212,7 @@ def simulate(
     ps = policy_setup(workload, policy, budget, profile, plan=plan)
     sizes, split, plan = ps.sizes, ps.config.split, ps.plan
     costs = profile.costs()
-    runner = SimRunner(
-        sizes,
-        costs,
-        profile.decode_workers,
-        on_device=profile.recombine_on_device,
-        delivery_overhead=profile.delivery_overhead_s,
-    )
+    runner = SimRunner.on_profile(sizes, profile, costs)
     sched = Scheduler(ps.layout, ps.config, runner, costs)
     exec_bps, non_layer, non_token = ps.exec_bps, ps.non_layer_s, ps.non_token_s
     first = len(workload.steps) if warm_start else measure_from
