@@ -336,7 +336,7 @@ class Boom(Exception):
 def test_interrupted_compress_resumes(tiny_models, tmp_path, monkeypatch):
     import zipmoe_ray.store.writer as writer
 
-    real = writer._write_layer
+    real = writer.write_layer
     calls = []
 
     def failing(store, ckpt, layer, *a, **kw):
@@ -345,7 +345,7 @@ def test_interrupted_compress_resumes(tiny_models, tmp_path, monkeypatch):
             raise Boom("power cut")
         return real(store, ckpt, layer, *a, **kw)
 
-    monkeypatch.setattr(writer, "_write_layer", failing)
+    monkeypatch.setattr(writer, "write_layer", failing)
     with pytest.raises(Boom):
         compress(tiny_models["qwen2_moe"], tmp_path / "s")
     s = tmp_path / "s"
@@ -355,7 +355,7 @@ def test_interrupted_compress_resumes(tiny_models, tmp_path, monkeypatch):
     first = (s / "experts" / "layer-0000.zmx").stat()
     assert not list((s / "experts").glob("*.tmp"))
 
-    monkeypatch.setattr(writer, "_write_layer", lambda *a, **kw: (calls.append(a[2]), real(*a, **kw))[1])
+    monkeypatch.setattr(writer, "write_layer", lambda *a, **kw: (calls.append(a[2]), real(*a, **kw))[1])
     calls.clear()
     compress(tiny_models["qwen2_moe"], s)
     assert calls == [1, 2]  # layer 0 was not redone
@@ -366,17 +366,17 @@ def test_interrupted_compress_resumes(tiny_models, tmp_path, monkeypatch):
 def test_interrupted_compress_restarts_with_other_settings(tiny_models, tmp_path, monkeypatch):
     import zipmoe_ray.store.writer as writer
 
-    real = writer._write_layer
+    real = writer.write_layer
 
     def failing(store, ckpt, layer, *a, **kw):
         if layer == 1:
             raise Boom("killed")
         return real(store, ckpt, layer, *a, **kw)
 
-    monkeypatch.setattr(writer, "_write_layer", failing)
+    monkeypatch.setattr(writer, "write_layer", failing)
     with pytest.raises(Boom):
         compress(tiny_models["qwen2_moe"], tmp_path / "s")
-    monkeypatch.setattr(writer, "_write_layer", real)
+    monkeypatch.setattr(writer, "write_layer", real)
     compress(tiny_models["qwen2_moe"], tmp_path / "s", CompressOptions(shards=2, level=3))
     store = open_store(tmp_path / "s")
     assert store.level == 3
@@ -384,9 +384,9 @@ def test_interrupted_compress_restarts_with_other_settings(tiny_models, tmp_path
 
 
 def test_full_disk_leaves_no_complete_store(tiny_models, tmp_path, monkeypatch):
-    import zipmoe_ray.store.writer as writer
+    import zipmoe_ray.store.extents as extents
 
-    real = writer._write_extent
+    real = extents._write_extent
     n = {"calls": 0}
 
     def full(f, *a, **kw):
@@ -395,12 +395,12 @@ def test_full_disk_leaves_no_complete_store(tiny_models, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(f, *a, **kw)
 
-    monkeypatch.setattr(writer, "_write_extent", full)
+    monkeypatch.setattr(extents, "_write_extent", full)
     with pytest.raises(StoreError, match="no space left.*resumes"):
         compress(tiny_models["qwen2_moe"], tmp_path / "s")
     assert not (tmp_path / "s" / INDEX_NAME).exists()
     assert not list((tmp_path / "s" / "experts").glob("*.tmp"))
-    monkeypatch.setattr(writer, "_write_extent", real)
+    monkeypatch.setattr(extents, "_write_extent", real)
     compress(tiny_models["qwen2_moe"], tmp_path / "s")
     assert verify_store(tmp_path / "s", tiny_models["qwen2_moe"]).ok
 

@@ -29,7 +29,7 @@ from .errors import (
     ZipMoEError,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
     "CountTrace": ".trace",

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from .. import __version__, env
+from .. import env
+from .._version import __version__
 from ..errors import ZipMoEError
 from .demo import add_demo_command
 from .generate_cmds import add_generate_commands

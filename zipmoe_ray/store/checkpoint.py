@@ -23,7 +23,7 @@ from safetensors import safe_open
 from ..errors import ArchitectureError, CheckpointError, DTypeError
 from ..models.registry import ArchSpec, get_arch
 
-__all__ = ["WEIGHT_SUFFIXES", "Checkpoint", "ExpertSource", "TensorSource"]
+__all__ = ["WEIGHT_SUFFIXES", "Checkpoint", "CheckpointExpert", "TensorSource"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class TensorSource:
 
 
 @dataclass(frozen=True)
-class ExpertSource:
+class CheckpointExpert:
     """All checkpoint tensors of one routed expert, in canonical role order."""
 
     layer: int
@@ -190,7 +190,7 @@ class Checkpoint:
         return h.hexdigest()
 
     @cached_property
-    def experts(self) -> list[ExpertSource]:
+    def experts(self) -> list[CheckpointExpert]:
         """Every routed expert, sorted by (layer, expert). Raises DTypeError for non-floating experts and
         ArchitectureError when none are found or their tensors do not fit the architecture."""
         num_experts = self.spec.num_experts(self.config)
@@ -230,7 +230,7 @@ class Checkpoint:
                 raise ArchitectureError(
                     f"layer {layer}, expert {expert}: two checkpoint tensors have the same role"
                 )
-            out.append(ExpertSource(layer, expert, modules[layer], tuple(by_role[r] for r in order)))
+            out.append(CheckpointExpert(layer, expert, modules[layer], tuple(by_role[r] for r in order)))
         layers = sorted({e.layer for e in out})
         for layer in layers:
             have = sorted(e.expert for e in out if e.layer == layer)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -15,6 +13,7 @@ from ..codec import layout_for
 from ..codec.encoded import crc32
 from ..errors import StoreMismatchError, ZipMoEError
 from .checkpoint import Checkpoint
+from .durable import file_crc32
 from .reader import Store, open_store
 from .writer import Progress, _NoProgress
 
@@ -64,14 +63,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(
         {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     )
-
-
-def _file_crc32(path: Path) -> int:
-    c = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            c = zlib.crc32(chunk, c)
-    return c & 0xFFFFFFFF
 
 
 def verify_store(
@@ -166,7 +157,7 @@ def verify_store(
                 report.fail(
                     f"{kind} {f['name']}: {p.stat().st_size} bytes, expected {f['size']} (truncated or altered)"
                 )
-            elif _file_crc32(p) != f["crc32"]:
+            elif file_crc32(p) != f["crc32"]:
                 report.fail(f"{kind} {f['name']}: fails its checksum (altered or damaged)")
     if ckpt is not None and not any(f.startswith("dense") for f in report.failures):
         _compare_dense(store, ckpt, report)

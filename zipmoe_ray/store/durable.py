@@ -1,0 +1,79 @@
+"""Durable files: written under a temporary name, fsynced, renamed; a full disk reported as a StoreError.
+
+Every file of a store is written through these helpers, so a crash leaves either the old file, or the new
+one whole, never a torn one; ``file_crc32`` is the checksum that the index records for whole files and
+that ``zipmoe verify`` checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import StoreError
+
+__all__ = ["disk_full_guard", "file_crc32", "fsync_dir", "temp_name", "write_atomic"]
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file (safetensors creates files 0600)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary name ``path`` is written under until it is complete."""
+    return path.with_name(path.name + ".tmp")
+
+
+@contextlib.contextmanager
+def disk_full_guard(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """Remove ``tmp`` if the block fails; turn ENOSPC while writing ``path`` into a StoreError that says how
+    to resume (the compression keeps its finished layers)."""
+    try:
+        yield
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise StoreError(
+                f"no space left on the device while writing {path}: free some space (or choose another "
+                "STORE_DIR) and run the same command again; finished layers are kept and the compression "
+                "resumes from there"
+            ) from None
+        raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably: a reader sees the old file or the new one, whole."""
+    tmp = temp_name(path)
+    with disk_full_guard(path, tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a whole file, read in 16 MiB pieces."""
+    c = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            c = zlib.crc32(chunk, c)
+    return c & 0xFFFFFFFF
