@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from ._version import __version__
 from .errors import (
     ArchitectureError,
     BudgetError,
@@ -28,8 +29,6 @@ from .errors import (
     StoreMismatchError,
     ZipMoEError,
 )
-
-from ._version import __version__
 
 _LAZY = {
     "CountTrace": ".trace",
