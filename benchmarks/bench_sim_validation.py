@@ -22,10 +22,10 @@ from pathlib import Path
 
 from common import emulated_engine, log, machine, prompt_ids, routed_model, stores_for, warm_then_measure
 
+from zipmoe_ray.cache.layout import expert_sizes
 from zipmoe_ray.plan import Workload
 from zipmoe_ray.plan.calibrate import calibrate
 from zipmoe_ray.sim import simulate
-from zipmoe_ray.stages.scheduler import expert_sizes
 from zipmoe_ray.trace import load_recorded
 
 

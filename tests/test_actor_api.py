@@ -14,8 +14,9 @@ from zipmoe_ray.backends.ray_backend import (
     start_scheduler,
 )
 from zipmoe_ray.cache import SplitRule
+from zipmoe_ray.cache.layout import expert_sizes
 from zipmoe_ray.engine import ZipMoEEngine
-from zipmoe_ray.stages.scheduler import SchedulerConfig, expert_sizes
+from zipmoe_ray.stages.scheduler import SchedulerConfig
 from zipmoe_ray.store import ReadOptions, open_store
 
 from .runtime_helpers import BATCH1, reference, start_ray

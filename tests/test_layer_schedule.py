@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from zipmoe_ray.schedule import Task, plan_layer, simulate
+from zipmoe_ray.schedule import Task, makespan_of, plan_layer
 
 
 def brute_force(tasks: list[Task], workers: int) -> float:
@@ -21,7 +21,7 @@ def brute_force(tasks: list[Task], workers: int) -> float:
                 if workers > 1 and assign and assign[0] != 0:
                     continue  # lanes are identical: fix the first task's lane
                 lanes = [[t for t, a in zip(order, assign) if a == w] for w in range(workers)]
-                best = min(best, simulate(list(io_order), lanes))
+                best = min(best, makespan_of(list(io_order), lanes))
     return best
 
 
@@ -42,7 +42,7 @@ def test_within_the_proven_bound_of_the_optimum(workers):
     for _ in range(40 if workers < 3 else 25):
         tasks = random_tasks(rng, rng.randint(1, 5))
         plan = plan_layer(tasks, workers)
-        got = simulate(plan.io_order, plan.lanes)
+        got = makespan_of(plan.io_order, plan.lanes)
         assert got == pytest.approx(plan.makespan)  # the plan's own estimate is the schedule's makespan
         opt = brute_force(tasks, workers)
         assert got <= (3 - 1 / workers) * opt + 1e-9

@@ -12,8 +12,8 @@ import pytest
 from zipmoe_ray.cache.forms import Form
 from zipmoe_ray.errors import ConfigError
 from zipmoe_ray.plan import BUILTIN_PROFILES, Plan, Workload, load_profile, make_plan
+from zipmoe_ray.runtime.budget import minimum_budget
 from zipmoe_ray.sim import belady_misses, simulate
-from zipmoe_ray.stages.scheduler import minimum_budget
 from zipmoe_ray.trace import CountTrace, load_any, load_recorded, synth
 
 ORIN = BUILTIN_PROFILES["orin-agx-64gb"]
@@ -199,8 +199,8 @@ def test_bigger_batches_read_more_per_step():
 
 
 def test_a_recorded_trace_drives_the_simulator_too(tiny_stores, tmp_path):
+    from zipmoe_ray.cache.layout import expert_sizes
     from zipmoe_ray.engine import ZipMoEEngine
-    from zipmoe_ray.stages.scheduler import expert_sizes
     from zipmoe_ray.store import open_store
 
     path = tmp_path / "t.jsonl"
@@ -215,8 +215,8 @@ def test_a_recorded_trace_drives_the_simulator_too(tiny_stores, tmp_path):
 
 
 def test_engine_uses_a_plan(tiny_stores, tmp_path):
+    from zipmoe_ray.cache.layout import expert_sizes
     from zipmoe_ray.engine import ZipMoEEngine
-    from zipmoe_ray.stages.scheduler import expert_sizes
     from zipmoe_ray.store import open_store
 
     store = open_store(tiny_stores["mixtral"])

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from zipmoe_ray.cache import Form, SplitRule
+from zipmoe_ray.cache.layout import expert_sizes
 from zipmoe_ray.errors import BudgetError
+from zipmoe_ray.runtime.budget import minimum_budget
 from zipmoe_ray.stages.protocol import Delivery, LayerResponse
-from zipmoe_ray.stages.scheduler import Scheduler, SchedulerConfig, expert_sizes, minimum_budget
+from zipmoe_ray.stages.scheduler import Scheduler, SchedulerConfig
 from zipmoe_ray.store import open_store
 
 

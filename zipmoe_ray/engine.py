@@ -18,12 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .cache.layout import expert_sizes
 from .errors import BudgetError, ConfigError, ZipMoEError
+from .runtime.budget import inflight_per_node, minimum_budget
 from .runtime.config import EngineConfig
 from .runtime.sizes import parse_size
 from .schedule.costs import CostModel
 from .stages.executor import GenerateRequest, GenerateResult, default_device
-from .stages.scheduler import SchedulerConfig, expert_sizes, minimum_budget
+from .stages.scheduler import SchedulerConfig
 from .store import open_store
 
 __all__ = ["GenerationOutput", "ZipMoEEngine"]
@@ -237,7 +239,7 @@ class ZipMoEEngine:
             self._here = cluster.pin(infos[0])
             self._node_info = infos[0]
             return False
-        inflight = cluster.inflight_per_node(self.store.top_k, len(infos))
+        inflight = inflight_per_node(self.store.top_k, len(infos))
         budgets = cluster.node_budgets(self.budget, infos)
         need = minimum_budget(self.sizes, inflight)
         if min(budgets.values()) < need:

@@ -12,7 +12,6 @@ by the store's identity); a node whose copy is missing or different is named in 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,6 @@ __all__ = [
     "NodeInfo",
     "NodeStages",
     "discover_nodes",
-    "inflight_per_node",
     "node_budgets",
     "node_entry",
     "pin",
@@ -153,12 +151,6 @@ def node_budgets(total: int, nodes: list[NodeInfo]) -> dict[str, int]:
     """The cluster budget split equally over the nodes (each device brings the same memory)."""
     share = total // len(nodes)
     return {n.name: share for n in nodes}
-
-
-def inflight_per_node(top_k: int, nodes: int) -> int:
-    """Experts of one layer a node is expected to have in flight at once: its share of the top-k (more are
-    served in waves)."""
-    return max(1, math.ceil(top_k / nodes))
 
 
 def node_entry(

@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BudgetError
-from .forms import ExpertSizes, Form
+from .forms import ExpertSizes, Form, Key
 from .popularity import Popularity
 
 __all__ = ["CacheEntry", "Demotion", "ExpertCache"]
 
-Key = tuple[int, int]
 CACHED_FORMS = (Form.FULL, Form.COMPRESSED, Form.SM)
 
 
@@ -86,7 +85,11 @@ class ExpertCache:
 
     def _note_peak(self) -> None:
         t = self.total
-        assert t <= self.budget, f"cache accounting exceeds the budget: {t} > {self.budget}"
+        if t > self.budget:  # the hard limit: every change is checked against it
+            raise BudgetError(
+                f"cache accounting exceeds the memory budget: {t:,} B held and staged > {self.budget:,} B "
+                f"(held {self.held:,} B, staging {self.staging:,} B); this is a bug in zipmoe-ray, please report it"
+            )
         self.peak = max(self.peak, t)
 
     def form(self, key: Key) -> Form:
@@ -116,8 +119,12 @@ class ExpertCache:
 
     def release(self, nbytes: int) -> None:
         with self._lock:
+            if nbytes > self.staging:
+                raise BudgetError(
+                    f"releasing {nbytes:,} B of staging with only {self.staging:,} B staged (released twice?); "
+                    "this is a bug in zipmoe-ray, please report it"
+                )
             self.staging -= nbytes
-            assert self.staging >= 0, "staging released twice"
 
     # -- pins ------------------------------------------------------------------------------------------
     def pin(self, key: Key) -> None:

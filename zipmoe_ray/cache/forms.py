@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-__all__ = ["ExpertSizes", "Form"]
+__all__ = ["ExpertSizes", "Form", "Key"]
+
+Key = tuple[int, int]  # (layer, expert): how every part of the runtime names an expert
 
 
 class Form(IntEnum):

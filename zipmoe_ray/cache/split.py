@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .forms import Form
 
-__all__ = ["POLICIES", "SplitRule"]
+__all__ = ["FORM_POLICIES", "SplitRule"]
 
-POLICIES = {
+FORM_POLICIES = {
     "zipmoe": {Form.FULL: 0.2, Form.COMPRESSED: 0.3, Form.SM: 0.5},
     "full-only": {Form.FULL: 1.0},
     "compressed-only": {Form.COMPRESSED: 1.0},
@@ -41,9 +41,9 @@ class SplitRule:
 
     @classmethod
     def for_policy(cls, policy: str) -> SplitRule:
-        if policy not in POLICIES:
-            raise ConfigError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        s = POLICIES[policy]
+        if policy not in FORM_POLICIES:
+            raise ConfigError(f"unknown cache policy {policy!r}; choose one of {', '.join(FORM_POLICIES)}")
+        s = FORM_POLICIES[policy]
         return cls(s.get(Form.FULL, 0.0), s.get(Form.COMPRESSED, 0.0), s.get(Form.SM, 0.0))
 
     def capacities(self, cache_bytes: int, full_bytes: int | None = None) -> dict[Form, int]:

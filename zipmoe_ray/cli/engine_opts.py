@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cache.split import POLICIES
+from ..cache.split import FORM_POLICIES
 from ..runtime.config import EngineConfig
 from ..runtime.sizes import parse_size
 from ..store.io import CACHE_MODES
@@ -45,7 +45,7 @@ def add_engine_options(p: argparse.ArgumentParser, *, budget_default: str = "50%
     )
     g.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     g.add_argument("--num-decompressors", type=int, help="decode lanes W (default: one per CPU core)")
-    g.add_argument("--policy", choices=list(POLICIES), default="zipmoe", help="cache forms to use")
+    g.add_argument("--policy", choices=list(FORM_POLICIES), default="zipmoe", help="cache forms to use")
     g.add_argument(
         "--read-mode", choices=list(CACHE_MODES), default="bypass", help="page-cache bypass for expert reads"
     )

@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..errors import ConfigError
+from ..sim.simulator import SIM_POLICIES
 
 __all__ = ["add_plan_commands"]
 
@@ -58,7 +59,7 @@ def add_plan_commands(sub) -> None:
             p.add_argument("--trace", required=True, help="a recorded or count trace")
             p.add_argument("--store", help="exact expert sizes from this store (default: estimated)")
             p.add_argument(
-                "--policy", default="zipmoe", help="zipmoe, full-lru, full-lfu, compressed-only, sm-only"
+                "--policy", default="zipmoe", choices=SIM_POLICIES, help="the cache policy to simulate"
             )
             p.add_argument("--plan", help="use this plan (policy zipmoe) instead of planning")
         p.add_argument(
@@ -130,7 +131,7 @@ def _workload(args):
     sizes = layers = None
     store = None
     if getattr(args, "store", None):
-        from ..stages.scheduler import expert_sizes
+        from ..cache.layout import expert_sizes
         from ..store import open_store
 
         store = open_store(args.store)
@@ -155,9 +156,9 @@ def cmd_plan(args) -> int:
     if not (args.store or args.trace):
         raise ConfigError("zipmoe plan needs --store STORE_DIR or --trace TRACE (or both)")
     from ..plan import load_profile
+    from ..runtime.budget import minimum_budget
     from ..runtime.sizes import parse_size
     from ..sim.simulator import choose_plan
-    from ..stages.scheduler import minimum_budget
 
     w = _workload(args)
     profile = load_profile(args.device_profile)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cache.forms import Form
+from ..cache.forms import Form, Key
 from ..cache.split import SplitRule
 from ..errors import BudgetError, ConfigError
 from ..schedule import CostModel, Task, plan_layer
@@ -34,7 +34,6 @@ from .workload import Workload
 __all__ = ["PLAN_FORMAT", "Plan", "expected_makespan", "make_plan"]
 
 PLAN_FORMAT = "zipmoe-plan/1"
-Key = tuple[int, int]
 UPGRADES = (Form.SM, Form.COMPRESSED, Form.FULL)  # cheapest first
 EVALUATE_TOP = 4  # planned candidates an evaluator re-scores (with every single-form cache)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..cache.forms import ExpertSizes
+from ..cache.forms import ExpertSizes, Key
 from ..trace.counts import CountTrace
 from ..trace.recorded import RecordedTrace
 
@@ -18,7 +18,6 @@ __all__ = ["ESTIMATED_RATIO", "Workload", "estimated_sizes"]
 
 ESTIMATED_RATIO = 0.663  # stored/original of BF16 experts measured on random-init and trained weights
 
-Key = tuple[int, int]
 Step = list[list[tuple[int, int]]]  # [layer position] -> [(expert, tokens)]
 
 

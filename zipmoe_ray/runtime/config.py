@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..cache.split import POLICIES, SplitRule
+from ..cache.split import FORM_POLICIES, SplitRule
 from ..errors import ConfigError
 from ..store.io import CACHE_MODES, ReadOptions
 
@@ -47,8 +47,8 @@ class EngineConfig:
             raise ConfigError(f"num_decompressors must be a positive integer, got {self.num_decompressors!r}")
         if self.cache_mode not in CACHE_MODES:
             raise ConfigError(f"read mode {self.cache_mode!r} is not one of {', '.join(CACHE_MODES)}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.policy not in FORM_POLICIES:
+            raise ConfigError(f"policy {self.policy!r} is not one of {', '.join(FORM_POLICIES)}")
         if self.popularity not in ("lfu", "lru"):
             raise ConfigError(f"popularity {self.popularity!r} is not lfu or lru")
         if not 0 < self.decay <= 1:

@@ -1,15 +1,15 @@
 """Scheduling a layer's expert fetches over the I/O lane and the decode lanes (plain classes, no Ray)."""
 
 from .costs import CostModel, measure_decode, measure_read
-from .layer_schedule import LayerPlan, Piece, Task, plan_layer, simulate
+from .layer_schedule import LayerPlan, Piece, Task, makespan_of, plan_layer
 
 __all__ = [
     "CostModel",
     "LayerPlan",
     "Piece",
     "Task",
+    "makespan_of",
     "measure_decode",
     "measure_read",
     "plan_layer",
-    "simulate",
 ]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-__all__ = ["LayerPlan", "Piece", "Task", "plan_layer", "simulate"]
+__all__ = ["LayerPlan", "Piece", "Task", "makespan_of", "plan_layer"]
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def plan_layer(tasks: list[Task], workers: int) -> LayerPlan:
     return plan
 
 
-def simulate(io_order: list[Task], lanes: list[list[Task | Piece]]) -> float:
+def makespan_of(io_order: list[Task], lanes: list[list[Task | Piece]]) -> float:
     """Makespan of a fixed schedule: reads back to back in ``io_order``; each lane runs its tasks (or
     pieces) in order, each starting when the lane is free and its read is done. Used to check plans."""
     t, io_end = 0.0, {}

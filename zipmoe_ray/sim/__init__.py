@@ -3,11 +3,11 @@
 from .bound import belady_misses, lower_bound
 from .cluster import NETWORKS, ClusterSimResult, NetworkProfile, simulate_cluster
 from .runner import SimHandle, SimRunner
-from .simulator import POLICIES, SimResult, simulate
+from .simulator import SIM_POLICIES, SimResult, simulate
 
 __all__ = [
     "NETWORKS",
-    "POLICIES",
+    "SIM_POLICIES",
     "ClusterSimResult",
     "NetworkProfile",
     "SimHandle",

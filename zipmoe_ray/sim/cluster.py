@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..backends.cluster import inflight_per_node
 from ..errors import ConfigError
+from ..runtime.budget import inflight_per_node
 from ..stages.cluster_scheduler import home_index, remote_node_config
 from ..stages.scheduler import Scheduler
 from .runner import SimRunner, ready_time

@@ -22,14 +22,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..cache.forms import ExpertSizes, Form
+from ..cache.layout import ModelLayout
 from ..cache.split import SplitRule
 from ..errors import ConfigError
-from ..stages.scheduler import ModelLayout, Scheduler, SchedulerConfig, minimum_budget
+from ..runtime.budget import minimum_budget
+from ..stages.scheduler import Scheduler, SchedulerConfig
 from .bound import executor_rates, lower_bound
 from .runner import SimRunner, ready_time
 
 __all__ = [
-    "POLICIES",
+    "SIM_POLICIES",
     "PolicySetup",
     "SimResult",
     "choose_plan",
@@ -40,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("zipmoe", "full-lru", "full-lfu", "compressed-only", "sm-only")
+SIM_POLICIES = ("zipmoe", "full-lru", "full-lfu", "compressed-only", "sm-only")
 
 
 @dataclass
@@ -122,8 +124,8 @@ class PolicySetup:
 def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan_budget=None) -> PolicySetup:
     """Sizes, scheduler config and executor rates of ``policy`` with ``budget`` bytes (per device); a zipmoe
     plan is made for ``plan_budget`` (a cluster's total; default ``budget``) unless ``plan`` is given."""
-    if policy not in POLICIES:
-        raise ConfigError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+    if policy not in SIM_POLICIES:
+        raise ConfigError(f"policy {policy!r} is not one of {', '.join(SIM_POLICIES)}")
     raw = policy.startswith("full-")  # classic offloading: full BF16 only, uncompressed reads
     sizes = _raw_sizes(workload.sizes) if raw else dict(workload.sizes)
     on_device = profile.recombine_on_device

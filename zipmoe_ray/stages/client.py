@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import env
+from ..cache import Key
 from ..codec import layout_for
 from ..models.experts_impl import ExpertWeights
 from .protocol import Delivery
@@ -27,7 +28,6 @@ from .protocol import Delivery
 __all__ = ["ExpertClient"]
 
 log = logging.getLogger(__name__)
-Key = tuple[int, int]
 
 
 @dataclass

@@ -19,8 +19,9 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..cache import Key, ModelLayout
 from .protocol import LayerResponse
-from .scheduler import ModelLayout, Scheduler, SchedulerConfig, expert_sizes
+from .scheduler import Scheduler, SchedulerConfig
 
 __all__ = ["ClusterScheduler", "NodeSetup", "home_index", "remote_node_config"]
 
@@ -39,7 +40,6 @@ def home_index(key: tuple[int, int], nodes: int) -> int:
 
 
 log = logging.getLogger(__name__)
-Key = tuple[int, int]
 
 
 @dataclass
@@ -58,7 +58,7 @@ class ClusterScheduler:
         from ..store import open_store
 
         store = open_store(store_path)
-        self.layout = ModelLayout(expert_sizes(store), store.top_k, store.codec == "none")
+        self.layout = ModelLayout.of_store(store)
         self.costs = costs
         self.nodes: dict[str, Scheduler] = {}
         self.executor_node = next(n.name for n in nodes if n.executor)

@@ -21,51 +21,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cache import ExpertCache, ExpertSizes, Form, Popularity, SplitRule
+from ..cache import ExpertCache, ExpertSizes, Form, Key, ModelLayout, Popularity, SplitRule
 from ..errors import BudgetError
+from ..runtime.budget import minimum_budget
 from ..schedule import CostModel, Task, plan_layer
 from ..store import open_store
 from .protocol import Delivery, LayerResponse, TaskRunner
 
-__all__ = ["ModelLayout", "Scheduler", "SchedulerConfig", "expert_sizes", "minimum_budget"]
+__all__ = ["Scheduler", "SchedulerConfig"]
 
 log = logging.getLogger(__name__)
-Key = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """What the scheduler needs to know of a model: every expert's sizes, top-k and whether the store is raw."""
-
-    sizes: dict[Key, ExpertSizes]
-    top_k: int
-    raw_codec: bool = False
-
-    @classmethod
-    def of_store(cls, store) -> ModelLayout:
-        return cls(expert_sizes(store), store.top_k, store.codec == "none")
-
-
-def expert_sizes(store) -> dict[Key, ExpertSizes]:
-    raw = store.codec == "none"
-    return {
-        (r.layer, r.expert): ExpertSizes(
-            r.original_bytes,
-            r.length,
-            r.e_length,
-            r.sm_length,
-            raw,
-            max(1, min(len(t.shards) for t in r.tensors)) if r.tensors else 1,
-        )
-        for r in store.index.experts
-    }
-
-
-def minimum_budget(sizes: dict[Key, ExpertSizes], top_k: int) -> int:
-    """The smallest budget that can serve one layer's active experts (top-k, each read from disk, in flight
-    at once): the staging reserve."""
-    worst = max(s.staging(Form.DISK) for s in sizes.values())
-    return top_k * worst
 
 
 @dataclass(frozen=True)
