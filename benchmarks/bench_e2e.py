@@ -235,7 +235,6 @@ def run_hf(spec: dict) -> dict:
 
 
 def run_engine(spec: dict) -> dict:
-    os.environ["ZIPMOE_TIMELINE"] = "1"
     from common import emulated_engine, warm_then_measure
     from timeline import breakdown
 
@@ -250,6 +249,7 @@ def run_engine(spec: dict) -> dict:
         num_decompressors=spec["workers"],
         policy=policy,
         popularity=popularity,
+        timeline=True,
     ) as engine:
         load_s = time.perf_counter() - t0
         m = warm_then_measure(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 from common import emulated_engine, log, machine, prompt_ids, routed_model, stores_for, warm_then_measure
@@ -40,6 +39,7 @@ def run_system(store, *, budget, policy, bandwidth_gbps, workers, backend, promp
         backend=backend,
         num_decompressors=workers,
         policy=policy,
+        timeline=True,
     ) as engine:
         start_s = time.perf_counter() - t0
         m = warm_then_measure(engine, warm, new_tokens, prompt, new_tokens)
@@ -82,7 +82,6 @@ def main() -> None:
     )
     ap.add_argument("--skip-overhead", action="store_true")
     args = ap.parse_args()
-    os.environ["ZIPMOE_TIMELINE"] = "1"
     stores = stores_for(
         routed_model("qwen1.5-moe", args.layers, None if args.skew < 0 else args.skew, log=log), log=log
     )

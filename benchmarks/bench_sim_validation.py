@@ -23,6 +23,7 @@ from pathlib import Path
 from common import emulated_engine, log, machine, prompt_ids, routed_model, stores_for, warm_then_measure
 
 from zipmoe_ray.cache.layout import expert_sizes
+from zipmoe_ray.cli.calibrate_engine import measure_engine
 from zipmoe_ray.plan import Workload
 from zipmoe_ray.plan.calibrate import calibrate
 from zipmoe_ray.sim import simulate
@@ -42,7 +43,7 @@ def main() -> None:
         "zstd"
     ]
     log("calibrating this machine with the engine (about a minute) ...")
-    profile = calibrate(store, engine=True, workers=2)
+    profile = calibrate(store, engine_probe=measure_engine, workers=2)
     profile = profile.with_(ssd_read_gbps=args.bandwidth, ssd_latency_s=0.0, name="calibrated, SSD capped")
     log(f"  profile: {json.dumps({k: v for k, v in profile.to_json().items() if k != 'sources'})}")
     from transformers import AutoTokenizer

@@ -126,7 +126,7 @@ def emulated_engine(store, bandwidth_gbps: float | None, **engine_kw):
     from zipmoe_ray import ZipMoEEngine
 
     bandwidth = None if bandwidth_gbps is None else bandwidth_gbps * 1e9
-    return ZipMoEEngine(store, cache_mode="bypass", bandwidth=bandwidth, **engine_kw)
+    return ZipMoEEngine(store, read_mode="bypass", bandwidth=bandwidth, **engine_kw)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Turn an executor timeline (ZIPMOE_TIMELINE=1) into "where the time of a token goes"."""
+"""Turn an executor timeline (an engine started with timeline=True) into "where the time of a token goes"."""
 
 from __future__ import annotations
 

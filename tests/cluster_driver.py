@@ -47,7 +47,9 @@ def main() -> int:
                 if a.kill_host_after is not None and len(tokens) == a.kill_host_after:
                     import ray
 
-                    host = next(ns.host for ns in engine._cluster.nodes.values() if ns.host is not None)
+                    host = next(
+                        ns.host for ns in engine._backend.cluster.nodes.values() if ns.host is not None
+                    )
                     ray.kill(host, no_restart=False)
                     print("KILLED", flush=True)
         else:

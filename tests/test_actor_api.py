@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from zipmoe_ray.backends.ray_backend import (
+from zipmoe_ray.actors import (
     Stages,
     start_decompressors,
     start_executor,
@@ -41,7 +41,7 @@ def test_user_started_stages_wired_into_an_engine(tiny_stores, tiny_models, ray_
     ray = ray_cluster
     store = str(tiny_stores["qwen2_moe"])
     b = budget(store, 0.2)
-    loader = start_loader(store, ReadOptions(cache="drop"))
+    loader = start_loader(store, ReadOptions(read_mode="drop"))
     decompressors = start_decompressors(store, 1)
     scheduler = start_scheduler(store, SchedulerConfig(budget=b), loader, decompressors)
     # Ray hides the node's GPUs from an actor that asks for none where RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1

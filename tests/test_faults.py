@@ -32,7 +32,7 @@ def test_killed_decompressor_restarts_and_tokens_are_identical(tiny_stores, tiny
     with ZipMoEEngine(
         tiny_stores["qwen2_moe"], memory_budget="10%", backend="ray", num_decompressors=2, bandwidth=1.5e6
     ) as engine:
-        victim = engine._decompressors[0]
+        victim = engine._backend.decompressors[0]
         before = ray.get(victim.stats.remote())["uptime_s"]
         box = {}
         th = threading.Thread(target=lambda: box.setdefault("out", engine.generate(BATCH1[0], n)))
@@ -84,7 +84,7 @@ def test_budget_too_small_is_refused_at_start_with_the_minimum(tiny_stores):
 
 def test_close_releases_actors_and_object_store_memory(tiny_stores, ray_cluster):
     ray = ray_cluster
-    from zipmoe_ray.backends.ray_backend import object_store_usage
+    from zipmoe_ray.actors import object_store_usage
 
     deadline = time.monotonic() + 30  # let objects of earlier tests drain first
     while object_store_usage()["objects"] > 0 and time.monotonic() < deadline:
@@ -97,7 +97,7 @@ def test_close_releases_actors_and_object_store_memory(tiny_stores, ray_cluster)
     while during["objects"] <= base["objects"] and time.monotonic() < deadline:
         time.sleep(0.5)
         during = object_store_usage()
-    actors = list(engine._stages.all())
+    actors = list(engine._backend._stages())
     engine.close()
     assert during["objects"] > base["objects"]  # the cache really lived in the object store
     for a in actors:

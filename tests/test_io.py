@@ -21,7 +21,7 @@ def test_limiter_books_a_serial_device(monkeypatch):
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"cache": "fast"}, "cache mode"), ({"bandwidth": 0}, "bandwidth"), ({"latency": -1}, "latency")],
+    [({"read_mode": "fast"}, "read mode"), ({"bandwidth": 0}, "bandwidth"), ({"latency": -1}, "latency")],
 )
 def test_read_options_validate(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -32,7 +32,7 @@ def test_read_options_validate(kw, match):
 def test_reads_match_the_file_and_count_bytes(tmp_path, cache):
     data = np.random.default_rng(0).integers(0, 256, 5 * 4096 + 123, dtype=np.uint8)
     (tmp_path / "f.bin").write_bytes(data.tobytes())
-    r = ExtentReader(str(tmp_path), ReadOptions(cache=cache))
+    r = ExtentReader(str(tmp_path), ReadOptions(read_mode=cache))
     assert bytes(r.read("f.bin", 4096, 5000)) == data[4096:9096].tobytes()
     assert bytes(r.read("f.bin", 0, 3)) == data[:3].tobytes()
     assert bytes(r.read("f.bin", 4 * 4096, 4096 + 123)) == data[4 * 4096 :].tobytes()  # up to the file's end

@@ -109,7 +109,7 @@ def test_extents_are_aligned_and_exp_region_first(tiny_stores):
 @pytest.mark.parametrize("cache", ["page-cache", "drop", "bypass"])
 def test_read_modes_return_identical_bytes(tiny_stores, cache):
     plain = open_store(tiny_stores["qwen3_moe"])
-    other = open_store(tiny_stores["qwen3_moe"], read_options=ReadOptions(cache=cache, bandwidth=1e9))
+    other = open_store(tiny_stores["qwen3_moe"], read_options=ReadOptions(read_mode=cache, bandwidth=1e9))
     for key in plain.experts()[:4]:
         for part in ("all", "exp", "raw"):
             assert bytes(plain.read_extent(*key, part)) == bytes(other.read_extent(*key, part))
@@ -120,7 +120,7 @@ def test_read_modes_return_identical_bytes(tiny_stores, cache):
 def test_store_pickles_and_reopens(tiny_stores):
     import pickle
 
-    store = open_store(tiny_stores["mixtral"], read_options=ReadOptions(cache="drop"))
+    store = open_store(tiny_stores["mixtral"], read_options=ReadOptions(read_mode="drop"))
     clone = pickle.loads(pickle.dumps(store))
     assert clone.experts() == store.experts() and clone.read_options == store.read_options
     a, b = store.read_expert(1, 2), clone.read_expert(1, 2)

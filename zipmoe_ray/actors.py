@@ -13,7 +13,7 @@ Each stage is a plain class (IOLoader, Decompressor, Scheduler, Executor) wrappe
 engine does not kill stages it did not start.
 """
 
-from .backends.ray_backend import (
+from .backends.ray_stages import (
     Stages,
     actor_classes,
     object_store_usage,

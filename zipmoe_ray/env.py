@@ -32,12 +32,6 @@ VARIABLES: dict[str, EnvVar] = {
             "threads for shard decompression in codec.decode when none are given (default: CPU count)",
         ),
         EnvVar(
-            "ZIPMOE_TIMELINE",
-            "0",
-            "1: the executor records a timeline of every MoE layer (request, each expert ready and computed) "
-            "for profiling; read it with ZipMoEEngine.timeline()",
-        ),
-        EnvVar(
             "ZIPMOE_LOG_LEVEL",
             "WARNING",
             "log level of the zipmoe_ray loggers when run from the CLI (DEBUG, INFO, WARNING, ...)",

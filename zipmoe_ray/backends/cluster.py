@@ -1,9 +1,9 @@
-"""Serving one model across the nodes of a Ray cluster (several edge devices).
+"""The cluster backend: one model served across the nodes of a Ray cluster (several edge devices).
 
-Each node gets its own stages, pinned to it with ``NodeAffinitySchedulingStrategy``: an IOLoader reading
-that node's copy of the store, one Decompressor per core, and (on every node but the executor's) an
-ExpertHost that computes the experts held there. One ClusterScheduler and the Executor run on the node of
-the program that attached (the driver). See stages/cluster_scheduler.py for how work is placed.
+Every node gets an IOLoader reading its copy of the store and one Decompressor per core; every node but
+the executor's also gets an ExpertHost that computes the experts held there. One ClusterScheduler and the
+Executor run on the node of the program that attached (the driver); the budget is split equally over the
+nodes. See stages/cluster_scheduler.py for how work is placed and how a failed node is survived.
 
 Stores: every node reads the store at the same path and must hold a full copy of it (checked at start-up
 by the store's identity); a node whose copy is missing or different is named in the error.
@@ -12,172 +12,142 @@ by the store's identity); a node whose copy is missing or different is named in 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ZipMoEError
+from ..runtime.budget import inflight_per_node
+from .base import LaneStats
+from .cluster_nodes import ClusterStages, NodeInfo, node_entry, pin, start_node
+from .ray_backend import RayBackend, wait
+from .ray_stages import actor_classes, start_executor
+from .ray_transport import RayRunner, RayTransport
 
-__all__ = [
-    "ClusterStages",
-    "NodeInfo",
-    "NodeStages",
-    "discover_nodes",
-    "node_budgets",
-    "node_entry",
-    "pin",
-    "start_node",
-]
+__all__ = ["ClusterBackend"]
 
 log = logging.getLogger(__name__)
 
-# resources every Ray node reports; any other name is a custom resource the operator declared
-_BUILTIN = {"CPU", "GPU", "memory", "object_store_memory"}
 
+class ClusterBackend(RayBackend):
+    """Stages on every node of ``infos`` (the driver's first), the budget split equally between them."""
 
-@dataclass(frozen=True)
-class NodeInfo:
-    name: str  # the node's custom resource (edge0, orin-a, ...) when it declares one, else its address
-    node_id: str
-    address: str
-    cpus: int
-    gpus: int
-    driver: bool  # the node this program runs on: it hosts the executor
+    name = "cluster"
 
+    def __init__(self, store_dir: str, store, config, *, started_ray: bool, infos: list[NodeInfo]):
+        super().__init__(store_dir, store, config, started_ray=started_ray, node=infos[0])
+        self.infos = infos
+        self.nodes = len(infos)
+        self.cluster = ClusterStages()
 
-@dataclass
-class NodeStages:
-    info: NodeInfo
-    loader: Any
-    decompressors: list[Any]
-    host: Any = None  # ExpertHost (not on the executor's node)
-
-    def actors(self) -> list[Any]:
-        return [self.loader, *self.decompressors, *([self.host] if self.host is not None else [])]
-
-
-@dataclass
-class ClusterStages:
-    nodes: dict[str, NodeStages] = field(default_factory=dict)
-
-    @property
-    def executor_node(self) -> NodeStages:
-        return next(n for n in self.nodes.values() if n.info.driver)
-
-    def actors(self) -> list[Any]:
-        return [a for n in self.nodes.values() for a in n.actors()]
-
-
-def _custom(resources: dict[str, float]) -> list[str]:
-    return sorted(
-        k
-        for k in resources
-        if k not in _BUILTIN and not k.startswith("node:") and not k.startswith("accelerator_type")
-    )
-
-
-def discover_nodes(select: list[str] | None = None) -> list[NodeInfo]:
-    """The alive nodes of the cluster this process is attached to, the driver's first. ``select``: names
-    (custom resource or address) to keep; the driver's node is always kept."""
-    import ray
-
-    me = ray.get_runtime_context().get_node_id()
-    out: list[NodeInfo] = []
-    seen: set[str] = set()
-    for n in ray.nodes():
-        if not n.get("Alive"):
-            continue
-        res = n.get("Resources", {})
-        custom = _custom(res)
-        name = custom[0] if custom else n["NodeManagerAddress"]
-        if name in seen:
-            name = f"{name}-{n['NodeID'][:6]}"
-        seen.add(name)
-        out.append(
-            NodeInfo(
-                name=name,
-                node_id=n["NodeID"],
-                address=n["NodeManagerAddress"],
-                cpus=max(1, int(res.get("CPU", 1))),
-                gpus=int(res.get("GPU", 0)),
-                driver=n["NodeID"] == me,
+    def start_lanes(self) -> None:
+        cfg = self.config
+        for info in self.infos:
+            ns = start_node(
+                info, self.store_dir, cfg.read_options(), cfg.num_decompressors, cfg.torch_threads, cfg.device
             )
-        )
-    if not any(n.driver for n in out):
-        raise ConfigError("this program's own Ray node is not among the cluster's alive nodes")
-    if select:
-        known = {n.name for n in out} | {n.address for n in out}
-        unknown = [s for s in select if s not in known]
-        if unknown:
+            self.cluster.nodes[info.name] = ns
+            self._owned.extend(ns.actors())
+        ids = {}
+        for name, ns in self.cluster.nodes.items():  # every node must read a copy of this very store
+            try:
+                ids[name] = wait(ns.loader.store_id.remote())
+            except ZipMoEError as e:
+                raise type(e)(f"node {name} ({ns.info.address}) cannot serve this store: {e}") from None
+        mine = self.store.index.store_id.hex()
+        other = sorted(n for n, i in ids.items() if i != mine)
+        if other:
             raise ConfigError(
-                f"nodes {unknown} are not in the cluster; alive nodes: {', '.join(sorted(n.name for n in out))}"
+                f"nodes {other} read a different store at {self.store_dir}; every node needs a copy of the same "
+                "store at the same path (copy the store directory to each device)"
             )
-        out = [n for n in out if n.driver or n.name in select or n.address in select]
-    return sorted(out, key=lambda n: (not n.driver, n.name))
-
-
-def pin(info: NodeInfo) -> dict[str, Any]:
-    """Ray options placing an actor on ``info``'s node (and nowhere else)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=info.node_id, soft=False)}
-
-
-def start_node(
-    info: NodeInfo,
-    store_path: str,
-    read_options,
-    workers: int | None,
-    torch_threads: int | None,
-    device: str | None = None,
-) -> NodeStages:
-    """Start one node's loader, decompressors (``workers``, default one per CPU the node declares) and, away
-    from the driver, its ExpertHost."""
-    from .ray_backend import SEE_GPUS, actor_classes, start_decompressors, start_loader
-
-    opts = pin(info)
-    loader = start_loader(store_path, read_options, **opts)
-    decs = start_decompressors(store_path, workers or info.cpus, **opts)
-    host = None
-    if not info.driver:
-        host = (
-            actor_classes()["ExpertHost"]
-            .options(runtime_env=SEE_GPUS, **opts)
-            .remote(store_path, info.name, device, torch_threads)
+        wait([a.ping.remote() for a in self.cluster.actors()])
+        ex = self.cluster.executor_node
+        self.loader, self.decompressors = ex.loader, ex.decompressors
+        log.info(
+            "serving across %d nodes: %s",
+            len(self.infos),
+            ", ".join(f"{i.name} ({i.address})" for i in self.infos),
         )
-    return NodeStages(info, loader, decs, host)
 
+    def start_pipeline(self, sched_config, costs) -> None:
+        from ..stages.cluster_scheduler import NodeSetup
 
-def node_budgets(total: int, nodes: list[NodeInfo]) -> dict[str, int]:
-    """The cluster budget split equally over the nodes (each device brings the same memory)."""
-    share = total // len(nodes)
-    return {n.name: share for n in nodes}
+        cfg = self.config
+        share = sched_config.budget // self.nodes
+        inflight = inflight_per_node(self.store.top_k, self.nodes)
+        setups = [
+            NodeSetup(
+                name,
+                share,
+                RayRunner(ns.loader, ns.decompressors),
+                executor=ns.info.driver,
+                inflight=inflight,
+            )
+            for name, ns in self.cluster.nodes.items()
+        ]
+        here = pin(self.cluster.executor_node.info)
+        self.scheduler = (
+            actor_classes()["ClusterScheduler"].options(**here).remote(self.store_dir, sched_config, setups)
+        )
+        self.hosts = {name: ns.host for name, ns in self.cluster.nodes.items() if ns.host is not None}
+        transport = RayTransport(self.scheduler, self.hosts, cfg.node_timeout)
+        self.executor = start_executor(
+            self.store_dir,
+            self.scheduler,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            torch_threads=cfg.torch_threads,
+            timeline=cfg.timeline,
+            transport=transport,
+            **here,
+        )
+        self._owned.extend([self.scheduler, self.executor])
+        wait([self.scheduler.ping.remote(), self.executor.ping.remote()])
+        device = self.call("executor", "stats")["device"]
+        for (
+            name,
+            host,
+        ) in self.hosts.items():  # remote experts must run the executor's kernels to stay bit-exact
+            got = wait(host.stats.remote())["device"]
+            if got.split(":")[0] != str(device).split(":")[0]:
+                raise ConfigError(
+                    f"node {name} computes experts on {got} but the executor runs on {device}: outputs would "
+                    "not be bit-identical; give every node the same kind of device (--device), or leave that "
+                    "node out (--nodes)"
+                )
+        self._started_pipeline(costs)
 
+    def _stages(self) -> list:
+        gone = set(self.call("scheduler", "failed_nodes"))
+        alive = [a for name, ns in self.cluster.nodes.items() if name not in gone for a in ns.actors()]
+        return [self.scheduler, self.executor, *alive]
 
-def node_entry(
-    address: str,
-    loader: dict | None,
-    decompressors: list[dict],
-    host: dict | None,
-    sched: dict | None,
-    homed: int | None = None,
-) -> dict[str, Any]:
-    """One node's line in ``stats()["nodes"]``: tasks it ran (reads, decodes, expert computations), its
-    cache's hits per form and misses, bytes it read, its budget and peak."""
-    reads = loader["reads"] if loader else 0
-    decodes = sum(d["tasks"] for d in decompressors)
-    computes = host["computes"] if host else 0
-    return {
-        "alive": True,
-        "address": address,
-        "tasks": reads + decodes + computes,
-        "reads": reads,
-        "decodes": decodes,
-        "computes": computes,
-        "hits": dict(sched["hits"]) if sched else {},
-        "misses": sched["misses"] if sched else 0,
-        "bytes_read": loader["bytes_read"] if loader else 0,
-        "budget": sched["cache"]["budget"] if sched else 0,
-        "peak_cache_bytes": sched["cache"]["peak"] if sched else 0,
-        "experts_homed": homed,
-        "workers": len(decompressors),
-    }
+    def lane_stats(self, sched: dict) -> LaneStats:
+        """Per node; a node that died since the last layer is reported down, never waited on for ever."""
+        import ray
+
+        out = LaneStats()
+        timeout = 2 * self.config.node_timeout
+        for name, ns in self.cluster.nodes.items():
+            down = {"alive": False, "address": ns.info.address, "tasks": None}
+            if name not in sched["alive"]:
+                out.nodes[name] = down
+                continue
+            try:
+                got = ray.get([a.stats.remote() for a in ns.actors()], timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                out.nodes[name] = {**down, "note": f"not answering within {timeout:g} s"}
+                continue
+            except ray.exceptions.RayError as e:  # died since, or a bug in stats(): say which
+                out.nodes[name] = {**down, "note": f"stats failed: {type(e).__name__}: {e}"}
+                continue
+            n = len(ns.decompressors)
+            out.loaders.append(got[0])
+            out.decompressors.extend(got[1 : 1 + n])
+            host = got[1 + n] if ns.host is not None else None
+            out.nodes[name] = node_entry(
+                ns.info.address, got[0], got[1 : 1 + n], host, sched["nodes"][name], sched["homes"][name]
+            )
+        if not out.loaders:
+            raise ZipMoEError(
+                "no node of the cluster answers for its stats; check the nodes (README, Edge clusters)"
+            )
+        return out

@@ -13,8 +13,9 @@ import numpy as np
 
 from ..stages.decompressor import Decompressor
 from ..stages.loader import IOLoader
+from .base import Backend, LaneStats
 
-__all__ = ["LocalRunner", "LocalTransport"]
+__all__ = ["LocalBackend", "LocalRunner", "LocalTransport"]
 
 
 def _value(x: Any) -> Any:
@@ -87,6 +88,8 @@ class LocalTransport:
         done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
         return [h for h in handles if h in done]
 
+    node_timeout = None  # every expert is computed here: nothing to wait on elsewhere
+
     def compute(self, node, *args):
         raise NotImplementedError("the local backend runs on one device")
 
@@ -102,3 +105,63 @@ class LocalTransport:
 
     def get(self, handle) -> np.ndarray:
         return _value(handle)
+
+
+class LocalBackend(Backend):
+    """Every stage in this process: the executor on the caller's thread, reads and decodes on threads."""
+
+    name = "local"
+
+    def start_lanes(self) -> None:
+        cfg = self.config
+        self.loader = IOLoader(self.store_dir, cfg.read_options(), copy_parts=True)
+        self.decompressors = [Decompressor(self.store_dir, i) for i in range(cfg.workers)]
+        self.runner = LocalRunner(self.loader, self.decompressors)
+
+    def calibrate(self):
+        from ..schedule.costs import CostModel
+
+        return CostModel.calibrated(
+            self.loader.calibrate(None, 16 << 20), self.decompressors[0].calibrate(None, 16 << 20)
+        )
+
+    def start_pipeline(self, sched_config, costs) -> None:
+        from ..stages.executor import Executor
+        from ..stages.scheduler import Scheduler
+
+        cfg = self.config
+        self.scheduler = Scheduler(self.store_dir, sched_config, self.runner, costs)
+        self.executor = Executor(
+            self.store_dir,
+            LocalTransport(self.scheduler),
+            cfg.device,
+            cfg.dtype,
+            cfg.torch_threads,
+            cfg.timeline,
+        )
+        self.device = str(self.executor.device)
+        self.reset_stats()
+
+    def call(self, stage: str, method: str, *args):
+        return getattr({"scheduler": self.scheduler, "executor": self.executor}[stage], method)(*args)
+
+    def stream(self, request):
+        yield from self.executor.generate_stream(request)
+
+    def lane_stats(self, sched: dict) -> LaneStats:
+        from .cluster_nodes import node_entry
+
+        loader = self.loader.stats()
+        decs = [d.stats() for d in self.decompressors]
+        homed = len(self.store.index.experts)
+        return LaneStats({"local": node_entry("local", loader, decs, None, sched, homed)}, [loader], decs)
+
+    def reset_stats(self) -> None:
+        for stage in (self.loader, *self.decompressors, self.scheduler, self.executor):
+            stage.reset_stats()
+
+    def close(self) -> None:
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.shutdown()
+            self.runner = None

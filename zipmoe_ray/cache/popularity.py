@@ -7,16 +7,20 @@ scores are what matters, and they are exact under this scheme.
 
 from __future__ import annotations
 
-__all__ = ["Popularity"]
+__all__ = ["DEFAULT_DECAY", "DEFAULT_POPULARITY", "POPULARITY_KINDS", "Popularity"]
+
+POPULARITY_KINDS = ("lfu", "lru")
+DEFAULT_POPULARITY = "lfu"  # the one default of every config that chooses a popularity (engine, scheduler)
+DEFAULT_DECAY = 0.98  # per generation step
 
 
 class Popularity:
     """Scores for keys; ``kind`` is ``lfu`` (decayed frequency, the default) or ``lru`` (last use)."""
 
-    def __init__(self, decay: float = 0.98, kind: str = "lfu"):
+    def __init__(self, decay: float = DEFAULT_DECAY, kind: str = DEFAULT_POPULARITY):
         if not 0 < decay <= 1:
             raise ValueError(f"popularity decay must be in (0, 1], got {decay}")
-        if kind not in ("lfu", "lru"):
+        if kind not in POPULARITY_KINDS:
             raise ValueError(f"popularity kind must be lfu or lru, got {kind!r}")
         self.decay = decay
         self.kind = kind

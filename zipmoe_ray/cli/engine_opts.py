@@ -1,71 +1,63 @@
-"""Engine flags shared by `zipmoe generate`, `chat`, `demo` and the benchmarks: one home per default."""
+"""Engine flags shared by `zipmoe generate`, `chat` and the benchmarks, built from EngineConfig's fields.
+
+Every flag's name, help, choices, parser and default come from the field's metadata (runtime/config.py
+CliOption), so a setting has one home; ``engine_kwargs`` maps the parsed flags back onto the fields.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import MISSING, fields
 
-from ..cache.split import FORM_POLICIES
-from ..runtime.config import EngineConfig
-from ..runtime.sizes import parse_size
-from ..store.io import CACHE_MODES
+from ..errors import ZipMoEError
+from ..runtime.config import CliOption, EngineConfig
 
 __all__ = ["add_engine_options", "engine_kwargs"]
 
 
-def _bandwidth(text: str) -> float:
-    """'0.5GB' or '500MB' (per second) -> bytes/s."""
-    t = text.strip().removesuffix("/s")
-    try:
-        return float(parse_size(t, what="--ssd-bandwidth"))
-    except Exception as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _options() -> list[tuple[str, CliOption, object]]:
+    out = []
+    for f in fields(EngineConfig):
+        opt = f.metadata.get("cli")
+        if opt is not None:
+            default = opt.cli_default if f.default is MISSING else f.default
+            out.append((f.name, opt, default))
+    return out
 
 
-def add_engine_options(p: argparse.ArgumentParser, *, budget_default: str = "50%") -> None:
+def _typed(parse, flag: str):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (ZipMoEError, ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: {e}") from None
+
+    convert.__name__ = flag
+    return convert
+
+
+def add_engine_options(p: argparse.ArgumentParser, **defaults) -> None:
+    """Add the engine's flags to ``p``; ``defaults`` (by field name) override a command's defaults."""
     g = p.add_argument_group("engine")
-    g.add_argument(
-        "--memory-budget",
-        default=budget_default,
-        help=f"bytes for all expert forms and buffers: 1.5GiB, 800MB, or a share of the routed-expert bytes "
-        f"like 25%% (default {budget_default.replace('%', '%%')})",  # argparse %-formats help
-    )
-    g.add_argument("--backend", choices=["ray", "local"], default="ray")
-    g.add_argument("--address", help="attach to a running Ray cluster (HOST:PORT or auto)")
-    g.add_argument(
-        "--nodes",
-        help="with --address: the cluster nodes to serve across, comma-separated names (a node's custom "
-        "resource) or addresses (default: every alive node)",
-    )
-    g.add_argument(
-        "--node-timeout",
-        type=float,
-        default=EngineConfig.node_timeout,
-        help="seconds a layer waits on another node before checking it is alive; a node that then does not "
-        f"answer a ping within as long is declared failed (default {EngineConfig.node_timeout:g})",
-    )
-    g.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    g.add_argument("--num-decompressors", type=int, help="decode lanes W (default: one per CPU core)")
-    g.add_argument("--policy", choices=list(FORM_POLICIES), default="zipmoe", help="cache forms to use")
-    g.add_argument(
-        "--read-mode", choices=list(CACHE_MODES), default="bypass", help="page-cache bypass for expert reads"
-    )
-    g.add_argument("--ssd-bandwidth", type=_bandwidth, help="emulate an SSD of this many bytes/s, e.g. 0.5GB")
-    g.add_argument("--ssd-latency", type=float, default=0.0, help="emulated seconds per read (with a cap)")
-    g.add_argument("--no-calibrate", action="store_true", help="skip the start-up calibration")
+    for name, opt, default in _options():
+        default = defaults.get(name, default)
+        flag = opt.flag or "--" + name.replace("_", "-")
+        kw: dict = {"dest": name, "help": opt.help.replace("%", "%%")}  # argparse %-formats help
+        if opt.kind == "switch":
+            kw.update(action="store_true", default=bool(default))
+        elif opt.kind == "negated":
+            kw.update(action="store_false", default=default)
+        elif opt.kind == "optional-bool":
+            kw.update(action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kw.update(default=default, choices=opt.choices, metavar=opt.metavar)
+            if opt.parse is not None:
+                kw["type"] = _typed(opt.parse, flag)
+        if default is not None and opt.kind in ("value", "optional-bool"):
+            kw["help"] += f" (default {str(default).replace('%', '%%')})"
+        g.add_argument(flag, **kw)
 
 
 def engine_kwargs(args) -> dict:
-    return dict(
-        memory_budget=args.memory_budget,
-        backend=args.backend,
-        address=args.address,
-        nodes=tuple(n.strip() for n in args.nodes.split(",") if n.strip()) if args.nodes else None,
-        node_timeout=args.node_timeout,
-        device=args.device,
-        num_decompressors=args.num_decompressors,
-        policy=args.policy,
-        cache_mode=args.read_mode,
-        bandwidth=args.ssd_bandwidth,
-        latency=args.ssd_latency,
-        calibrate=not args.no_calibrate,
-    )
+    """The EngineConfig fields given by the flags ``add_engine_options`` added."""
+    return {name: getattr(args, name) for name, _, _ in _options()}

@@ -113,7 +113,10 @@ def cmd_trace_synth(args) -> int:
 def cmd_calibrate(args) -> int:
     from ..plan.calibrate import calibrate
 
-    profile = calibrate(args.store, engine=args.engine, workers=args.workers)
+    probe = None
+    if args.engine:
+        from .calibrate_engine import measure_engine as probe
+    profile = calibrate(args.store, engine_probe=probe, workers=args.workers)
     text = json.dumps(profile.to_json(), indent=2)
     if args.out:
         profile.save(args.out)

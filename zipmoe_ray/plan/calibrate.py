@@ -3,8 +3,8 @@
 Micro-measurements (always): exponent decompression and recombination per core on a Qwen-sized expert,
 the SSD (sequential reads with the page cache bypassed, and 4 KiB reads for latency) on the store's data
 files or a temporary file, the executor's expert application rate (GEMV streaming expert-sized BF16
-matrices), memory. With ``engine=True`` and a store, the runtime itself is measured too (``--engine``):
-an all-hit run gives the time per layer outside the experts, per token outside the layers and the
+matrices), memory. With an engine probe and a store, the runtime itself is measured too (``--engine``,
+cli/calibrate_engine.py): an all-hit run gives the time per layer outside the experts, per token outside the layers and the
 executor's real expert rate; a run under a small budget gives the scheduler round trip, the hand-off per
 expert and the decode rate of the lanes while everything else runs, which is what the simulator needs to
 predict this machine's engine.
@@ -12,16 +12,17 @@ predict this machine's engine.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..store.io import aligned_empty
 from .profile import DeviceProfile
 
@@ -74,7 +75,7 @@ def _ssd(store_path: str | None, seconds: float = 2.0) -> tuple[float, float, st
                 f.flush()
                 os.fsync(f.fileno())
             files = [Path(tmp)]
-        reader = ExtentReader(str(files[0].parent), ReadOptions(cache="bypass"))
+        reader = ExtentReader(str(files[0].parent), ReadOptions(read_mode="bypass"))
         try:
             sized = [(f.name, f.stat().st_size) for f in files]
             chunk = 8 << 20
@@ -127,81 +128,19 @@ def _memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _engine(store: str, workers: int, base: DeviceProfile) -> tuple[dict, dict]:
-    """Measure the runtime on ``store`` (Ray backend): an all-hit run and a run under a small budget."""
-    from ..engine import ZipMoEEngine
-
-    prompt = [3 + (i * 7) % 200 for i in range(32)]
-    out, src = {}, {}
-    before = os.environ.get("ZIPMOE_TIMELINE")
-    os.environ["ZIPMOE_TIMELINE"] = "1"  # read when the engine starts; not left on for later engines
-    try:
-        with ZipMoEEngine(store, memory_budget="200%", backend="ray", num_decompressors=workers) as e:
-            e.generate(prompt, 16)
-            e.generate(prompt, 16)  # everything resident now
-            e.reset_stats()
-            e.generate(prompt, 16)
-            tl = e.timeline()
-            expert_bytes = max(s.full for s in e.sizes.values())
-            layers = len(e.store.layers())
-    finally:
-        if before is None:
-            os.environ.pop("ZIPMOE_TIMELINE", None)
-        else:
-            os.environ["ZIPMOE_TIMELINE"] = before
-    steps = [t for t, k, *_ in tl if k == "step"]
-    moe, n_experts, layer_t = 0.0, 0, None
-    for t, kind, _layer, x, _ in tl:
-        if steps and (t < steps[0] or t > steps[-1]):
-            continue
-        if kind == "layer":
-            layer_t = t
-            n_experts += x
-        elif kind == "layer_done" and layer_t is not None:
-            moe += t - layer_t
-    nsteps = max(1, len(steps) - 1)
-    total = steps[-1] - steps[0] if len(steps) > 1 else 0.0
-    per_token_outside = (total - moe) / nsteps
-    out["executor_gbps"] = n_experts * expert_bytes / max(moe, 1e-9) / 1e9
-    src["executor_gbps"] = "measured: the engine applying resident experts (all-hit run)"
-    # split the time outside MoE layers into per layer and per token with the base profile's estimate of
-    # a layer's non-expert work (4 expert sizes): what the simulator would otherwise assume
-    out["non_moe_s_per_layer"] = min(
-        per_token_outside / layers, 4 * expert_bytes / (out["executor_gbps"] * 1e9)
-    )
-    out["non_moe_s_per_token"] = max(0.0, per_token_outside - layers * out["non_moe_s_per_layer"])
-    src["non_moe_s_per_layer"] = "measured: time outside MoE layers in an all-hit run, per layer"
-    src["non_moe_s_per_token"] = "measured: the rest of that time, per token (embeddings, lm_head, sampling)"
-    with ZipMoEEngine(store, memory_budget="15%", backend="ray", num_decompressors=workers) as e:
-        e.generate(prompt, 16)
-        e.reset_stats()
-        e.generate(prompt, 24)
-        tl = e.timeline()
-        st = e.stats()
-    reqs = [b[0] - a[0] for a, b in itertools.pairwise(tl) if a[1] == "request" and b[1] == "response"]
-    if reqs:
-        out["request_overhead_s"] = float(np.median(reqs))
-        src["request_overhead_s"] = "measured: scheduler round trip per layer (request to response)"
-    lanes = st["lanes"]
-    if lanes["decode_busy_s"] > 0 and lanes["decoded_bytes"] > 0:
-        observed = lanes["decoded_bytes"] / lanes["decode_busy_s"] / 1e9
-        scale = observed / base.decode_gbps_per_core
-        out["decompress_gbps_per_core"] = base.decompress_gbps_per_core * scale
-        out["recombine_gbps_per_core"] = base.recombine_gbps_per_core * scale
-        src["decompress_gbps_per_core"] = src["recombine_gbps_per_core"] = (
-            f"measured: decode lanes in the engine ({observed:.2f} GB/s per lane while the model runs beside them)"
-        )
-    out["delivery_overhead_s"] = 1.0e-3
-    src["delivery_overhead_s"] = (
-        "estimate: object-store hand-off and ray.wait per expert seen in Ray timelines here"
-    )
-    return out, src
+EngineProbe = Callable[[str, int, DeviceProfile], tuple[dict, dict]]
 
 
 def calibrate(
-    store: str | os.PathLike | None = None, *, engine: bool = False, workers: int | None = None
+    store: str | os.PathLike | None = None,
+    *,
+    engine_probe: EngineProbe | None = None,
+    workers: int | None = None,
 ) -> DeviceProfile:
-    """Measure this machine (blocks for a few seconds; with ``engine`` about a minute)."""
+    """Measure this machine (blocks for a few seconds). ``engine_probe(store, workers, profile)`` measures
+    the runtime itself on ``store`` and returns (profile fields, their sources) to overwrite: the CLI's
+    ``zipmoe calibrate --engine`` passes ``zipmoe_ray.cli.calibrate_engine.measure_engine`` (about a
+    minute). Raises ConfigError for a probe without a store."""
     cores = os.cpu_count() or 1
     workers = workers or cores
     dec, rec = _codec_rates()
@@ -234,10 +173,10 @@ def calibrate(
         memory_bytes=_memory(),
         sources=sources,
     )
-    if engine:
+    if engine_probe is not None:
         if store is None:
-            raise ValueError("--engine needs --store")
-        measured, src = _engine(str(store), workers, profile)
+            raise ConfigError("measuring the engine (--engine) needs a store to run: give --store STORE_DIR")
+        measured, src = engine_probe(str(store), workers, profile)
         profile = profile.with_(**measured, sources={**sources, **src})
     return profile
 

@@ -1,58 +1,162 @@
-"""EngineConfig: every setting of a ZipMoEEngine, validated in one place (CLI flags map onto these fields)."""
+"""EngineConfig: every setting of a ZipMoEEngine, validated in one place.
+
+Each field that is also a command-line flag carries its flag, help, choices and parser in its metadata
+(:class:`CliOption`); ``cli/engine_opts.py`` builds the flags of ``zipmoe generate``, ``chat`` and the
+benchmarks from them, so a setting has one name and one default.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..cache.popularity import DEFAULT_DECAY, DEFAULT_POPULARITY, POPULARITY_KINDS
 from ..cache.split import FORM_POLICIES, SplitRule
 from ..errors import ConfigError
-from ..store.io import CACHE_MODES, ReadOptions
+from ..store.io import READ_MODES, ReadOptions
+from .sizes import parse_bandwidth
 
-__all__ = ["BACKENDS", "EngineConfig"]
+__all__ = ["BACKENDS", "CliOption", "EngineConfig"]
 
 BACKENDS = ("ray", "local")
 
 
 @dataclass(frozen=True)
+class CliOption:
+    """How a config field appears on the command line."""
+
+    help: str
+    flag: str | None = None  # default: --field-name
+    parse: Callable[[str], Any] | None = None  # text -> value (raise ZipMoEError or ValueError)
+    choices: tuple[str, ...] | None = None
+    kind: str = "value"  # value | switch (store_true) | negated (--no-X stores False) | optional-bool
+    cli_default: Any = None  # for fields without a dataclass default
+    metavar: str | None = None
+
+
+def _cli(help: str, **kw) -> dict:
+    return {"cli": CliOption(help, **kw)}
+
+
+def _nodes(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    memory_budget: int | str  # bytes, "1.5GiB", or "25%" of the routed-expert bytes (--memory-budget)
-    device: str | None = None  # cuda, mps or cpu; None picks the best available (--device)
-    num_decompressors: int | None = None  # W decode lanes; None = one per CPU core (--num-decompressors)
-    backend: str = "ray"  # ray or local (--backend)
-    address: str | None = None  # attach to a running Ray cluster (--address); None starts one in-process
-    cache_mode: str = "bypass"  # how experts are read: page-cache, direct, drop or bypass (--read-mode)
-    bandwidth: float | None = None  # emulated SSD bandwidth, bytes/s (--ssd-bandwidth)
-    latency: float = 0.0  # emulated per-read latency, seconds (--ssd-latency)
-    policy: str = "zipmoe"  # cache forms allowed: zipmoe, full-only, compressed-only, sm-only (--policy)
-    split: SplitRule | None = None  # explicit shares per form (overrides the policy's)
-    popularity: str = "lfu"  # lfu (aged token counts) or lru
-    decay: float = 0.98  # popularity decay per generation step
-    calibrate: bool = True  # measure read and decode rates at start-up (else nominal figures)
-    recombine_on_device: bool | None = None  # None: on the accelerator when there is one
-    torch_threads: int | None = None  # executor's intra-op threads; None = CPU count
-    dtype: str = "auto"  # non-expert weights' dtype as stored
+    memory_budget: int | str = field(
+        metadata=_cli(
+            "bytes for all expert forms and buffers in flight: 1.5GiB, 800MB, or a share of the routed-expert "
+            "bytes like 25%",
+            cli_default="50%",
+        )
+    )
+    device: str | None = field(
+        default=None, metadata=_cli("cuda[:N], mps or cpu (default: the best available)")
+    )
+    num_decompressors: int | None = field(
+        default=None, metadata=_cli("decode lanes W (default: one per CPU core)", parse=int, metavar="W")
+    )
+    backend: str = field(default="ray", metadata=_cli("where the stages run", choices=BACKENDS))
+    address: str | None = field(
+        default=None,
+        metadata=_cli("attach to a running Ray cluster at HOST:PORT (default: start one in this process)"),
+    )
+    nodes: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_cli(
+            "with --address: the cluster nodes to serve across, comma-separated names (a node's custom "
+            "resource) or addresses (default: every alive node)",
+            parse=_nodes,
+        ),
+    )
+    node_timeout: float = field(
+        default=5.0,
+        metadata=_cli(
+            "seconds a layer waits on another node before checking it is alive; a node that then does not "
+            "answer a ping within as long is declared failed",
+            parse=float,
+        ),
+    )
+    read_mode: str = field(
+        default="bypass",
+        metadata=_cli(
+            "how experts are read: bypass (O_DIRECT where possible, else drop), direct, drop "
+            "(fadvise DONTNEED) or page-cache",
+            choices=READ_MODES,
+        ),
+    )
+    bandwidth: float | None = field(
+        default=None,
+        metadata=_cli(
+            "emulate an SSD of this many bytes/s, e.g. 0.5GB", flag="--ssd-bandwidth", parse=parse_bandwidth
+        ),
+    )
+    latency: float = field(
+        default=0.0,
+        metadata=_cli("emulated seconds per read (with --ssd-bandwidth)", flag="--ssd-latency", parse=float),
+    )
+    policy: str = field(default="zipmoe", metadata=_cli("cache forms to use", choices=tuple(FORM_POLICIES)))
+    split: SplitRule | None = None  # explicit shares per form (overrides the policy's); Python API only
+    popularity: str = field(
+        default=DEFAULT_POPULARITY,
+        metadata=_cli(
+            "how experts are ranked for caching: lfu (aged token counts) or lru", choices=POPULARITY_KINDS
+        ),
+    )
+    decay: float = field(
+        default=DEFAULT_DECAY,
+        metadata=_cli(
+            "lfu popularity decay per generation step, in (0, 1]", flag="--popularity-decay", parse=float
+        ),
+    )
+    calibrate: bool = field(
+        default=True,
+        metadata=_cli(
+            "skip the start-up calibration of read and decode rates (plan with nominal figures)",
+            flag="--no-calibrate",
+            kind="negated",
+        ),
+    )
+    recombine_on_device: bool | None = field(
+        default=None,
+        metadata=_cli(
+            "recombine planes on the accelerator (default: when there is one)", kind="optional-bool"
+        ),
+    )
+    torch_threads: int | None = field(
+        default=None, metadata=_cli("the executor's intra-op threads (default: CPU count)", parse=int)
+    )
+    dtype: str = "auto"  # non-expert weights' dtype as stored; Python API only
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources pinning all stages
-    nodes: tuple[str, ...] | None = None  # cluster nodes to serve across (names or addresses); None = all
-    node_timeout: float = 5.0  # seconds a layer waits on another node before checking that it lives
+    timeline: bool = field(
+        default=False,
+        metadata=_cli(
+            "record every MoE layer's events (request, each expert ready and computed) for profiling; "
+            "read them with ZipMoEEngine.timeline()",
+            kind="switch",
+        ),
+    )
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.address is not None and self.backend != "ray":
             raise ConfigError("--address needs the ray backend")
-        if self.num_decompressors is not None and (
-            not isinstance(self.num_decompressors, int) or self.num_decompressors < 1
-        ):
-            raise ConfigError(f"num_decompressors must be a positive integer, got {self.num_decompressors!r}")
-        if self.cache_mode not in CACHE_MODES:
-            raise ConfigError(f"read mode {self.cache_mode!r} is not one of {', '.join(CACHE_MODES)}")
+        for name in ("num_decompressors", "torch_threads"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.read_mode not in READ_MODES:
+            raise ConfigError(f"read mode {self.read_mode!r} is not one of {', '.join(READ_MODES)}")
         if self.policy not in FORM_POLICIES:
             raise ConfigError(f"policy {self.policy!r} is not one of {', '.join(FORM_POLICIES)}")
-        if self.popularity not in ("lfu", "lru"):
-            raise ConfigError(f"popularity {self.popularity!r} is not lfu or lru")
-        if not 0 < self.decay <= 1:
-            raise ConfigError(f"decay must be in (0, 1], got {self.decay}")
+        if self.popularity not in POPULARITY_KINDS:
+            raise ConfigError(f"popularity {self.popularity!r} is not one of {', '.join(POPULARITY_KINDS)}")
+        if not (isinstance(self.decay, (int, float)) and 0 < self.decay <= 1):
+            raise ConfigError(f"decay must be in (0, 1], got {self.decay!r}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ConfigError(f"device {self.device!r} is not cpu, cuda[:N] or mps")
         if self.nodes is not None and (
@@ -72,20 +176,7 @@ class EngineConfig:
         return self.num_decompressors or os.cpu_count() or 1
 
     def read_options(self) -> ReadOptions:
-        return ReadOptions(cache=self.cache_mode, bandwidth=self.bandwidth, latency=self.latency)
+        return ReadOptions(read_mode=self.read_mode, bandwidth=self.bandwidth, latency=self.latency)
 
     def split_rule(self) -> SplitRule:
         return self.split or SplitRule.for_policy(self.policy)
-
-    @classmethod
-    def for_tests(cls, **kw) -> EngineConfig:
-        """Small, deterministic settings for tests: local backend, 2 lanes, page cache, nominal costs."""
-        base = dict(
-            memory_budget="100%",
-            backend="local",
-            num_decompressors=2,
-            cache_mode="page-cache",
-            calibrate=False,
-        )
-        base.update(kw)
-        return cls(**base)

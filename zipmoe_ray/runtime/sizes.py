@@ -6,7 +6,7 @@ import re
 
 from ..errors import BudgetError
 
-__all__ = ["format_bytes", "parse_size"]
+__all__ = ["format_bytes", "parse_bandwidth", "parse_size"]
 
 _UNITS = {
     "": 1,
@@ -54,6 +54,13 @@ def parse_size(text: str | int | float, *, total: int | None = None, what: str =
         f"{what} {text!r} is not a size: use bytes (123456), a unit (800MB, 1.5GiB) or a share of the "
         "routed-expert bytes (25%)"
     )
+
+
+def parse_bandwidth(text: str | int | float) -> float:
+    """Bytes/s from ``0.5GB``, ``500MB/s`` or a number. Raises BudgetError naming the accepted forms."""
+    if isinstance(text, str):
+        text = text.strip().removesuffix("/s")
+    return float(parse_size(text, what="bandwidth (--ssd-bandwidth)"))
 
 
 def format_bytes(n: float) -> str:

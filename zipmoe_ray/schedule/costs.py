@@ -48,6 +48,17 @@ class CostModel:
         return cls(**d)
 
     @classmethod
+    def calibrated(cls, io: dict, dec: dict) -> CostModel:
+        """From an IOLoader's and a Decompressor's ``calibrate()`` results (measured on the lanes)."""
+        return cls(
+            read_bps=io["read_bps"],
+            read_latency=io["read_latency"],
+            decode_bps=dec["decode_bps"],
+            decompress_bps=dec["decompress_bps"],
+            source=f"calibrated at start-up ({io['mode']} reads)",
+        )
+
+    @classmethod
     def nominal(cls) -> CostModel:
         """Round figures of this project's reference machine; for tests and dry runs, not for serving."""
         return cls(read_bps=2e9, read_latency=1e-4, decode_bps=2.5e9, decompress_bps=5e9, source="nominal")

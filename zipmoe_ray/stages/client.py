@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import env
 from ..cache import Key
 from ..codec import layout_for
 from ..models.experts_impl import ExpertWeights
@@ -51,7 +50,7 @@ class ClientStats:
 class ExpertClient:
     """Implements models.experts_impl.ExpertSource for the executor."""
 
-    def __init__(self, transport, store, device: str | torch.device = "cpu"):
+    def __init__(self, transport, store, device: str | torch.device = "cpu", timeline: bool = False):
         self.transport = transport
         # how long a layer waits on another node before asking whether it still lives (clusters only)
         self.node_timeout = getattr(transport, "node_timeout", None)  # only read with remote experts
@@ -72,7 +71,7 @@ class ExpertClient:
         self._in_use: dict[Key, Any] = {}
         self.stats = ClientStats()
         self._lock = threading.Lock()
-        self.events: list[tuple] | None = [] if env.get_bool("ZIPMOE_TIMELINE") else None
+        self.events: list[tuple] | None = [] if timeline else None  # EngineConfig.timeline
         self.trace: list | None = None  # recorded steps while a traced generation runs
         self._trace_step: dict[int, list[tuple[int, int]]] = {}
         self._trace_meta = (0, 1)  # (request, batch)

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..models.dense_loader import load_model
 from ..models.registry import get_arch
 from ..store import open_store
 from .client import ExpertClient
+from .model_loader import load_model
 
 __all__ = ["Executor", "GenerateRequest", "GenerateResult", "default_device"]
 
@@ -93,14 +93,16 @@ class Executor:
         device: str | None = None,
         dtype: str = "auto",
         torch_threads: int | None = None,
+        timeline: bool = False,
     ):
+        """``timeline``: record every MoE layer's events (see :meth:`timeline`)."""
         from transformers import GenerationConfig  # noqa: F401  (import early: fail fast if missing)
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         self.device = device or default_device()
         self.store = open_store(store_path)
         self.spec = get_arch(self.store.model_type)
-        self.client = ExpertClient(transport, self.store, self.device)
+        self.client = ExpertClient(transport, self.store, self.device, timeline)
         t0 = time.perf_counter()
         self.model, self.moe_layers = load_model(self.store, self.client, device=self.device, dtype=dtype)
         self.load_s = time.perf_counter() - t0
@@ -224,7 +226,7 @@ class Executor:
             self.client.events.clear()
 
     def timeline(self) -> list[tuple]:
-        """The recorded MoE-layer events (ZIPMOE_TIMELINE=1): (unix time, kind, layer, expert, extra)."""
+        """The recorded MoE-layer events (with ``timeline``): (unix time, kind, layer, expert, extra)."""
         return list(self.client.events or [])
 
     def ping(self) -> bool:

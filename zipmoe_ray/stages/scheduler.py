@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..cache import ExpertCache, ExpertSizes, Form, Key, ModelLayout, Popularity, SplitRule
+from ..cache.popularity import DEFAULT_DECAY, DEFAULT_POPULARITY
 from ..errors import BudgetError
 from ..runtime.budget import minimum_budget
 from ..schedule import CostModel, Task, plan_layer
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     budget: int
     split: SplitRule = field(default_factory=SplitRule)
-    popularity: str = "lfu"  # lfu (aged token counts) or lru
-    decay: float = 0.98  # per generation step
+    popularity: str = DEFAULT_POPULARITY  # lfu (aged token counts) or lru
+    decay: float = DEFAULT_DECAY  # per generation step
     recombine_on_device: bool = False
     keep_full_payload: bool = True  # keep a handle to FULL weights (CPU executors): demotion re-splits them
     prior: dict[tuple[int, int], float] | None = None  # popularity prior per expert (a plan's access)

@@ -19,18 +19,19 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
 from ..errors import ConfigError, StoreCorruptError
 from .format import ALIGN, align_up
 
-__all__ = ["CACHE_MODES", "BandwidthLimiter", "ExtentReader", "ReadOptions", "ReadStats", "aligned_empty"]
+__all__ = ["READ_MODES", "BandwidthLimiter", "ExtentReader", "ReadOptions", "ReadStats", "aligned_empty"]
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("page-cache", "direct", "drop", "bypass")
+READ_MODES = ("page-cache", "direct", "drop", "bypass")
 
 
 def aligned_empty(n: int, align: int = ALIGN) -> np.ndarray:
@@ -44,19 +45,24 @@ def aligned_empty(n: int, align: int = ALIGN) -> np.ndarray:
 class ReadOptions:
     """How extents are read.
 
-    cache: ``page-cache`` (plain reads), ``direct`` (O_DIRECT, error where unsupported), ``drop``
+    read_mode: ``page-cache`` (plain reads), ``direct`` (O_DIRECT, error where unsupported), ``drop``
         (fadvise DONTNEED around reads) or ``bypass`` (direct where possible, else drop).
     bandwidth: emulated device bandwidth in bytes/s (None: no cap).
     latency: emulated per-request latency in seconds (applies only with a bandwidth cap).
+    cache: the former name of ``read_mode`` (deprecated; accepted as a keyword).
     """
 
-    cache: str = "page-cache"
+    read_mode: str = "page-cache"
     bandwidth: float | None = None
     latency: float = 0.0
+    cache: InitVar[str | None] = None
 
-    def __post_init__(self):
-        if self.cache not in CACHE_MODES:
-            raise ConfigError(f"cache mode {self.cache!r} is not one of {', '.join(CACHE_MODES)}")
+    def __post_init__(self, cache: str | None):
+        if cache is not None:
+            warnings.warn("ReadOptions(cache=...) is now ReadOptions(read_mode=...)", DeprecationWarning, 2)
+            object.__setattr__(self, "read_mode", cache)
+        if self.read_mode not in READ_MODES:
+            raise ConfigError(f"read mode {self.read_mode!r} is not one of {', '.join(READ_MODES)}")
         if self.bandwidth is not None and not self.bandwidth > 0:
             raise ConfigError(f"bandwidth must be positive bytes/s, got {self.bandwidth!r}")
         if self.latency < 0:
@@ -65,7 +71,7 @@ class ReadOptions:
     def describe(self) -> str:
         bw = f", capped at {self.bandwidth / 1e9:.3g} GB/s" if self.bandwidth else ""
         lat = f" + {self.latency * 1e6:.0f} us/request" if self.bandwidth and self.latency else ""
-        return f"{self.cache}{bw}{lat}"
+        return f"{self.read_mode}{bw}{lat}"
 
 
 class BandwidthLimiter:
@@ -127,7 +133,7 @@ class ExtentReader:
             if hit is not None:
                 return hit
             path = os.path.join(self.root, rel)
-            mode = self.options.cache
+            mode = self.options.read_mode
             fd, direct = -1, False
             if mode in ("direct", "bypass") and hasattr(os, "O_DIRECT"):
                 try:
@@ -138,11 +144,11 @@ class ExtentReader:
                     if mode == "direct":
                         raise ConfigError(
                             f"{path}: O_DIRECT is not supported on this file system ({e.strerror}); "
-                            "use cache mode 'bypass' or 'drop'"
+                            "use read mode 'bypass' or 'drop'"
                         ) from None
                     log.info("O_DIRECT unavailable for %s (%s); dropping pages with fadvise instead", path, e)
             elif mode == "direct":
-                raise ConfigError("O_DIRECT is not available on this platform; use cache mode 'drop'")
+                raise ConfigError("O_DIRECT is not available on this platform; use read mode 'drop'")
             if fd < 0:
                 try:
                     fd = os.open(path, os.O_RDONLY)
@@ -156,11 +162,11 @@ class ExtentReader:
     @property
     def mode_in_use(self) -> str:
         """What reads actually do: 'direct', 'drop' or 'page-cache' (for benchmark reports)."""
-        if self.options.cache == "page-cache":
+        if self.options.read_mode == "page-cache":
             return "page-cache"
         if any(direct for _, direct in self._fds.values()):
             return "direct"
-        return "drop" if self.options.cache in ("drop", "bypass") else self.options.cache
+        return "drop" if self.options.read_mode in ("drop", "bypass") else self.options.read_mode
 
     def read(self, rel: str, offset: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
         """Read ``length`` bytes at ``offset`` of file ``rel``; returns a uint8 array (a view of ``out`` when
@@ -180,7 +186,7 @@ class ExtentReader:
         else:
             buf = out if out is not None else np.empty(length, dtype=np.uint8)
             got = self._pread(fd, buf[:length], offset)
-            if self.options.cache in ("drop", "bypass") and hasattr(os, "posix_fadvise"):
+            if self.options.read_mode in ("drop", "bypass") and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         if got < length:
             raise StoreCorruptError(

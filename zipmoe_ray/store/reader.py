@@ -209,7 +209,7 @@ class Store:
         Not checksummed here: chunks are checked when decoded (or with :meth:`verify_chunks`)."""
         rec = self.record(layer, expert)
         rel, length = self.extent_span(layer, expert, part)
-        if part == "raw" and self.reader.options.cache in ("direct", "bypass"):
+        if part == "raw" and self.reader.options.read_mode in ("direct", "bypass"):
             # O_DIRECT reads start on a 4 KiB boundary: read from the aligned start below the SM region.
             start = rec.offset + rel
             base = start - start % 4096
