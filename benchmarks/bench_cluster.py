@@ -1,7 +1,7 @@
 """Two nodes with half the budget each against one node with the whole budget, on a real Ray cluster.
 
 Both configurations run on the same 2-node Ray cluster built on this machine (each node a network
-namespace, see tests/netns_cluster.py; needs root): once restricted to the head (`--nodes edge0`, the whole
+namespace, see tests/cluster/netns_cluster.py; needs root): once restricted to the head (`--nodes edge0`, the whole
 budget on one node) and once across both nodes (the same budget split equally). Model: the Qwen1.5-MoE
 preset with 4 MoE layers (60 experts of 17.3 MB per layer, top-4), routing re-biased to skew 0
 (benchmarks/routing.py); each node reads the store through its own emulated SSD (a bandwidth cap per
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # for tests.netns_cluster
+sys.path.insert(0, str(HERE.parent))  # for tests.cluster.netns_cluster
 
 
 def driver(args) -> None:
@@ -69,7 +69,7 @@ def main() -> None:
         return
     from common import log, machine, routed_model, stores_for
 
-    from tests.netns_cluster import NetnsCluster, unavailable
+    from tests.cluster.netns_cluster import NetnsCluster, unavailable
 
     why = unavailable()
     if why:

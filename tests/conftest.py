@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny seeded checkpoints and their stores, built once per test session."""
+"""Shared fixtures (tiny seeded checkpoints and their stores, built once per test session) and the tiers.
+
+    tests/unit/         plain classes, no Ray (seconds each)
+    tests/integration/  a real Ray on loopback with fixed num_cpus, the CLI, the benchmarks' baselines
+    tests/cluster/      several Ray nodes in network namespaces (root; skipped otherwise)
+
+Each test is marked with its tier (``-m unit``, ``-m "not cluster"``, ...); ``slow`` marks the long ones
+(``-m "not slow"`` for a quick loop) and ``gpu`` those that need CUDA (skipped without it).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,23 @@ import pytest
 from zipmoe_ray.models.registry import supported_architectures
 
 ARCHS = supported_architectures()
+TIERS = ("unit", "integration", "cluster")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu = None
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+        if item.get_closest_marker("gpu"):
+            if gpu is None:
+                import torch
+
+                gpu = torch.cuda.is_available()
+            if not gpu:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,7 @@ class LocalTransport:
 
     node_timeout = None  # every expert is computed here: nothing to wait on elsewhere
 
-    def compute(self, node, *args):
+    def compute(self, node, layer, expert, kind, x, w, value):
         raise NotImplementedError("the local backend runs on one device")
 
     def unresponsive(self, nodes, timeout: float) -> set:
@@ -99,8 +99,7 @@ class LocalTransport:
     def node_failed(self, node) -> None:
         raise NotImplementedError("the local backend runs on one device")
 
-    @staticmethod
-    def is_node_failure(e: BaseException) -> bool:
+    def is_node_failure(self, e: BaseException) -> bool:
         return False
 
     def get(self, handle) -> np.ndarray:

@@ -123,8 +123,7 @@ class RayTransport:
         if host is not None:
             kill([host])
 
-    @staticmethod
-    def is_node_failure(e: BaseException) -> bool:
+    def is_node_failure(self, e: BaseException) -> bool:
         """Errors that mean a node's work is lost (its process, node or objects died), not a bug or bad data."""
         import ray
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from .. import env
+from ..runtime.config import BACKENDS
 
 __all__ = ["add_demo_command"]
 
@@ -24,7 +25,7 @@ def add_demo_command(sub) -> None:
     )
     p.add_argument("--cache-dir", help="where to keep the model and store (default: $ZIPMOE_CACHE_DIR/demo)")
     p.add_argument("--fresh", action="store_true", help="rebuild the model and store from scratch")
-    p.add_argument("--backend", choices=["ray", "local"], default="ray")
+    p.add_argument("--backend", choices=BACKENDS, default="ray")
     p.add_argument("--memory-budget", default="25%")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(func=cmd_demo)

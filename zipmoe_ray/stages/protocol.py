@@ -1,11 +1,22 @@
-"""What crosses between the executor and the scheduler (picklable; handles are ObjectRefs or Futures)."""
+"""The stages' contracts: what crosses between executor, scheduler and lanes, and what each side offers.
+
+    Executor ─ ExpertClient ──Transport──> Scheduler ──TaskRunner──> IOLoader, Decompressor × W
+                  ▲                             │
+                  └──── handles (ObjectRefs / Futures / simulated times) of the lanes' results
+
+Two implementations of Transport (local: a Scheduler in this process; ray: a Scheduler actor, plus other
+nodes' ExpertHosts in a cluster) and three of TaskRunner (threads, actors, the simulator's virtual clock);
+tests/unit/test_protocols.py checks that each keeps these signatures. Everything here pickles.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["Delivery", "LayerResponse", "TaskRunner"]
+from ..cache.forms import Key
+
+__all__ = ["Delivery", "LayerResponse", "TaskRunner", "Transport"]
 
 
 @dataclass
@@ -25,30 +36,80 @@ class Delivery:
 class LayerResponse:
     layer: int
     deliveries: list[Delivery]
-    drop_full: list[tuple[int, int]] = field(default_factory=list)  # FULL copies the executor must drop
-    deferred: list[tuple[int, int]] = field(
-        default_factory=list
-    )  # (expert, tokens) to request in a next wave
+    drop_full: list[Key] = field(default_factory=list)  # FULL copies the executor must drop
+    deferred: list[tuple[int, int]] = field(default_factory=list)  # (expert, tokens) for a next wave
 
 
 class TaskRunner(Protocol):
-    """Where the scheduler's tasks run: threads (local backend) or actors (Ray backend).
+    """Where the scheduler's tasks run: threads (local backend), actors (Ray backend) or a virtual clock
+    (the simulator).
 
-    Every method returns immediately with handles; handles may be passed as inputs to later tasks. Tasks
+    Every method returns immediately with a handle; handles may be passed as inputs to later tasks. Tasks
     on one lane, and reads on the I/O lane, run in the order they were submitted."""
 
-    workers: int
+    workers: int  # decode lanes
 
-    def read(self, key: tuple[int, int], part: str) -> Any:
+    def read(self, key: Key, part: str) -> Any:
         """One region of an extent: ``exp`` (compressed exponent shards), ``raw`` (SM planes) or ``all``."""
         ...
 
-    def read_split(self, key: tuple[int, int]) -> tuple[Any, Any]:
+    def read_split(self, key: Key) -> tuple[Any, Any]:
         """The whole extent in one read, as two handles: (E region, SM region)."""
         ...
 
     def decode(
-        self, lane: int, key: tuple[int, int], exp: Any, sm: Any, planes_only: bool = False
-    ) -> Any: ...
+        self,
+        lane: int,
+        key: Key,
+        exp: Any,
+        sm: Any,
+        planes_only: bool = False,
+        part: tuple[int, int] | None = None,
+    ) -> Any:
+        """Verify and decode an expert on ``lane`` from its E and SM regions (handles or arrays): the flat
+        weights, or with ``part=(i, n)`` the i-th of n pieces (see Decompressor.decode)."""
+        ...
 
-    def derive(self, lane: int, key: tuple[int, int], words: Any, part: str) -> Any: ...
+    def derive(self, lane: int, key: Key, words: Any, part: str) -> Any:
+        """Rebuild an expert's SM region (``raw``) or whole extent (``all``) from its decoded weights."""
+        ...
+
+
+class Transport(Protocol):
+    """The executor's side of the control path: how its ExpertClient reaches the scheduler, waits for
+    result handles, and (in a cluster) has experts computed on the node that holds them."""
+
+    node_timeout: float | None  # seconds to wait on another node before checking it lives (None: no nodes)
+
+    def request(self, layer: int, misses: list, hits: list, released: list) -> LayerResponse:
+        """Fetch ``misses`` ((expert, tokens) not held in FULL form) of ``layer``; ``hits`` are FULL hits
+        served meanwhile, ``released`` experts the executor finished with. Returns handles at once."""
+        ...
+
+    def step(self, hits: list, released: list) -> None:
+        """End of a generation step: FULL hits served without a request, released experts; does not block."""
+        ...
+
+    def wait_any(self, handles: list, timeout: float | None = None) -> list:
+        """The handles of ``handles`` that are ready: at least one, or none after ``timeout`` seconds."""
+        ...
+
+    def get(self, handle: Any) -> Any:
+        """The value of a ready handle; raises the stage's error (ChecksumError, ...) unchanged."""
+        ...
+
+    def compute(self, node: str, layer: int, expert: int, kind: str, x: Any, w: Any, value: Any) -> Any:
+        """Have ``node``'s ExpertHost compute an expert on input rows ``x`` with routing weights ``w``."""
+        ...
+
+    def unresponsive(self, nodes: set[str], timeout: float) -> set[str]:
+        """Of ``nodes``, those that do not answer a ping within ``timeout`` seconds."""
+        ...
+
+    def node_failed(self, node: str) -> None:
+        """Take ``node`` out: its experts get new homes (the scheduler re-homes them)."""
+        ...
+
+    def is_node_failure(self, e: BaseException) -> bool:
+        """Whether ``e`` means a node's work was lost (its process or node died), not a bug or bad data."""
+        ...

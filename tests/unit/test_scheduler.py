@@ -1,15 +1,13 @@
-"""The Scheduler stage without Ray: classification by form, one request per layer, waves, budgets."""
+"""The Scheduler stage without Ray (stages/scheduler.py): classification by form, one request per layer, waves, budgets."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from zipmoe_ray.cache import Form, SplitRule
 from zipmoe_ray.cache.layout import expert_sizes
 from zipmoe_ray.errors import BudgetError
 from zipmoe_ray.runtime.budget import minimum_budget
-from zipmoe_ray.stages.protocol import Delivery, LayerResponse
 from zipmoe_ray.stages.scheduler import Scheduler, SchedulerConfig
 from zipmoe_ray.store import open_store
 
@@ -134,102 +132,3 @@ def test_step_ages_and_counts_full_hits(store):
     sched.step(hits=[(0, 1, 3)], released=[])
     st = sched.stats()
     assert st["hits"]["full"] == 1 and st["steps"] == 1
-
-
-# -- several nodes -----------------------------------------------------------------------------------------
-def make_cluster(store, nodes=("a", "b"), share=0.5):
-    from zipmoe_ray.stages.cluster_scheduler import ClusterScheduler, NodeSetup
-
-    s = open_store(store)
-    total = sum(x.full for x in expert_sizes(s).values())
-    runners = {n: FakeRunner(1) for n in nodes}
-    setups = [
-        NodeSetup(n, int(total * share), runners[n], executor=(i == 0), inflight=1)
-        for i, n in enumerate(nodes)
-    ]
-    return ClusterScheduler(str(store), SchedulerConfig(budget=int(total * share)), setups), runners
-
-
-def call_key(call):
-    return call[1] if call[0] in ("read", "derive") else call[2]
-
-
-def test_cluster_homes_interleave_and_remote_work_runs_on_the_experts_node(store):
-    sched, runners = make_cluster(store)
-    assert sched.stats()["homes"] == {"a": 24, "b": 24}  # 3 layers x 16 experts, half each
-    resp = sched.request(0, [(2, 1), (3, 1)])  # (0+2) % 2 -> a, (0+3) % 2 -> b
-    by = {d.expert: d for d in resp.deliveries}
-    assert by[2].node is None and by[3].node == "b" and not by[3].keep
-    assert {call_key(c) for c in runners["a"].calls} == {(0, 2)}
-    assert {call_key(c) for c in runners["b"].calls} == {(0, 3)}
-    nodes = sched.stats()["nodes"]
-    assert nodes["a"]["misses"] == 1 and nodes["b"]["misses"] == 1
-
-
-def test_cluster_serves_a_remote_full_expert_without_new_tasks(store):
-    sched, runners = make_cluster(store, share=1.0)
-    sched.request(0, [(3, 1)])
-    sched.step(released=[(0, 3)])
-    before = len(runners["b"].calls)
-    resp = sched.request(0, [(3, 1)])
-    assert resp.deliveries[0].node == "b" and resp.deliveries[0].form == "full"
-    assert len(runners["b"].calls) == before  # held in b's object store: handed out again
-    assert sched.stats()["nodes"]["b"]["hits"]["full"] == 1
-
-
-def test_a_failed_node_s_experts_move_to_the_nodes_left(store):
-    sched, _runners = make_cluster(store, nodes=("a", "b", "c"), share=0.4)
-    assert sched.node_failed("b") == ["a", "c"]
-    st = sched.stats()
-    assert st["homes"]["b"] == 0 and st["homes"]["a"] + st["homes"]["c"] == 48 and st["failed"] == ["b"]
-    resp = sched.request(0, [(e, 1) for e in range(16)])
-    assert {d.node for d in resp.deliveries} <= {None, "c"}
-    assert sched.node_failed("a") == ["a", "c"]  # the executor's node cannot be failed: it is this program
-
-
-class _FlakyNodeTransport:
-    """Layer 0 asks for experts 0-2: expert 0 goes to node b, which dies; 1 and 2 wait for the next wave."""
-
-    node_timeout = 0.01
-
-    def __init__(self):
-        self.asked: list[list[int]] = []
-        self.failed: list[str] = []
-
-    def request(self, layer, misses, hits, released):
-        self.asked.append([e for e, _ in misses])
-        if len(self.asked) == 1:
-            return LayerResponse(layer, [Delivery(0, None, "words", False, "full", node="b")], [], misses[1:])
-        return LayerResponse(layer, [Delivery(e, None, "words", False, "full", node="c") for e, _ in misses])
-
-    def compute(self, node, layer, expert, kind, x, w, values):
-        return (node, expert)
-
-    def wait_any(self, handles, timeout=None):
-        return handles
-
-    def get(self, handle):
-        node, expert = handle
-        if node == "b":
-            raise RuntimeError("node b died")
-        return torch.full((1,), float(expert))
-
-    def is_node_failure(self, e):
-        return "died" in str(e)
-
-    def unresponsive(self, nodes, timeout):
-        return set()
-
-    def node_failed(self, node):
-        self.failed.append(node)
-
-
-def test_experts_waiting_for_a_wave_survive_a_node_failure(store):
-    from zipmoe_ray.stages.client import ExpertClient
-
-    transport = _FlakyNodeTransport()
-    client = ExpertClient(transport, open_store(store))
-    rows = lambda e: (torch.zeros(1, 4), torch.ones(1))  # noqa: E731
-    got = [e for e, _ in client.fetch(0, [0, 1, 2], [3, 2, 1], rows)]
-    assert sorted(got) == [0, 1, 2]  # every routed expert computed exactly once
-    assert transport.failed == ["b"] and transport.asked[1] == [0, 1, 2]  # the redo carries the deferred

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 pytest.importorskip(
     "accelerate", reason="the benchmark extras are not installed (scripts/install.sh --bench)"
 )

@@ -2,17 +2,23 @@
 
 Prints ``READY`` once the engine is up, ``TOKEN id`` per generated token (with --stream) and finally
 ``RESULT {json}`` (token ids, the engine's stats). With --kill-host-after N it kills the ExpertHost actor of
-the second node after N tokens (Ray restarts it: the engine must carry on)."""
+the second node after N tokens (Ray restarts it: the engine must carry on); with --kill-group PG
+--kill-group-after N it kills that process group (a whole node) itself, right when the N-th token arrives,
+so the node dies mid-generation however busy the machine is."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from zipmoe_ray import ZipMoEEngine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netns_cluster import kill_group
 
 
 def main() -> int:
@@ -26,6 +32,8 @@ def main() -> int:
     p.add_argument("--stream", action="store_true")
     p.add_argument("--logits", help="save the generated steps' logits here (torch.save)")
     p.add_argument("--kill-host-after", type=int)
+    p.add_argument("--kill-group", type=int, help="a node's process group to SIGKILL mid-generation")
+    p.add_argument("--kill-group-after", type=int, default=3)
     p.add_argument("--ssd-latency", type=float, default=0.0, help="emulated seconds per read: a slower run")
     a = p.parse_args()
     ids = [int(x) for x in a.ids.split(",")]
@@ -40,7 +48,7 @@ def main() -> int:
     ) as engine:
         print("READY", flush=True)
         tokens: list[int] = []
-        if a.stream or a.kill_host_after is not None:
+        if a.stream or a.kill_host_after is not None or a.kill_group is not None:
             for tok, _ in engine.stream(ids, a.max_new_tokens):
                 tokens.append(tok)
                 print("TOKEN", tok, flush=True)
@@ -52,6 +60,9 @@ def main() -> int:
                     )
                     ray.kill(host, no_restart=False)
                     print("KILLED", flush=True)
+                if a.kill_group is not None and len(tokens) == a.kill_group_after:
+                    kill_group(a.kill_group)
+                    print("NODE KILLED", flush=True)
         else:
             out = engine.generate(ids, a.max_new_tokens, output_logits=bool(a.logits))
             tokens = out.token_ids

@@ -11,7 +11,7 @@ import pytest
 
 from zipmoe_ray.cli.main import main
 
-from .conftest import ARCHS
+from ..conftest import ARCHS
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -98,6 +98,7 @@ def test_unknown_choice_is_a_usage_error(tmp_path, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_demo(tmp_path, capsys):
     rc, out, _ = run(capsys, "demo", "--cache-dir", tmp_path)
     assert rc == 0 and "bit-identical" in out and "ratio" in out
@@ -113,7 +114,7 @@ def test_console_script_is_installed():
 
 @pytest.mark.parametrize("backend", ["local", "ray"])
 def test_generate_json_is_bit_exact_at_10_percent(tiny_models, tiny_stores, capsys, backend):
-    from .runtime_helpers import BATCH1, reference
+    from ..runtime_helpers import BATCH1, reference
 
     ref, _ = reference(tiny_models["qwen2_moe"], "qwen2_moe", BATCH1, 12)
     ids = ",".join(map(str, BATCH1[0]))

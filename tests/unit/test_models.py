@@ -12,7 +12,7 @@ from zipmoe_ray.models.presets import PRESETS, preset_config
 from zipmoe_ray.models.registry import get_arch
 from zipmoe_ray.models.tiny import build_tiny_model
 
-from .conftest import ARCHS
+from ..conftest import ARCHS
 
 
 def digest(path) -> str:

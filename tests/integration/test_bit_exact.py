@@ -8,8 +8,8 @@ import torch
 
 from zipmoe_ray.engine import ZipMoEEngine
 
-from .conftest import ARCHS
-from .runtime_helpers import BATCH1, BATCH4, reference, start_ray
+from ..conftest import ARCHS
+from ..runtime_helpers import BATCH1, BATCH4, reference, start_ray
 
 MAX_NEW = 10
 

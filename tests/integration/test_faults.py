@@ -13,7 +13,7 @@ from zipmoe_ray.engine import ZipMoEEngine
 from zipmoe_ray.errors import BudgetError, ChecksumError
 from zipmoe_ray.store import open_store
 
-from .runtime_helpers import BATCH1, reference, start_ray
+from ..runtime_helpers import BATCH1, reference, start_ray
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_killed_decompressor_restarts_and_tokens_are_identical(tiny_stores, tiny_models, ray_cluster):
     ray = ray_cluster
     n = 24

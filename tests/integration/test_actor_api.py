@@ -19,7 +19,7 @@ from zipmoe_ray.engine import ZipMoEEngine
 from zipmoe_ray.stages.scheduler import SchedulerConfig
 from zipmoe_ray.store import ReadOptions, open_store
 
-from .runtime_helpers import BATCH1, reference, start_ray
+from ..runtime_helpers import BATCH1, reference, start_ray
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def test_user_started_stages_wired_into_an_engine(tiny_stores, tiny_models, ray_
         ray.kill(a, no_restart=True)
 
 
+@pytest.mark.slow
 def test_one_scheduler_shared_by_two_executors(tiny_stores, tiny_models, ray_cluster):
     """Host-memory forms live in the object store and are shared; full copies are per executor, so a shared
     scheduler runs without the FULL form (see README)."""

@@ -149,43 +149,15 @@ class NetnsCluster:
             raise RuntimeError(f"the cluster did not reach {count} nodes: {r.stderr[-2000:]}")
 
     def node_processes(self, i: int) -> list[int]:
-        """Pids of node ``i``: its process group and every descendant (the raylet starts its workers in
-        sessions of their own, so the group alone misses the actors)."""
+        """Pids of node ``i``: its process group and every descendant (see group_processes)."""
         pg = self.groups.get(i)
-        if pg is None:
-            return []
-        parent: dict[int, int] = {}
-        group: set[int] = set()
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            pid = int(d.name)
-            parent[pid] = int(fields[1])
-            if int(fields[2]) == pg:
-                group.add(pid)
-        out, frontier = set(group), list(group)
-        while frontier:
-            p = frontier.pop()
-            for child, pp in parent.items():
-                if pp == p and child not in out:
-                    out.add(child)
-                    frontier.append(child)
-        return sorted(out)
+        return [] if pg is None else group_processes(pg)
 
     def kill_node(self, i: int) -> None:
         """Kill node ``i`` outright (its raylet, workers and actors): a device that lost power."""
-        pids = self.node_processes(i)
         pg = self.groups.pop(i, None)
         if pg is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pg, signal.SIGKILL)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            kill_group(pg)
 
     def stop(self) -> None:
         # taken before TERM: workers live in sessions of their own and, once the raylet is gone, are no
@@ -225,3 +197,39 @@ def _group_alive(pg: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def group_processes(pg: int) -> list[int]:
+    """Pids of process group ``pg`` and every descendant (a raylet starts its workers in sessions of their
+    own, so the group alone misses the actors)."""
+    parent: dict[int, int] = {}
+    group: set[int] = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(d.name)
+        parent[pid] = int(fields[1])
+        if int(fields[2]) == pg:
+            group.add(pid)
+    out, frontier = set(group), list(group)
+    while frontier:
+        p = frontier.pop()
+        for child, pp in parent.items():
+            if pp == p and child not in out:
+                out.add(child)
+                frontier.append(child)
+    return sorted(out)
+
+
+def kill_group(pg: int) -> None:
+    """SIGKILL process group ``pg`` and every descendant: a node that lost power."""
+    pids = group_processes(pg)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pg, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""ExpertCache: forms, one budget for forms and staging, admission, demotion by one form, pins, aging."""
+"""The compression-aware cache (cache/expert_cache.py, popularity.py, forms.py): admission, demotion by one form, pins, staging under one budget, aging popularity."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import random
 import pytest
 
 from zipmoe_ray.cache import ExpertCache, ExpertSizes, Form, Popularity, SplitRule
-from zipmoe_ray.errors import BudgetError, ConfigError
-from zipmoe_ray.runtime.sizes import parse_size
+from zipmoe_ray.errors import BudgetError
 
 SIZE = ExpertSizes(full=100, extent=68, exp=18, sm=50)
 
@@ -133,33 +132,3 @@ def test_random_operations_never_exceed_the_budget():
             assert c.used[f] <= c.capacity[f]
             assert c.used[f] == sum(sizes[m].held(f) for m in c.members(f))
     assert c.peak <= c.budget
-
-
-def test_split_rule():
-    assert SplitRule().capacities(1000) == {Form.FULL: 200, Form.COMPRESSED: 300, Form.SM: 500}
-    assert SplitRule().capacities(1000, full_bytes=900)[Form.FULL] == 1000  # everything fits in full form
-    assert SplitRule.for_policy("full-only").capacities(10)[Form.SM] == 0
-    with pytest.raises(ConfigError):
-        SplitRule(0.6, 0.6, 0.0)
-    with pytest.raises(ConfigError):
-        SplitRule.for_policy("magic")
-
-
-@pytest.mark.parametrize(
-    "text, total, want",
-    [
-        ("123", None, 123),
-        ("1.5GiB", None, 3 * 2**29),
-        ("800MB", None, 800_000_000),
-        ("25%", 1000, 250),
-        ("2kib", None, 2048),
-    ],
-)
-def test_parse_size(text, total, want):
-    assert parse_size(text, total=total) == want
-
-
-@pytest.mark.parametrize("text", ["lots", "25%%", "-1", "1.5 parsecs", "0%"])
-def test_parse_size_rejects(text):
-    with pytest.raises(BudgetError, match="budget"):
-        parse_size(text, total=1000)

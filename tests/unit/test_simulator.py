@@ -1,0 +1,92 @@
+"""The simulator (sim/): the lower bounds, determinism, batches, and the cluster simulation reducing to one device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from zipmoe_ray.errors import ConfigError
+from zipmoe_ray.plan import BUILTIN_PROFILES, Workload
+from zipmoe_ray.sim import belady_misses, simulate
+from zipmoe_ray.trace import synth
+
+ORIN = BUILTIN_PROFILES["orin-agx-64gb"]
+
+
+SHAPE = dict(num_layers=3, num_experts=12, top_k=2, expert_bytes=1_000_000)
+
+
+def workload(skew: float, prompts=3, tokens=40, seed=0, batch=1) -> Workload:
+    w = Workload.from_count_trace(
+        synth(**SHAPE, prompts=prompts, tokens=tokens, skew=skew, seed=seed), batch=batch
+    )
+    for k in w.sizes:
+        w.sizes[k] = dataclasses.replace(w.sizes[k], shards=4)
+    return w
+
+
+def test_belady_by_hand():
+    a, b, c = (0, 0), (0, 1), (0, 2)
+    # capacity 2, sequence a b c a b: pre-filled {a, b}; c misses and evicts b (used after a); b misses again
+    assert belady_misses([[a], [b], [c], [a], [b]], 2) == [0, 0, 1, 0, 1]
+    assert sum(belady_misses([[a], [b], [c]], 0)) == 3
+
+
+@pytest.mark.parametrize("skew", [0.5, 1.5])
+@pytest.mark.parametrize("share", [0.1, 0.3, 0.6])
+def test_the_lower_bound_is_never_above_any_policy(skew, share):
+    w = workload(skew, prompts=2, tokens=60)
+    budget = int(share * w.expert_bytes)
+    for policy in ("zipmoe", "full-lru", "full-lfu", "compressed-only", "sm-only"):
+        r = simulate(w, budget, ORIN, policy)
+        assert r.lower_bound_tpot_s <= r.tpot_s, policy
+        assert r.offline_lower_bound_tpot_s <= r.tpot_s, policy
+        assert 0.0 <= r.io_utilisation <= 1.0 and abs(sum(r.hit_rates.values()) - 1.0) < 1e-9
+
+
+def test_simulation_is_deterministic_and_policies_differ():
+    w = workload(1.0)
+    budget = int(0.3 * w.expert_bytes)
+    a = simulate(w, budget, ORIN, "full-lru")
+    b = simulate(w, budget, ORIN, "full-lru")
+    assert a.tpot_s == b.tpot_s and a.bytes_read == b.bytes_read
+    assert a.hit_rates["compressed"] == 0 and a.hit_rates["sm"] == 0
+    z = simulate(w, budget, ORIN, "zipmoe")
+    assert z.tpot_s < a.tpot_s  # compression holds more experts in the same budget
+    with pytest.raises(ConfigError, match="policy"):
+        simulate(w, budget, ORIN, "magic")
+
+
+def test_bigger_batches_read_more_per_step():
+    w1, w4 = workload(1.0, prompts=4, batch=1), workload(1.0, prompts=4, batch=4)
+    budget = int(0.3 * w1.expert_bytes)
+    r1, r4 = simulate(w1, budget, ORIN, "zipmoe"), simulate(w4, budget, ORIN, "zipmoe")
+    assert r4.bytes_read_per_step > r1.bytes_read_per_step and r4.batch == 4
+
+
+# -- several devices -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["zipmoe", "full-lru"])
+def test_a_one_device_cluster_simulates_exactly_like_one_device(policy):
+    from zipmoe_ray.sim import simulate_cluster
+
+    w = workload(1.0)
+    b = int(0.3 * w.expert_bytes)
+    one = simulate(w, b, ORIN, policy)
+    cl = simulate_cluster(w, 1, b, ORIN, policy=policy, hidden_size=2048)
+    assert cl.tpot_s == one.tpot_s and cl.bytes_read == one.bytes_read and cl.remote_share == 0
+
+
+def test_more_devices_hold_more_and_send_hidden_states_not_experts():
+    from zipmoe_ray.sim import simulate_cluster
+
+    w = workload(0.5)
+    per = w.expert_bytes // 2
+    one, two = (simulate_cluster(w, n, per, ORIN, hidden_size=2048) for n in (1, 2))
+    assert two.bytes_read < one.bytes_read  # twice the memory: fewer misses
+    assert 0.3 < two.remote_share < 0.7  # half the experts live on the second device
+    tokens = sum(tok for step in w.steps for picks in step for _, tok in picks) / len(w.steps)
+    assert two.network_bytes_per_step <= 2 * tokens * 2048 * 2  # rows out and back, never weights
+    assert [d["experts_homed"] for d in two.per_device] == [len(w.sizes) // 2] * 2
+    with pytest.raises(ConfigError, match="devices"):
+        simulate_cluster(w, 0, per, ORIN, hidden_size=2048)

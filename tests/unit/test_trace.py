@@ -1,0 +1,56 @@
+"""Routing traces (trace/): count traces drawn into steps that reproduce the counts, JSON round trips, no torch needed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from zipmoe_ray.errors import ConfigError
+from zipmoe_ray.trace import CountTrace, load_any, synth
+
+SHAPE = dict(num_layers=3, num_experts=12, top_k=2, expert_bytes=1_000_000)
+
+
+def test_count_trace_steps_reproduce_the_counts_exactly():
+    t = synth(**SHAPE, prompts=2, tokens=30, skew=1.0, seed=3)
+    drawn = [[0] * 12 for _ in range(3)]
+    for step in t.steps(batch=1, seed=5):
+        for layer, picks in enumerate(step):
+            assert len(picks) <= 2 and len({e for e, _ in picks}) == len(picks)  # at most top-k, distinct
+            for e, tok in picks:
+                drawn[layer][e] += tok
+    assert drawn == t.totals()
+
+
+def test_batch_steps_activate_more_experts():
+    t = synth(**SHAPE, prompts=8, tokens=20, skew=0.0)
+    b1 = sum(len(p) for s in t.steps(batch=1) for p in s) / len(list(t.steps(batch=1)))
+    b4 = sum(len(p) for s in t.steps(batch=4) for p in s) / len(list(t.steps(batch=4)))
+    assert b4 > 2 * b1
+
+
+def test_count_trace_json_round_trip_and_errors(tmp_path):
+    t = synth(**SHAPE, prompts=1, tokens=5)
+    t.save(tmp_path / "t.json")
+    again = load_any(tmp_path / "t.json")
+    assert isinstance(again, CountTrace) and again.counts == t.counts
+    bad = t.to_json() | {"format": "something/9"}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="format"):
+        load_any(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="negative"):
+        CountTrace(t.model, [[[-1] * 12] * 3])
+
+
+def test_traces_load_without_torch(tmp_path):
+    synth(**SHAPE, prompts=1, tokens=5).save(tmp_path / "t.json")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from zipmoe_ray.trace import load_any\n"
+        f"print(load_any({str(tmp_path / 't.json')!r}).num_layers)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "3"
