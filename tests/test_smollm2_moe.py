@@ -202,6 +202,26 @@ def test_demo_runs_the_trained_model(small, tmp_path, capsys):
     assert "4-bit" in out and "zipmoe chat" in out
 
 
+def test_chat_keeps_the_conversation_until_reset(small, capsys, monkeypatch):
+    import io
+    import sys
+
+    from zipmoe_ray.cli import generate_cmds
+    from zipmoe_ray.cli.main import main
+
+    prompts = []
+    real = generate_cmds._chat_prompt
+    monkeypatch.setattr(generate_cmds, "_chat_prompt", lambda tok, h: prompts.append(list(h)) or real(tok, h))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\nHow are you?\n/reset\nHi again.\n"))
+    argv = ["chat", str(small[1]), "--backend", "local", "--no-calibrate", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "(new conversation)" in err
+    roles = [[m["role"] for m in h] for h in prompts]
+    assert roles == [["user"], ["user", "assistant", "user"], ["user"]]  # history kept, then reset
+    assert prompts[1][1]["content"] and prompts[2][0]["content"] == "Hi again."
+
+
 def test_preset_refuses_flags_that_would_change_the_trained_layout(tmp_path):
     from zipmoe_ray.models.tiny import build_tiny_model
 
