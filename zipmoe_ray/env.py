@@ -24,7 +24,7 @@ VARIABLES: dict[str, EnvVar] = {
         EnvVar(
             "ZIPMOE_CACHE_DIR",
             "~/.cache/zipmoe",
-            "where `zipmoe demo` keeps the default tiny model and its store",
+            "where `zipmoe demo` keeps its model (the upcycled SmolLM2 MoE, or the tiny random one) and store",
         ),
         EnvVar(
             "ZIPMOE_CODEC_THREADS",

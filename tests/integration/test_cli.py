@@ -99,10 +99,12 @@ def test_unknown_choice_is_a_usage_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo(tmp_path, capsys):
-    rc, out, _ = run(capsys, "demo", "--cache-dir", tmp_path)
+def test_demo(tmp_path, capsys):  # the random model; the trained one: tests/test_smollm2_moe.py
+    rc, out, _ = run(capsys, "demo", "--cache-dir", tmp_path, "--model", "tiny")
     assert rc == 0 and "bit-identical" in out and "ratio" in out
-    rc, out, _ = run(capsys, "demo", "--cache-dir", tmp_path)  # reuses the model, recompresses
+    rc, out, _ = run(
+        capsys, "demo", "--cache-dir", tmp_path, "--model", "tiny"
+    )  # reuses the model, recompresses
     assert rc == 0
 
 

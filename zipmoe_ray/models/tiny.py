@@ -1,7 +1,8 @@
 """Seeded random-initialised checkpoints for tests, demos and benchmarks (nothing is downloaded).
 
-Presets: ``tiny`` (seconds to build; the default for tests and the demo) and the real per-layer shapes of
-the models zipmoe-ray targets (DESIGN.md section 5), to be cut down with ``layers``. Weights are drawn by
+Presets: ``tiny`` (seconds to build; the default for tests) and the real per-layer shapes of the models
+zipmoe-ray targets (DESIGN.md section 5), to be cut down with ``layers``. The trained preset
+``smollm2-moe`` is not random: it is built by :mod:`zipmoe_ray.models.upcycle`. Weights are drawn by
 the model's own initialiser (normal, std 0.02: realistic exponent statistics) and saved as BF16
 safetensors by ``save_pretrained``, i.e. per-expert tensors on disk as on the Hub; ``fused=True`` saves
 transformers 5's fused 3D expert tensors instead.
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .hf import quiet_transformers
-from .presets import preset_config
+from .presets import SMOLLM2_MOE, preset_config
 from .registry import get_arch
 from .tokenizer import build_tokenizer
 
@@ -41,9 +42,13 @@ def build_tiny_model(
 
     Deterministic for a given (arch, preset, layers, seed, vocab_size) on a given torch build. Blocks;
     returns the directory. ``max_shard_size`` (e.g. "2MB") writes a sharded checkpoint with an index.
+    ``preset="smollm2-moe"`` builds the upcycled trained model instead (``layers`` and ``seed`` apply; see
+    zipmoe_ray.models.upcycle; raises CheckpointError when its package is missing).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
+    if preset == SMOLLM2_MOE:
+        return _build_smollm2_moe(out_dir, arch, layers, seed, vocab_size, fused, max_shard_size)
     config = preset_config(arch, preset, layers=layers, vocab_size=vocab_size)
     spec = get_arch(config.model_type)
     out = Path(out_dir).expanduser()
@@ -81,3 +86,19 @@ def build_tiny_model(
         )
     )
     return out
+
+
+def _build_smollm2_moe(out_dir, arch, layers, seed, vocab_size, fused, max_shard_size) -> Path:
+    from ..errors import ConfigError
+    from .upcycle import UpcycleConfig, build_smollm2_moe
+
+    if arch not in (None, "mixtral"):
+        raise ConfigError(f"preset {SMOLLM2_MOE} is a mixtral model; drop --arch or pass --arch mixtral")
+    for flag, value in (
+        ("--vocab-size", vocab_size),
+        ("--fused", fused),
+        ("--max-shard-size", max_shard_size),
+    ):
+        if value:
+            raise ConfigError(f"preset {SMOLLM2_MOE} keeps the trained model's own layout: drop {flag}")
+    return build_smollm2_moe(out_dir, UpcycleConfig(layers=layers, seed=seed))

@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from ..codec import bound_ratio, layout_for
 from .format import DATA_HEADER_SIZE, FORMAT_VERSION
 from .reader import open_store
 
-__all__ = ["inspect_store"]
+__all__ = ["MODEL_CARD", "inspect_store", "weights_note"]
+
+MODEL_CARD = "zipmoe-model-card.json"  # written by `zipmoe tiny-model`, carried into the store by compress
+QUANTIZED_ORIGINS = {"gguf-q4_1": "4-bit GGUF blocks (Q4_1)"}
+
+
+def weights_note(store_dir: str | os.PathLike) -> str | None:
+    """A warning when the store's weights are not native BF16, else None. Read from the model card that
+    ``compress`` copied in (the builder of the upcycled SmolLM2 MoE marks its weights as dequantized from
+    4-bit blocks): the index's entropy figures cannot tell, since per byte such exponents look native
+    (2.6 bits)."""
+    path = Path(store_dir) / MODEL_CARD
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    origin = QUANTIZED_ORIGINS.get(card.get("weights_origin", "") if isinstance(card, dict) else "")
+    if origin is None:
+        return None
+    return (
+        f"these weights were dequantized from {origin}: each block of 32 holds at most 16 distinct values, a "
+        "regularity native BF16 weights lack and that zipmoe's per-byte exponent coding does not use, so the "
+        "figures above look native; they are no measure for native BF16 models (README: the built-in model)"
+    )
 
 
 def inspect_store(store_dir: str | os.PathLike, *, detail: bool = False) -> dict[str, Any]:
     """A JSON-ready report: totals (``expert_bytes_original``, ``expert_bytes_stored``, ``ratio`` =
     stored / original, ``bound_ratio`` = (1 + mantissa bits + H) / bits with H each tensor's exponent
     entropy, weighted by size), and one row per (layer, tensor role) aggregated over experts. With
-    ``detail``, one row per expert tensor too. Reads only the index."""
+    ``detail``, one row per expert tensor too. ``weights_note``: see :func:`weights_note`. Reads only the
+    index and the model card."""
     store = open_store(store_dir)
     idx = store.index
     rows: dict[tuple[int, str], dict[str, Any]] = {}
@@ -109,6 +135,7 @@ def inspect_store(store_dir: str | os.PathLike, *, detail: bool = False) -> dict
         "created_by": idx.created_by,
         "created_at": idx.created_at,
         "tensors": list(rows.values()),
+        "weights_note": weights_note(store.path),
     }
     if detail:
         report["expert_tensors"] = details
