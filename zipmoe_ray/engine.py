@@ -100,6 +100,8 @@ class ZipMoEEngine:
         self._generation_s = 0.0
         self._last: GenerateResult | None = None
         self._tokenizer = None
+        self._cancelled: dict[str, set[int]] = {}  # stream_batch rows stopped by cancel(), per batch id
+        self._gen_eos: set[int] | None = None
         self._owned: list = []
         self._cluster = None  # backends.cluster.ClusterStages when serving across several nodes
         self._node_info = None  # the node of a one-node Ray run (None: local backend)
@@ -506,6 +508,99 @@ class ZipMoEEngine:
                 self._last = value
                 self._write_trace(value.trace)
         self._generation_s += time.perf_counter() - t0
+
+    def stream_batch(
+        self,
+        prompts,
+        max_new_tokens: int | list[int] = 32,
+        *,
+        batch_id: str | None = None,
+        do_sample: bool = False,
+        seed: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+    ) -> Iterator[list[int | None]]:
+        """Generate for a batch of prompts (a list of texts or token-id lists), yielding after every step one
+        entry per prompt: the token id it just got, or None once it has finished (end of text, its own
+        ``max_new_tokens`` reached, or stopped by :meth:`cancel` under ``batch_id``). ``max_new_tokens`` is
+        one limit or one per prompt. A row's tokens equal ``generate`` on the same batch with that row stopped
+        where it stopped (transformers' per-row stopping: a stopped row is padded); the generation ends when
+        every row has finished. Blocks between steps; raises what ``generate`` raises."""
+        self._check_open()
+        ids, single = self._encode(prompts)
+        if single:
+            ids = [ids[0]]
+        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else None
+        if limits is not None and len(limits) != len(ids):
+            raise ConfigError(f"{len(limits)} max_new_tokens for {len(ids)} prompts: give one per prompt")
+        req = GenerateRequest(
+            ids,
+            max(limits) if limits else int(max_new_tokens),
+            do_sample,
+            seed,
+            temperature,
+            top_p,
+            top_k,
+            trace_request=self._next_trace_request(),
+            row_limits=limits,
+            batch_id=batch_id,
+        )
+        limits = req.row_limits or [req.max_new_tokens] * len(ids)
+        cancelled = self._cancelled.setdefault(batch_id, set()) if batch_id is not None else set()
+        try:
+            eos = self._eos() | self._generation_eos()
+        except ConfigError:  # a store without a tokenizer, prompted with token ids
+            eos = self._generation_eos()
+        count = [0] * len(ids)
+        finished = [False] * len(ids)
+        t0 = time.perf_counter()
+        try:
+            for kind, value in self._stream_events(req):
+                if kind == "tokens":
+                    out: list[int | None] = []
+                    for row, tok in enumerate(value):
+                        if finished[row] or row in cancelled:
+                            finished[row] = True
+                            out.append(None)
+                            continue
+                        count[row] += 1
+                        finished[row] = tok in eos or count[row] >= limits[row]
+                        out.append(tok)
+                    yield out
+                elif kind == "result":
+                    self._last = value
+                    self._write_trace(value.trace)
+        finally:
+            self._generation_s += time.perf_counter() - t0
+            if batch_id is not None:
+                self._cancelled.pop(batch_id, None)
+
+    def cancel(self, batch_id: str, rows: list[int]) -> None:
+        """Stop ``rows`` of the :meth:`stream_batch` generation named ``batch_id``: from now on they yield
+        None, and the executor stops them after its current step (they stop using the cache and compute
+        once every row of the batch has finished: see docs/serving.md). Callable from another thread; does
+        not wait for the generation."""
+        self._check_open()
+        self._cancelled.setdefault(batch_id, set()).update(rows)
+        if self.config.backend == "local":
+            self._executor.cancel(batch_id, list(rows))
+        else:
+            self._executor.cancel.remote(
+                batch_id, list(rows)
+            )  # fire and forget: ordered after the stream call
+
+    def _generation_eos(self) -> set[int]:
+        """The end-of-text ids of the store's generation config (what transformers stops a row on)."""
+        if self._gen_eos is None:
+            from transformers import GenerationConfig
+
+            try:
+                e = GenerationConfig.from_pretrained(self.store_dir).eos_token_id
+            except OSError:  # no generation_config.json: the tokenizer's is the one
+                e = None
+            self._gen_eos = set(e if isinstance(e, list) else [e]) - {None}
+        return self._gen_eos
 
     # -- traces -----------------------------------------------------------------------------------------
     def trace_model(self) -> dict[str, Any]:
