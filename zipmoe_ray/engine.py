@@ -548,10 +548,7 @@ class ZipMoEEngine:
         )
         limits = req.row_limits or [req.max_new_tokens] * len(ids)
         cancelled = self._cancelled.setdefault(batch_id, set()) if batch_id is not None else set()
-        try:
-            eos = self._eos() | self._generation_eos()
-        except ConfigError:  # a store without a tokenizer, prompted with token ids
-            eos = self._generation_eos()
+        eos = self.eos_token_ids
         count = [0] * len(ids)
         finished = [False] * len(ids)
         t0 = time.perf_counter()
@@ -589,6 +586,14 @@ class ZipMoEEngine:
             self._executor.cancel.remote(
                 batch_id, list(rows)
             )  # fire and forget: ordered after the stream call
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """The token ids that end a sequence (the tokenizer's and the generation config's end of text)."""
+        try:
+            return self._eos() | self._generation_eos()
+        except ConfigError:  # a store without a tokenizer
+            return set(self._generation_eos())
 
     def _generation_eos(self) -> set[int]:
         """The end-of-text ids of the store's generation config (what transformers stops a row on)."""
