@@ -2,7 +2,8 @@
 # Install zipmoe-ray into a virtual environment (.venv, or $ZIPMOE_VENV).
 #
 #   scripts/install.sh          runtime dependencies
-#   scripts/install.sh --dev    plus test and lint tools (what CI uses)
+#   scripts/install.sh --serve  plus `zipmoe serve` (Ray Serve, FastAPI, uvicorn, prometheus_client)
+#   scripts/install.sh --dev    plus test and lint tools and the openai client (what CI uses; includes --serve)
 #   scripts/install.sh --bench  plus benchmark baselines (accelerate, matplotlib, psutil)
 #
 # torch is installed first and only when the environment has none: on this project's x86 machines
@@ -16,9 +17,10 @@ TORCH_SPEC=${ZIPMOE_TORCH_SPEC:-torch==2.13.0}
 extras=""
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="${extras:+$extras,}dev" ;;
+    --dev) extras="${extras:+$extras,}dev,serve" ;;
+    --serve) extras="${extras:+$extras,}serve" ;;
     --bench) extras="${extras:+$extras,}bench" ;;
-    *) echo "install.sh: unknown option $arg (use --dev and/or --bench)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option $arg (use --dev, --serve and/or --bench)" >&2; exit 2 ;;
   esac
 done
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

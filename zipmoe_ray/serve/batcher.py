@@ -5,7 +5,8 @@ One thread drives the engine (``ZipMoEEngine.stream_batch``); it turns each step
 sequence (stop sequences included) and hands events to each request's ``sink``:
 
 * ``("delta", choice, text)``: final text for one of the request's choices;
-* ``("finish", choice, reason, tokens)``: that choice ended (reason ``stop`` or ``length``) after ``tokens``;
+* ``("finish", choice, reason, ids, where)``: that choice ended (reason ``stop`` or ``length``) with token
+  ``ids``; ``where`` is ``(batch id, row, rows in the batch)`` of the generation it ran in;
 * ``("end", None)``: every choice of the request ended; ``("error", message)``: the generation failed.
 
 A cancelled request leaves the queue, or, when running, has its sequences stopped in the engine (see
@@ -89,6 +90,7 @@ class Batcher:
         max_queue: int,
         metrics: ServeMetrics,
         decode: Callable[[list[int]], str],
+        start: bool = True,
     ):
         self.engine = engine
         self.max_batch = max_batch
@@ -102,6 +104,12 @@ class Batcher:
         self._closed = False
         self._last_batch_s = 1.0
         self._thread = threading.Thread(target=self._loop, name="zipmoe-batcher", daemon=True)
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start generating (for a batcher made with ``start=False``: what was submitted until now forms the
+        first batches, deterministically)."""
         self._thread.start()
 
     # -- called by request handlers ------------------------------------------------------------------
@@ -159,6 +167,7 @@ class Batcher:
         with self._cond:
             self._closed = True
             waiting, self._queue = list(self._queue), deque()
+            started = self._thread.ident is not None
             for job in self._running:
                 if job.batch_id is not None and not job.ended:
                     self.engine.cancel(job.batch_id, list(job.rows))
@@ -166,7 +175,8 @@ class Batcher:
         for job in waiting:
             job.ended = True
             job.sink(("error", "the server is shutting down"))
-        self._thread.join(timeout)
+        if started:
+            self._thread.join(timeout)
 
     # -- the generation thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -260,7 +270,7 @@ class Batcher:
                     job.sink(("delta", choice, piece))
                 if reason is not None:
                     done[row] = True
-                    job.sink(("finish", choice, reason, count[row]))
+                    job.sink(("finish", choice, reason, texts[row].ids, (batch_id, row, len(prompts))))
             if stopped:
                 self.engine.cancel(batch_id, stopped)
             self._end_finished(batch, done, count, first, now)
@@ -269,7 +279,7 @@ class Batcher:
             if not done[row] and not job.cancelled:
                 done[row] = True
                 job.sink(("delta", choice, texts[row].flush()))
-                job.sink(("finish", choice, "length", count[row]))
+                job.sink(("finish", choice, "length", texts[row].ids, (batch_id, row, len(prompts))))
         self._end_finished(batch, [True] * len(prompts), count, first, time.perf_counter())
 
     def _end_finished(self, batch, done, count, first, now) -> None:

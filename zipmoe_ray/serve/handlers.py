@@ -224,30 +224,35 @@ class OpenAIServer:
         prompt_tokens = sum(len(p) for p in prompts)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if req.stream:
-            body = self._stream(batcher, job, events, rid, chat, prompt_tokens, req.include_usage)
+            body = self._stream(batcher, job, events, rid, chat, prompt_tokens, req)
             return StreamingResponse(
                 body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        texts, reasons, tokens = [""] * len(rows), ["length"] * len(rows), [0] * len(rows)
+        texts, reasons, tokens = [""] * len(rows), ["length"] * len(rows), [[]] * len(rows)
+        where: list[tuple] = [()] * len(rows)
         try:
             while True:
                 ev = await events.get()
                 if ev[0] == "delta":
                     texts[ev[1]] += ev[2]
                 elif ev[0] == "finish":
-                    reasons[ev[1]], tokens[ev[1]] = ev[2], ev[3]
+                    reasons[ev[1]], tokens[ev[1]], where[ev[1]] = ev[2], ev[3], ev[4]
                 elif ev[0] == "error":
                     raise ApiError(500, ev[1], type_="server_error")
                 else:
                     break
         finally:
             batcher.cancel(job)  # a no-op unless the client went away (this task was cancelled)
-        use = P.usage(prompt_tokens, sum(tokens))
+        use = P.usage(prompt_tokens, sum(len(t) for t in tokens))
         build = P.chat_response if chat else P.completion_response
-        return build(rid, self.config.name, texts, reasons, use)
+        out = build(rid, self.config.name, texts, reasons, use)
+        if req.return_token_ids:
+            for choice, ids, w in zip(out["choices"], tokens, where):
+                choice.update(P.token_info(ids, w))
+        return out
 
     async def _stream(
-        self, batcher, job: Job, events: asyncio.Queue, rid, chat, prompt_tokens, include_usage
+        self, batcher, job: Job, events: asyncio.Queue, rid, chat, prompt_tokens, req
     ) -> AsyncIterator[str]:
         model, created = self.config.name, int(time.time())
         tokens = [0] * len(job.prompts)
@@ -269,17 +274,20 @@ class OpenAIServer:
                         else P.completion_chunk(rid, model, created, ev[1], ev[2])
                     )
                 elif kind == "finish":
-                    tokens[ev[1]] = ev[3]
-                    yield sse(
+                    tokens[ev[1]] = len(ev[3])
+                    chunk = (
                         P.chat_chunk(rid, model, created, ev[1], {}, ev[2])
                         if chat
                         else P.completion_chunk(rid, model, created, ev[1], "", ev[2])
                     )
+                    if req.return_token_ids:
+                        chunk["choices"][0].update(P.token_info(ev[3], ev[4]))
+                    yield sse(chunk)
                 elif kind == "error":
                     yield sse(error_body(ev[1], "server_error"))
                     return
                 else:
-                    if include_usage:
+                    if req.include_usage:
                         use = P.usage(prompt_tokens, sum(tokens))
                         chunk = P.chat_chunk if chat else P.completion_chunk
                         yield sse(chunk(rid, model, created, use=use))

@@ -24,6 +24,7 @@ __all__ = [
     "completion_chunk",
     "completion_response",
     "parse_body",
+    "token_info",
     "usage",
 ]
 
@@ -53,6 +54,7 @@ class _Sampling(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    return_token_ids: bool = False  # not OpenAI's (as in vLLM): each choice also gets its token ids
 
     def refuse_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -181,6 +183,13 @@ def parse_body(raw: bytes, model: type[_Strict]) -> Any:
         raise ApiError.bad_request(f"{where}: {err['msg']}", param) from None
     req.refuse_unsupported()
     return req
+
+
+def token_info(ids: list[int], where: tuple) -> dict[str, Any]:
+    """What ``return_token_ids`` adds to a choice: its token ids and the generation it ran in (batch id, row,
+    rows), enough to check it against plain transformers on that same batch."""
+    batch, row, size = where
+    return {"token_ids": list(ids), "batch": {"id": batch, "row": row, "size": size}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
