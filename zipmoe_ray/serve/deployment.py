@@ -11,6 +11,8 @@ actors there (and kills them, never the cluster, when the replica stops).
 No ``from __future__ import annotations`` here: FastAPI reads the route parameters' annotations at runtime.
 """
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,6 +26,33 @@ from .handlers import OpenAIServer
 __all__ = ["ZipMoEServer", "api", "build_app"]
 
 api = FastAPI(title="zipmoe", docs_url=None, redoc_url=None, openapi_url=None)
+log = logging.getLogger(__name__)
+
+
+def _keep_replica_grpc_on_node_address() -> None:
+    """Ray Serve (2.60) starts, in every replica, an inter-deployment gRPC server bound to ``[::]:0``: every
+    interface, whatever the cluster's address. Rebind it to this node's address (127.0.0.1 on a one-node
+    instance): it is only reached at that address. Without the hook (another Ray version) it is left as is,
+    with a warning."""
+    import ray
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "_zipmoe", False):
+        if bind is None:
+            log.warning("cannot keep Serve's replica gRPC server off other interfaces with this Ray version")
+        return
+    ip = ray.util.get_node_ip_address()
+    host = f"[{ip}]" if ":" in ip else ip
+
+    def on_node(server, address: str):
+        for wildcard in ("[::]:", "0.0.0.0:"):
+            if address.startswith(wildcard):
+                address = host + ":" + address[len(wildcard) :]
+        return bind(server, address)
+
+    on_node._zipmoe = True
+    replica.add_port_to_grpc_server = on_node
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -55,6 +84,7 @@ class ZipMoEServer:
     """Returns from its constructor at once; the engine starts in the background (``wait_ready``)."""
 
     def __init__(self, config: ServeConfig):
+        _keep_replica_grpc_on_node_address()
         self.server = OpenAIServer(config)
 
     async def wait_ready(self) -> dict:
