@@ -42,6 +42,12 @@ def add_serve_command(sub) -> None:
         default=d["max_queue"].default,
         help="most requests waiting for a generation; more get 429 (default %(default)s)",
     )
+    p.add_argument(
+        "--batch-wait",
+        type=float,
+        default=d["batch_wait"].default,
+        help="seconds an idle server waits for more requests to batch with the first (default %(default)s)",
+    )
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (on 127.0.0.1) too")
     add_engine_options(p)
     p.set_defaults(func=cmd_serve)
@@ -59,6 +65,7 @@ def cmd_serve(args) -> int:
         model_name=args.model_name,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        batch_wait=args.batch_wait,
         api_key=args.api_key,
         host=args.host,
         port=args.port,

@@ -91,8 +91,10 @@ class Batcher:
         metrics: ServeMetrics,
         decode: Callable[[list[int]], str],
         start: bool = True,
+        wait_s: float = 0.0,
     ):
         self.engine = engine
+        self.wait_s = wait_s  # how long an idle batcher waits for more requests before it starts
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics
@@ -184,8 +186,17 @@ class Batcher:
             with self._cond:
                 while not self._queue and not self._closed:
                     self._cond.wait()
+                # idle until now: give requests sent together a moment to arrive together
+                deadline = self._queue[0].arrived + self.wait_s if self._queue else 0.0
+                while not self._closed and self._queued_rows() < self.max_batch:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if self._closed:
                     return
+                if not self._queue:  # cancelled while waiting
+                    continue
                 batch = self._take()
                 self._running = batch
                 self.metrics.queue_depth.set(len(self._queue))
@@ -204,6 +215,9 @@ class Batcher:
                 with self._cond:
                     self._running = []
                     self.metrics.running.set(0)
+
+    def _queued_rows(self) -> int:
+        return sum(len(j.prompts) for j in self._queue)
 
     def _take(self) -> list[Job]:
         """The oldest job, then every waiting job that samples alike, in order, while sequences fit."""

@@ -31,6 +31,7 @@ class ServeConfig:
     model_name: str | None = None  # the name clients ask for (--model-name); None: the store's directory name
     max_batch: int = 8  # most sequences in one generation (--max-batch); 1 serves requests one at a time
     max_queue: int = 32  # most requests waiting for a generation before 429 (--max-queue)
+    batch_wait: float = 0.02  # seconds an idle server waits for more requests to batch with (--batch-wait)
     api_key: str | None = None  # clients must send `Authorization: Bearer KEY` (--api-key)
     host: str = "127.0.0.1"  # where the HTTP proxy listens (--host)
     port: int = 8000  # (--port)
@@ -46,6 +47,8 @@ class ServeConfig:
                 raise ConfigError(
                     f"{name} must be an integer >= {low}, got {v!r} (--{name.replace('_', '-')})"
                 )
+        if not isinstance(self.batch_wait, (int, float)) or not 0 <= self.batch_wait <= 10:
+            raise ConfigError(f"batch_wait must be 0..10 seconds, got {self.batch_wait!r} (--batch-wait)")
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port!r} (--port)")
         if self.model_name is not None and not self.model_name.strip():

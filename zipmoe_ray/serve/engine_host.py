@@ -63,7 +63,12 @@ class EngineHost:
             if self._closing:
                 return
             self.batcher = Batcher(
-                self.engine, self.config.max_batch, self.config.max_queue, self.metrics, self.decode
+                self.engine,
+                self.config.max_batch,
+                self.config.max_queue,
+                self.metrics,
+                self.decode,
+                wait_s=self.config.batch_wait,
             )
             log.info("engine ready: %s", self.config.name)
         except Exception as e:  # reported by /health and to every request
