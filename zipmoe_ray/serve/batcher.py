@@ -4,7 +4,8 @@ many of them as fit in ``max_batch`` sequences (oldest first, among those that s
 One thread drives the engine (``ZipMoEEngine.stream_batch``); it turns each step's tokens into text per
 sequence (stop sequences included) and hands events to each request's ``sink``:
 
-* ``("delta", choice, text)``: final text for one of the request's choices;
+* ``("delta", choice, text)``: one token of a choice, with the text that became final (may be empty: a
+  partial character, or a possible start of a stop sequence, is held back);
 * ``("finish", choice, reason, ids, where)``: that choice ended (reason ``stop`` or ``length``) with token
   ``ids``; ``where`` is ``(batch id, row, rows in the batch)`` of the generation it ran in;
 * ``("end", None)``: every choice of the request ended; ``("error", message)``: the generation failed.
@@ -280,8 +281,7 @@ class Batcher:
                     reason = "length"
                 if reason is not None:
                     piece += texts[row].flush()
-                if piece:
-                    job.sink(("delta", choice, piece))
+                job.sink(("delta", choice, piece))
                 if reason is not None:
                     done[row] = True
                     job.sink(("finish", choice, reason, texts[row].ids, (batch_id, row, len(prompts))))
@@ -292,7 +292,9 @@ class Batcher:
             job, choice = owner[row]
             if not done[row] and not job.cancelled:
                 done[row] = True
-                job.sink(("delta", choice, texts[row].flush()))
+                rest = texts[row].flush()
+                if rest:
+                    job.sink(("delta", choice, rest))
                 job.sink(("finish", choice, "length", texts[row].ids, (batch_id, row, len(prompts))))
         self._end_finished(batch, [True] * len(prompts), count, first, time.perf_counter())
 
