@@ -5,12 +5,13 @@ Question: how much output throughput does batching concurrent requests buy on an
 Qwen1.5-MoE preset cut to --layers MoE layers, budget 25% of the routed-expert bytes, page cache bypassed,
 SSD emulated at 0.5 GB/s), and what does the HTTP server cost per token at batch 1?
 
-Runs, one after the other, same store, same engine settings (Ray backend, 2 decode lanes, nominal costs so
-that both plan the same split), same warm-up prompt, same --requests prompts of --prompt-tokens tokens:
-  * in-process: ZipMoEEngine.generate on each prompt, one at a time (the floor for the overhead);
-  * the server (the `zipmoe serve` CLI in its own process group, --max-batch 8): the same requests from 1, 4
-    and 8 concurrent streaming clients (the official openai client; greedy, --new-tokens each), then 1 again
-    (to show how much the cache's warming alone changed).
+Same store, same engine settings (Ray backend, 2 decode lanes, nominal costs so that both plan the same
+split), same warm-up prompt, same --requests prompts of --prompt-tokens tokens:
+  * one at a time: each prompt through ZipMoEEngine.generate in-process (its own Ray instance), then through
+    the server (the `zipmoe serve` CLI in its own process group, --max-batch 8; the official openai client,
+    streaming, greedy, --new-tokens each), alternately: the pair sees the same machine load and the same cache
+    history, so the per-token difference is the server's overhead (median over the pairs);
+  * then the same requests from 4 and 8 concurrent streaming clients.
 Per concurrency: requests/s and output tokens/s over the wall time of all requests, TTFT (send to first
 token) and TPOT (mean gap between a request's tokens) p50/p95 as clients see them. The one-at-a-time server
 run's tokens are checked against the in-process run's (both solo, greedy: they must be identical).
@@ -49,42 +50,16 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def in_process(store, args, warm, prompts) -> dict:
-    import ray
-
-    rows = []
-    with emulated_engine(
-        store,
-        args.bandwidth,
-        memory_budget=args.budget,
-        backend="ray",
-        num_decompressors=args.workers,
-        calibrate=False,
-    ) as engine:
-        engine.generate(warm, args.new_tokens)
-        engine.reset_stats()
-        t0 = time.perf_counter()
-        for p in prompts:
-            out = engine.generate(p, args.new_tokens)
-            s = engine.stats()
-            rows.append({"token_ids": out.token_ids, "ttft_s": s["ttft_s"], "tpot_s": s["tpot_s"]})
-        wall = time.perf_counter() - t0
-        stats = engine.stats()
-        streamed = []  # the same prompts through stream_batch (what the server drives), timed by this caller
-        for p in prompts:
-            times = []
-            for _ in engine.stream_batch([p], args.new_tokens):
-                times.append(time.perf_counter())
-            streamed.append((times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0)
-    if ray.is_initialized():
-        ray.shutdown()
-    return {
-        "rows": rows,
-        "wall_s": wall,
-        "bytes_read": stats["bytes_read"],
-        "hits": stats["hits"],
-        "stream_batch_tpot_p50_s": statistics.median(streamed),
-    }
+def paired_one_at_a_time(engine, client, prompts, new_tokens) -> tuple[list[dict], list[dict]]:
+    """Each prompt in-process (ZipMoEEngine.generate) and then through the server, alternately, so that both
+    see the same moment's machine load and the same cache history; returns (in-process rows, server rows)."""
+    local, served = [], []
+    for p in prompts:
+        out = engine.generate(p, new_tokens)
+        s = engine.stats()
+        local.append({"token_ids": out.token_ids, "ttft_s": s["ttft_s"], "tpot_s": s["tpot_s"]})
+        served.append(one_request(client, p, new_tokens))
+    return local, served
 
 
 class Server:
@@ -230,20 +205,41 @@ def main() -> None:
     warm = prompt_ids(tok, args.prompt_tokens, 40)
     prompts = [prompt_ids(tok, args.prompt_tokens, 3 * i) for i in range(args.requests)]
 
-    log("in-process ZipMoEEngine.generate, one prompt at a time ...")
-    base = in_process(store, args, warm, prompts)
-    log(f"  {base['wall_s']:.1f} s")
     log("starting zipmoe serve ...")
     t0 = time.perf_counter()
     server = Server(store, args)
     log(f"  healthy after {time.perf_counter() - t0:.0f} s")
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",") if int(c) > 1]
     results = []
     try:
         client = openai.OpenAI(base_url=server.base + "/v1", api_key="none", timeout=1800, max_retries=0)
-        one_request(client, warm, args.new_tokens)  # the same warm-up as in-process
-        for c in [*levels, 1]:
-            log(f"{c} concurrent client(s), {len(prompts)} requests ...")
+        log("in-process engine (its own Ray instance) ...")
+        engine = emulated_engine(
+            store,
+            args.bandwidth,
+            memory_budget=args.budget,
+            backend="ray",
+            num_decompressors=args.workers,
+            calibrate=False,
+        )
+        try:
+            engine.generate(warm, args.new_tokens)  # the same warm-up for both
+            one_request(client, warm, args.new_tokens)
+            log(f"one at a time, in-process and server alternately, {len(prompts)} requests ...")
+            local, served = paired_one_at_a_time(engine, client, prompts, args.new_tokens)
+            engine_stats = engine.stats()
+        finally:
+            engine.close()
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        busy = sum(r["end"] - r["start"] for r in served)  # back to back, as one client would send them
+        solo = summarize(served, busy, sum(r["tokens"] for r in served), 1)
+        results.append(solo)
+        log(f"  server {solo['output_tokens_per_s']:.2f} tok/s, TPOT p50 {solo['tpot_p50_s'] * 1e3:.0f} ms")
+        for c in levels:
+            log(f"{c} concurrent clients, {len(prompts)} requests ...")
             r = run_level(client, prompts, c, args.new_tokens)
             log(
                 f"  {r['output_tokens_per_s']:.2f} tok/s, {r['requests_per_s']:.3f} req/s, TTFT p50 "
@@ -253,29 +249,31 @@ def main() -> None:
         metrics = server_metrics(server.base)
     finally:
         server.stop()
-    solo = results[0]
-    same = solo["token_ids"] == [r["token_ids"] for r in base["rows"]]
-    tpot_in = statistics.median(r["tpot_s"] for r in base["rows"])
+    same = solo["token_ids"] == [r["token_ids"] for r in local]
+    gaps = [b["tpot_s"] - a["tpot_s"] for a, b in zip(local, served) if a["tpot_s"] and b["tpot_s"]]
+    tpot_in = statistics.median(r["tpot_s"] for r in local)
     tpot_srv = solo["tpot_p50_s"]
+    overhead = statistics.median(gaps)
     best = max(results, key=lambda r: r["concurrency"])
     ratio = best["output_tokens_per_s"] / solo["output_tokens_per_s"]
+    local_s = sum(r["ttft_s"] + r["tpot_s"] * (len(r["token_ids"]) - 1) for r in local)
     doc = {
         "machine": machine(),
+        "load_average": os.getloadavg(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
         "routing": "model's own" if skew is None else f"Zipf skew {skew:g}",
         "in_process": {
-            "wall_s": base["wall_s"],
-            "output_tokens_per_s": sum(len(r["token_ids"]) for r in base["rows"]) / base["wall_s"],
-            "ttft_p50_s": statistics.median(r["ttft_s"] for r in base["rows"]),
+            "output_tokens_per_s": sum(len(r["token_ids"]) for r in local) / local_s,
+            "ttft_p50_s": statistics.median(r["ttft_s"] for r in local),
             "tpot_p50_s": tpot_in,
-            "tpot_p95_s": pct([r["tpot_s"] for r in base["rows"]], 0.95),
-            "bytes_read": base["bytes_read"],
-            "hits": base["hits"],
-            "stream_batch_tpot_p50_s": base["stream_batch_tpot_p50_s"],
+            "tpot_p95_s": pct([r["tpot_s"] for r in local], 0.95),
+            "bytes_read": engine_stats["bytes_read"],
+            "hits": engine_stats["hits"],
         },
         "server": [{k: v for k, v in r.items() if k != "token_ids"} for r in results],
         "tokens_identical_one_at_a_time": same,
-        "overhead_per_token_s": tpot_srv - tpot_in,
+        "overhead_per_token_s": overhead,
+        "overhead_per_token_p95_s": pct(gaps, 0.95),
         f"tokens_per_s_{best['concurrency']}_over_1": ratio,
         "server_metrics": metrics,
     }
@@ -284,8 +282,8 @@ def main() -> None:
     print(
         f"bench_serve: {best['concurrency']} clients {best['output_tokens_per_s']:.2f} tok/s = {ratio:.2f}x one at a "
         f"time ({solo['output_tokens_per_s']:.2f}); TPOT at 1: server {tpot_srv * 1e3:.1f} ms, in-process "
-        f"{tpot_in * 1e3:.1f} ms (stream_batch in-process {base['stream_batch_tpot_p50_s'] * 1e3:.1f} ms), overhead "
-        f"{(tpot_srv - tpot_in) * 1e3:+.1f} ms/token; tokens identical: {same}"
+        f"{tpot_in * 1e3:.1f} ms, paired overhead p50 {overhead * 1e3:+.1f} ms/token; tokens identical: {same}; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
 
 

@@ -48,7 +48,11 @@ def add_serve_command(sub) -> None:
         default=d["batch_wait"].default,
         help="seconds an idle server waits for more requests to batch with the first (default %(default)s)",
     )
-    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (on 127.0.0.1) too")
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start the Ray dashboard (on 127.0.0.1) with the Ray instance zipmoe serve starts (not with --address)",
+    )
     add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 
