@@ -191,6 +191,8 @@ def _shutdown(had_serve: bool, started_ray: bool) -> None:
 
     t = threading.Thread(target=work, name="zipmoe-serve-shutdown", daemon=True)
     t.start()
-    t.join(30)  # a cluster going down under us must not hang the exit
+    # A cluster going down under us (a SIGTERM to the whole process group stops Ray's own processes too) must
+    # not hang the exit; an instance we started goes with ray.shutdown anyway, Serve's actors included.
+    t.join(3 if started_ray else 30)
     if started_ray and ray.is_initialized():
         ray.shutdown()
