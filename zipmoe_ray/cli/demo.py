@@ -147,7 +147,9 @@ def cmd_demo(args) -> int:
     else:
         print(f"[1/4] using {demo.title}: {model}")
     if args.prepare:
-        print(f"the demo's model is ready: run zipmoe demo{' --cache-dir ' + str(root) if args.cache_dir else ''}")
+        print(
+            f"the demo's model is ready: run zipmoe demo{' --cache-dir ' + str(root) if args.cache_dir else ''}"
+        )
         return 0
     compress(model, store, CompressOptions(overwrite=True))
     r = inspect_store(store)

@@ -12,6 +12,7 @@ from ..errors import ZipMoEError
 from .demo import add_demo_command
 from .generate_cmds import add_generate_commands
 from .plan_cmds import add_plan_commands
+from .serve_cmd import add_serve_command
 from .store_cmds import add_store_commands
 
 __all__ = ["build_parser", "main"]
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_commands(sub)
     add_store_commands(sub)
     add_plan_commands(sub)
+    add_serve_command(sub)
     p = sub.add_parser("env", help="list the ZIPMOE_* environment variables")
     p.set_defaults(func=_cmd_env)
     return parser

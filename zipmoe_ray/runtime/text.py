@@ -14,6 +14,7 @@ class PromptText:
     def __init__(self, store_dir: str):
         self.store_dir = store_dir
         self._tokenizer = None
+        self._generation_eos: set[int] | None = None
 
     @property
     def tokenizer(self):
@@ -59,3 +60,19 @@ class PromptText:
     def eos(self) -> set[int]:
         e = self.tokenizer.eos_token_id
         return {e} if e is not None else set()
+
+    def stop_ids(self) -> set[int]:
+        """Every id that ends a sequence: the tokenizer's end of text and the generation config's (what
+        transformers stops a row on)."""
+        if self._generation_eos is None:
+            from transformers import GenerationConfig
+
+            try:
+                e = GenerationConfig.from_pretrained(self.store_dir).eos_token_id
+            except OSError:  # no generation_config.json: the tokenizer's is the one
+                e = None
+            self._generation_eos = set(e if isinstance(e, list) else [e]) - {None}
+        try:
+            return self.eos() | self._generation_eos
+        except ConfigError:  # a store without a tokenizer
+            return set(self._generation_eos)

@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,12 +47,22 @@ class GenerateRequest:
     top_k: int | None = None
     output_logits: bool = False
     trace_request: int | None = None  # record the routing of this generation under this request number
+    # per prompt: stop that row after this many new tokens (each 1..max_new_tokens); None: max_new_tokens
+    row_limits: list[int] | None = None
+    batch_id: str | None = None  # the name Executor.cancel(batch_id, rows) stops rows of this generation by
 
     def __post_init__(self):
         if not self.input_ids or any(not ids for ids in self.input_ids):
             raise ConfigError("every prompt needs at least one token")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.row_limits is not None and (
+            len(self.row_limits) != len(self.input_ids)
+            or any(not 1 <= n <= self.max_new_tokens for n in self.row_limits)
+        ):
+            raise ConfigError(
+                f"row_limits must give one limit in 1..{self.max_new_tokens} per prompt, got {self.row_limits}"
+            )
 
 
 @dataclass
@@ -67,20 +78,41 @@ class GenerateResult:
 
 
 class _StepHook:
-    """A stopping criterion that never stops: called once per generated token, it timestamps the step,
-    closes the step for the cache (popularity aging, releases) and streams the new tokens."""
+    """A stopping criterion, called once per generated token: it timestamps the step, closes the step for
+    the cache (popularity aging, releases) and streams the new tokens. It stops no row unless given
+    ``row_limits`` (a row stops once it has that many new tokens) or ``cancelled`` (rows to stop now, a set
+    another thread may add to); transformers then pads a stopped row, as for any per-row stopping criterion,
+    and ends the generation when every row has stopped."""
 
-    def __init__(self, client: ExpertClient, sink: queue.Queue | None = None):
+    def __init__(
+        self,
+        client: ExpertClient,
+        sink: queue.Queue | None = None,
+        row_limits: list[int] | None = None,
+        cancelled: set[int] | None = None,
+    ):
         self.client = client
         self.sink = sink
         self.times: list[float] = []
+        self.row_limits = row_limits
+        self.cancelled = cancelled
+        self.stopped: dict[int, int] = {}  # row -> new tokens it had when this hook stopped it
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         self.times.append(time.perf_counter())
         self.client.end_step()
         if self.sink is not None:
             self.sink.put(("tokens", input_ids[:, -1].tolist()))
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        if self.row_limits is not None or self.cancelled:
+            step, cancelled = len(self.times), set(self.cancelled or ())
+            for row in range(input_ids.shape[0]):
+                if row not in self.stopped and (
+                    row in cancelled or (self.row_limits is not None and step >= self.row_limits[row])
+                ):
+                    self.stopped[row] = step
+                done[row] = row in self.stopped
+        return done.to(input_ids.device)
 
 
 class Executor:
@@ -113,6 +145,9 @@ class Executor:
             self.pad_id = eos[0] if isinstance(eos, list) else (eos or 0)
         self.eos = set(gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]) - {None}
         self._lock = threading.Lock()
+        self._cancel_lock = threading.Lock()
+        self._cancels: dict[str, set[int]] = {}  # batch_id -> rows to stop (see cancel)
+        self._ended: deque[str] = deque(maxlen=256)  # batch ids that finished: later cancels are ignored
 
     # -- generation --------------------------------------------------------------------------------------
     def _inputs(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -132,7 +167,11 @@ class Executor:
         from transformers import StoppingCriteriaList
 
         inputs = self._inputs(req.input_ids)
-        hook = _StepHook(self.client, sink)
+        cancelled = None
+        if req.batch_id is not None:
+            with self._cancel_lock:
+                cancelled = self._cancels.setdefault(req.batch_id, set())
+        hook = _StepHook(self.client, sink, req.row_limits, cancelled)
         kwargs: dict[str, Any] = {
             "max_new_tokens": req.max_new_tokens,
             "do_sample": req.do_sample,
@@ -154,10 +193,16 @@ class Executor:
                     out = self.model.generate(**inputs, **kwargs)
             finally:
                 trace = self.client.stop_trace() if req.trace_request is not None else None
+                if req.batch_id is not None:
+                    with self._cancel_lock:
+                        self._cancels.pop(req.batch_id, None)
+                        self._ended.append(req.batch_id)
             t_end = time.perf_counter()
         seqs = out.sequences.tolist()
         start = inputs["input_ids"].shape[1] if self.spec.family == "causal" else 1
         token_ids = [self._trim(s[start:]) for s in seqs]
+        for row, n in hook.stopped.items():  # rows the hook stopped end there (transformers padded the rest)
+            token_ids[row] = token_ids[row][:n]
         times = hook.times
         ttft = (times[0] - t0) if times else (t_end - t0)
         tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
@@ -181,6 +226,15 @@ class Executor:
     def generate(self, req: GenerateRequest) -> GenerateResult:
         """Generate for a batch of token-id prompts; blocks until done."""
         return self._run(req, None)
+
+    def cancel(self, batch_id: str, rows: list[int]) -> None:
+        """Stop ``rows`` of the generation named ``batch_id`` (GenerateRequest.batch_id) after the step that
+        is running: their token ids end there, they are padded as transformers pads any stopped row, and the
+        generation ends once every row has stopped. A cancel that arrives before its generation starts
+        applies from its first step; one for a generation that already ended is ignored. Does not block."""
+        with self._cancel_lock:
+            if batch_id not in self._ended:
+                self._cancels.setdefault(batch_id, set()).update(rows)
 
     def generate_stream(self, req: GenerateRequest) -> Iterator[tuple[str, Any]]:
         """Yield ``("tokens", [one id per prompt])`` as each step finishes, then ``("result", GenerateResult)``.
