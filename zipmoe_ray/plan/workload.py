@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..cache.forms import ExpertSizes, Key
+from ..codec import auto_shards
 from ..trace.counts import CountTrace
 from ..trace.recorded import RecordedTrace
 
@@ -22,10 +23,11 @@ Step = list[list[tuple[int, int]]]  # [layer position] -> [(expert, tokens)]
 
 
 def estimated_sizes(expert_bytes: int, ratio: float = ESTIMATED_RATIO) -> ExpertSizes:
-    """Form sizes of a BF16 expert of ``expert_bytes`` without a store: SM = half, E = the rest of ``ratio``."""
+    """Form sizes of a BF16 expert of ``expert_bytes`` without a store: SM = half, E = the rest of ``ratio``;
+    exponent shards per tensor as ``zipmoe compress`` chooses them for its three tensors (gate, up, down)."""
     sm = expert_bytes // 2
     exp = int(expert_bytes * (ratio - 0.5))
-    return ExpertSizes(expert_bytes, sm + exp, exp, sm)
+    return ExpertSizes(expert_bytes, sm + exp, exp, sm, shards=auto_shards(expert_bytes // 2 // 3))
 
 
 @dataclass

@@ -15,16 +15,21 @@ Algorithm (``plan_layer``):
      piece is ready. An expert's decode is cut into ``parts`` pieces (its exponent shards are independent,
      so up to K lanes can decode one expert at once): the expert after the last read is then decoded by
      several lanes instead of one. CPU-only tasks (COMPRESSED hits) are ready at t = 0 and fill the gaps
-     while reads run, so the I/O lane and the decode lanes finish together.
+     while reads run, so the I/O lane and the decode lanes finish together. ``pieces_for`` chooses how
+     many pieces: the fewest that let every lane work (a layer with fewer decodes than lanes), not more,
+     since each piece is one more task to submit and deliver. Among lanes free at once, the caller's
+     preference order decides (the scheduler puts the least loaded first, so lanes share a run evenly).
 
-Guarantee: makespan <= (3 - 1/W) * OPT. Proof (with pieces as tasks; cutting decodes into pieces can only
-lower OPT, so the bound also holds against the optimum of uncut tasks): OPT >= A := sum_j a_j (one I/O
-lane), OPT >= sum_j b_j / W (W decode lanes), OPT >= max_j b_j. Let k be the task that finishes last and s_k its start. All reads end by
-A, so every task is ready from A on; in [A, s_k) no lane idles while k waits, so those lanes work on other
-tasks: s_k - A <= (sum_j b_j - b_k) / W. Hence C_max = s_k + b_k <= A + sum_j b_j / W + (1 - 1/W) b_k
+Guarantee: makespan <= (3 - 1/W) * OPT, OPT the optimum of the same pieces. Proof (pieces as tasks, b_j a
+piece's decode; cutting decodes into pieces can only lower OPT, so the bound also holds against the optimum
+of uncut tasks): OPT >= A := sum_j a_j (one I/O lane), OPT >= sum_j b_j / W (W decode lanes), OPT >=
+max_j b_j. Let k be the piece that finishes last and s_k its start. All reads end by A, so every piece is
+ready from A on; in [A, s_k) no lane idles while k waits, so those lanes work on other pieces:
+s_k - A <= (sum_j b_j - b_k) / W. Hence C_max = s_k + b_k <= A + sum_j b_j / W + (1 - 1/W) b_k
 <= (3 - 1/W) OPT. The bound needs only that the I/O lane never idles and the decode lanes are non-delay,
 so it holds for any priority order; the orders above are what make the typical case close to OPT
-(tests/test_layer_schedule.py compares against brute-force optima on random instances).
+(tests/unit/test_layer_schedule.py compares against brute-force optima on random instances, with and
+without pieces).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-__all__ = ["LayerPlan", "Piece", "Task", "makespan_of", "plan_layer"]
+__all__ = ["LayerPlan", "Piece", "Task", "makespan_of", "pieces_for", "plan_layer"]
 
 
 @dataclass(frozen=True)
@@ -45,23 +50,31 @@ class Task:
     parts: int = 1  # pieces the decode may be cut into (<= its shards)
 
 
-@dataclass(frozen=True)
 class Piece:
-    task: Task
-    index: int  # 0..count-1
-    count: int
+    """One lane's share of a task's decode: the ``index``-th of ``count`` pieces (whole exponent shards)."""
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.task.key
+    __slots__ = ("count", "cpu", "index", "key", "task", "tokens")
 
-    @property
-    def cpu(self) -> float:
-        return self.task.cpu / self.count
+    def __init__(self, task: Task, index: int, count: int):
+        self.task = task
+        self.index = index  # 0..count-1
+        self.count = count
+        self.key = task.key
+        self.cpu = task.cpu / count
+        self.tokens = task.tokens
 
-    @property
-    def tokens(self) -> int:
-        return self.task.tokens
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Piece) and (self.task, self.index, self.count) == (
+            other.task,
+            other.index,
+            other.count,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.index, self.count))
+
+    def __repr__(self) -> str:
+        return f"Piece({self.key}, {self.index}/{self.count})"
 
 
 @dataclass
@@ -93,43 +106,71 @@ def _io_order(tasks: list[Task]) -> list[Task]:
     return first + second
 
 
-def plan_layer(tasks: list[Task], workers: int) -> LayerPlan:
-    """Plan one layer (see the module docstring). Deterministic; O(n log n) in pieces."""
+def pieces_for(decodes: int, workers: int, shards: int = 1) -> int:
+    """How many pieces to cut each of a layer's ``decodes`` into so that ``workers`` lanes finish soonest:
+    the fewest n (<= ``shards``, <= ``workers``) minimising ceil(decodes * n / workers) / n, the makespan in
+    whole decodes of equal pieces dealt over the lanes. 6 decodes on 10 lanes: 5 pieces each (0.6, the
+    ideal); 3 on 10: 3 each (0.33 against 0.3); 10 or more: whole experts."""
+    if decodes < 1 or workers <= decodes:
+        return 1
+    best, best_n = 1.0, 1
+    for n in range(2, min(shards, workers) + 1):
+        span = -(-decodes * n // workers) / n
+        if span < best - 1e-12:
+            best, best_n = span, n
+    return best_n
+
+
+def plan_layer(tasks: list[Task], workers: int, lanes: list[int] | None = None) -> LayerPlan:
+    """Plan one layer (see the module docstring). Deterministic; O(p log p) in pieces. ``lanes``: the lanes
+    in order of preference when several are free (default 0..workers-1; the scheduler passes the least
+    loaded first, so that over a run every lane gets its share)."""
     if workers < 1:
         raise ValueError("workers must be >= 1")
     order = _io_order(tasks)
     plan = LayerPlan(io_order=order, lanes=[[] for _ in range(workers)])
     t = 0.0
+    io_end = plan.io_end
     for task in order:
         t += task.io
-        plan.io_end[task.key] = t
-    ready_at = {task.key: plan.io_end.get(task.key, 0.0) for task in tasks}
-    waiting: list[Piece] = []
+        io_end[task.key] = t
+    start, finish, lane_of = plan.start, plan.finish, plan.lane_of
+    arrivals = []  # (ready at, -tokens, key, task): pieces of a task become ready together
     for task in tasks:
+        ready = io_end.get(task.key, 0.0)
         if task.cpu <= 0:  # tasks needing no decode are done when read
-            plan.start[task.key] = plan.finish[task.key] = ready_at[task.key]
-            plan.lane_of[task.key] = -1
+            start[task.key] = finish[task.key] = ready
+            lane_of[task.key] = -1
             continue
-        n = max(1, min(task.parts, workers))
-        waiting += [Piece(task, i, n) for i in range(n)]
-    waiting.sort(key=lambda x: (ready_at[x.key], -x.tokens))
-    lanes = [(0.0, i) for i in range(workers)]  # (free at, lane)
-    heapq.heapify(lanes)
-    while waiting:
-        free, lane = heapq.heappop(lanes)
-        ready = [x for x in waiting if ready_at[x.key] <= free + 1e-12]
-        if not ready:  # idle until the next piece is ready
-            free = min(ready_at[x.key] for x in waiting)
-            ready = [x for x in waiting if ready_at[x.key] <= free + 1e-12]
-        pick = min(ready, key=lambda x: (-x.tokens, ready_at[x.key], x.key, x.index))
-        waiting.remove(pick)
-        start = max(free, ready_at[pick.key])
-        end = start + pick.cpu
-        plan.start[pick.key] = min(plan.start.get(pick.key, start), start)
-        plan.finish[pick.key] = max(plan.finish.get(pick.key, 0.0), end)
-        plan.lane_of[pick.key] = lane
+        arrivals.append((ready, -task.tokens, task.key, task))
+    arrivals.sort(key=lambda a: a[:3])
+    ready_pieces: list = []  # (-tokens, ready at, key, index, piece): the pick order of the docstring
+    nxt = 0
+    prefer = lanes if lanes is not None else list(range(workers))
+    free_at = [(0.0, rank) for rank in range(workers)]  # (free at, rank in ``prefer``): already a heap
+    left = sum(max(1, min(a[3].parts, workers)) for a in arrivals)
+    while left:
+        free, rank = heapq.heappop(free_at)
+        lane = prefer[rank]
+        if not ready_pieces and arrivals[nxt][0] > free + 1e-12:
+            free = arrivals[nxt][0]  # idle until the next piece is ready
+        while nxt < len(arrivals) and arrivals[nxt][0] <= free + 1e-12:
+            ready, neg_tokens, key, task = arrivals[nxt]
+            n = max(1, min(task.parts, workers))
+            for i in range(n):
+                heapq.heappush(ready_pieces, (neg_tokens, ready, key, i, Piece(task, i, n)))
+            nxt += 1
+        _, ready, key, _, pick = heapq.heappop(ready_pieces)
+        left -= 1
+        begin = free if free > ready else ready
+        end = begin + pick.cpu
+        if key not in start or begin < start[key]:
+            start[key] = begin
+        if end > finish.get(key, 0.0):
+            finish[key] = end
+        lane_of[key] = lane
         plan.lanes[lane].append(pick)
-        heapq.heappush(lanes, (end, lane))
+        heapq.heappush(free_at, (end, rank))
     return plan
 
 

@@ -92,7 +92,9 @@ class SimRunner:
         )
         if part is not None:
             dt /= part[1]
-        h = self._lane(lane, max(ready_time(exp), ready_time(sm)), dt)
+        a = exp.ready if type(exp) is SimHandle else ready_time(exp)
+        b = sm.ready if type(sm) is SimHandle else ready_time(sm)
+        h = self._lane(lane, a if a > b else b, dt)
         return SimHandle(h.ready + self.delivery_overhead)
 
     def derive(self, lane, key, words, part):
