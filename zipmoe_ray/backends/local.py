@@ -62,6 +62,9 @@ class LocalRunner:
             )
         )
 
+    def decode_lane(self, lane, jobs):
+        return [self.decode(lane, *job) for job in jobs]
+
     def derive(self, lane, key, words, part):
         d = self.decompressors[lane]
         return self._lanes[lane].submit(lambda: d.derive(key[0], key[1], _value(words), part))

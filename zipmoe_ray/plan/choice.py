@@ -84,4 +84,7 @@ def choose_split(
             f"the plan names experts {unknown[:3]} that this store does not have; plan for this store"
         )
     log.info("cache plan (%s): %s", source, p.counts())
-    return PlanChoice(replace(base, split=p.split_rule(layout.sizes), prior=p.access), p, source)
+    config = replace(base, split=p.split_rule(layout.sizes), prior=p.access)
+    if p.decay is not None and config.popularity == "lfu":
+        config = replace(config, decay=p.decay)  # the popularity memory the plan was chosen with
+    return PlanChoice(config, p, source)

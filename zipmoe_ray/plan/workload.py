@@ -8,6 +8,7 @@ number of experts active per step (top-k at batch 1, more at larger batches).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 from ..cache.forms import ExpertSizes, Key
@@ -48,13 +49,14 @@ class Workload:
 
     def _estimate_access(self) -> None:
         n = max(1, len(self.steps))
-        seen: dict[Key, int] = {}
+        per_layer = [Counter() for _ in self.layers]
         for step in self.steps:
-            for pos, picks in enumerate(step):
-                layer = self.layers[pos]
-                for e, _ in picks:
-                    seen[(layer, e)] = seen.get((layer, e), 0) + 1
-        self.access = {k: seen.get(k, 0) / n for k in self.sizes}
+            for seen, picks in zip(per_layer, step):
+                seen.update(e for e, _ in picks)
+        self.access = {k: 0.0 for k in self.sizes}
+        for layer, seen in zip(self.layers, per_layer):
+            for e, c in seen.items():
+                self.access[(layer, e)] = c / n
 
     @property
     def expert_bytes(self) -> int:

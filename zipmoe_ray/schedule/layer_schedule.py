@@ -34,14 +34,17 @@ without pieces).
 
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = ["LayerPlan", "Piece", "Task", "makespan_of", "pieces_for", "plan_layer"]
 
 
-@dataclass(frozen=True)
-class Task:
+class Task(NamedTuple):
+    """One missing expert of a layer (a tuple: made for every miss, so it must be cheap to make)."""
+
     key: tuple[int, int]
     io: float  # seconds on the I/O lane (0: no read)
     cpu: float  # seconds on a decode lane (0: no decode), for the whole expert
@@ -99,13 +102,6 @@ class LayerPlan:
         return [sum(t.cpu for t in lane) for lane in self.lanes]
 
 
-def _io_order(tasks: list[Task]) -> list[Task]:
-    reads = [t for t in tasks if t.io > 0]
-    first = sorted((t for t in reads if t.io <= t.cpu), key=lambda t: (t.io, -t.tokens))
-    second = sorted((t for t in reads if t.io > t.cpu), key=lambda t: (-t.cpu, -t.tokens))
-    return first + second
-
-
 def pieces_for(decodes: int, workers: int, shards: int = 1) -> int:
     """How many pieces to cut each of a layer's ``decodes`` into so that ``workers`` lanes finish soonest:
     the fewest n (<= ``shards``, <= ``workers``) minimising ceil(decodes * n / workers) / n, the makespan in
@@ -122,56 +118,93 @@ def pieces_for(decodes: int, workers: int, shards: int = 1) -> int:
 
 
 def plan_layer(tasks: list[Task], workers: int, lanes: list[int] | None = None) -> LayerPlan:
-    """Plan one layer (see the module docstring). Deterministic; O(p log p) in pieces. ``lanes``: the lanes
-    in order of preference when several are free (default 0..workers-1; the scheduler passes the least
-    loaded first, so that over a run every lane gets its share)."""
+    """Plan one layer (see the module docstring). Deterministic; O(p log p) in pieces, and O(p) for a
+    layer shaped like one planned before (same costs, tokens, pieces and order of keys: the plan is kept
+    in terms of task positions and lane ranks). ``lanes``: the lanes in order of preference when several
+    are free (default 0..workers-1; the scheduler passes the least loaded first, so that over a run every
+    lane gets its share)."""
     if workers < 1:
         raise ValueError("workers must be >= 1")
-    order = _io_order(tasks)
-    plan = LayerPlan(io_order=order, lanes=[[] for _ in range(workers)])
-    t = 0.0
-    io_end = plan.io_end
-    for task in order:
-        t += task.io
-        io_end[task.key] = t
-    start, finish, lane_of = plan.start, plan.finish, plan.lane_of
-    arrivals = []  # (ready at, -tokens, key, task): pieces of a task become ready together
-    for task in tasks:
-        ready = io_end.get(task.key, 0.0)
-        if task.cpu <= 0:  # tasks needing no decode are done when read
-            start[task.key] = finish[task.key] = ready
-            lane_of[task.key] = -1
-            continue
-        arrivals.append((ready, -task.tokens, task.key, task))
-    arrivals.sort(key=lambda a: a[:3])
-    ready_pieces: list = []  # (-tokens, ready at, key, index, piece): the pick order of the docstring
-    nxt = 0
+    n = len(tasks)
+    order = sorted(range(n), key=lambda i: tasks[i].key)
+    ranks = [0] * n
+    for r, i in enumerate(order):
+        ranks[i] = r
+    shape = (workers, tuple((t.io, t.cpu, t.tokens, t.parts, r) for t, r in zip(tasks, ranks)))
+    io_idx, io_ends, lane_plan, spans = _planned(shape)
     prefer = lanes if lanes is not None else list(range(workers))
-    free_at = [(0.0, rank) for rank in range(workers)]  # (free at, rank in ``prefer``): already a heap
-    left = sum(max(1, min(a[3].parts, workers)) for a in arrivals)
+    plan = LayerPlan(io_order=[tasks[i] for i in io_idx], lanes=[[] for _ in range(workers)])
+    for i, end in zip(io_idx, io_ends):
+        plan.io_end[tasks[i].key] = end
+    for rank, entries in enumerate(lane_plan):
+        plan.lanes[prefer[rank]] = [Piece(tasks[i], index, count) for i, index, count in entries]
+    start, finish, lane_of = plan.start, plan.finish, plan.lane_of
+    for i, (begin, end, rank) in enumerate(spans):
+        key = tasks[i].key
+        start[key], finish[key] = begin, end
+        lane_of[key] = prefer[rank] if rank >= 0 else -1
+    return plan
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned(shape):
+    """The plan of a layer's shape (see plan_layer) in positions: I/O order and each read's end, per lane
+    rank its (task, piece, count) in order, per task (start, finish, lane rank or -1)."""
+    workers, tasks = shape
+    reads = [i for i, t in enumerate(tasks) if t[0] > 0]
+    first = sorted(
+        (i for i in reads if tasks[i][0] <= tasks[i][1]), key=lambda i: (tasks[i][0], -tasks[i][2])
+    )
+    second = sorted(
+        (i for i in reads if tasks[i][0] > tasks[i][1]), key=lambda i: (-tasks[i][1], -tasks[i][2])
+    )
+    io_idx = first + second
+    io_end, t = {}, 0.0
+    for i in io_idx:
+        t += tasks[i][0]
+        io_end[i] = t
+    spans: list = [None] * len(tasks)
+    arrivals = []  # (ready at, -tokens, key rank, task): pieces of a task become ready together
+    for i, (_, cpu, tokens, _, rank) in enumerate(tasks):
+        ready = io_end.get(i, 0.0)
+        if cpu <= 0:  # tasks needing no decode are done when read
+            spans[i] = (ready, ready, -1)
+            continue
+        arrivals.append((ready, -tokens, rank, i))
+    arrivals.sort()
+    ready_pieces: list = []  # (-tokens, ready at, key rank, index, task, count): the docstring's pick order
+    nxt = 0
+    free_at = [(0.0, rank) for rank in range(workers)]  # (free at, lane rank): already a heap
+    lane_plan: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+    begin_of: dict[int, float] = {}
+    end_of: dict[int, float] = {}
+    lane_at: dict[int, int] = {}
+    left = sum(max(1, min(tasks[a[3]][3], workers)) for a in arrivals)
+    push, pop = heapq.heappush, heapq.heappop
     while left:
-        free, rank = heapq.heappop(free_at)
-        lane = prefer[rank]
+        free, rank = pop(free_at)
         if not ready_pieces and arrivals[nxt][0] > free + 1e-12:
             free = arrivals[nxt][0]  # idle until the next piece is ready
         while nxt < len(arrivals) and arrivals[nxt][0] <= free + 1e-12:
-            ready, neg_tokens, key, task = arrivals[nxt]
-            n = max(1, min(task.parts, workers))
-            for i in range(n):
-                heapq.heappush(ready_pieces, (neg_tokens, ready, key, i, Piece(task, i, n)))
+            ready, neg_tokens, krank, i = arrivals[nxt]
+            count = max(1, min(tasks[i][3], workers))
+            for index in range(count):
+                push(ready_pieces, (neg_tokens, ready, krank, index, i, count))
             nxt += 1
-        _, ready, key, _, pick = heapq.heappop(ready_pieces)
+        _, ready, _, index, i, count = pop(ready_pieces)
         left -= 1
         begin = free if free > ready else ready
-        end = begin + pick.cpu
-        if key not in start or begin < start[key]:
-            start[key] = begin
-        if end > finish.get(key, 0.0):
-            finish[key] = end
-        lane_of[key] = lane
-        plan.lanes[lane].append(pick)
-        heapq.heappush(free_at, (end, rank))
-    return plan
+        end = begin + tasks[i][1] / count
+        if i not in begin_of or begin < begin_of[i]:
+            begin_of[i] = begin
+        if end > end_of.get(i, 0.0):
+            end_of[i] = end
+        lane_at[i] = rank
+        lane_plan[rank].append((i, index, count))
+        push(free_at, (end, rank))
+    for i in begin_of:
+        spans[i] = (begin_of[i], end_of[i], lane_at[i])
+    return io_idx, [io_end[i] for i in io_idx], lane_plan, spans
 
 
 def makespan_of(io_order: list[Task], lanes: list[list[Task | Piece]]) -> float:

@@ -269,11 +269,13 @@ class Scheduler:
                 regions[t.key] = runner.read_split(t.key)
         outputs: dict[Key, list[Any]] = {}
         for lane, pieces in enumerate(plan.lanes):  # decodes, per lane in plan order
-            for piece in pieces:
-                exp, sm = regions[piece.key]
-                part = (piece.index, piece.count) if piece.count > 1 else None
-                h = runner.decode(lane, piece.key, exp, sm, planes, part)
-                outputs.setdefault(piece.key, [None] * piece.count)[piece.index] = h
+            if not pieces:
+                continue
+            jobs = [
+                (p.key, *regions[p.key], planes, (p.index, p.count) if p.count > 1 else None) for p in pieces
+            ]
+            for p, h in zip(pieces, runner.decode_lane(lane, jobs)):
+                outputs.setdefault(p.key, [None] * p.count)[p.index] = h
         kind = self._kind()
         deliveries = []
         for t in tasks:
