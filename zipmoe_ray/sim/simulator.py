@@ -137,11 +137,15 @@ class PolicySetup:
     non_token_s: float
 
 
-def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan_budget=None) -> PolicySetup:
+def policy_setup(
+    workload, policy: str, budget: int, profile, *, plan=None, plan_budget=None, decay: float | None = None
+) -> PolicySetup:
     """Sizes, scheduler config and executor rates of ``policy`` with ``budget`` bytes (per device); a zipmoe
-    plan is made for ``plan_budget`` (a cluster's total; default ``budget``) unless ``plan`` is given."""
+    plan is made for ``plan_budget`` (a cluster's total; default ``budget``) unless ``plan`` is given.
+    ``decay``: the LFU popularity decay to run with (default: the plan's for zipmoe, else the default)."""
     if policy not in SIM_POLICIES:
         raise ConfigError(f"policy {policy!r} is not one of {', '.join(SIM_POLICIES)}")
+    decay_override = decay
     raw = policy.startswith("full-")  # classic offloading: full BF16 only, uncompressed reads
     sizes = _raw_sizes(workload.sizes) if raw else dict(workload.sizes)
     on_device = profile.recombine_on_device
@@ -154,6 +158,8 @@ def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan
         decay = plan.decay if plan.decay is not None else DEFAULT_DECAY
     else:
         plan, split, decay = None, SplitRule.for_policy("full-only" if raw else policy), DEFAULT_DECAY
+    if decay_override is not None:
+        decay = decay_override
     config = SchedulerConfig(
         budget=budget,
         split=split,
@@ -233,6 +239,7 @@ def simulate(
     measure_from: int = 0,
     bound: bool = True,
     progress=None,
+    decay: float | None = None,
 ) -> SimResult:
     """Replay ``workload`` (plan.workload.Workload; its steps are the decode steps, its batch the batch size)
     under ``policy`` with ``budget`` bytes on ``profile``. With ``warm_start`` the first ``WARM_STEPS``
@@ -240,8 +247,8 @@ def simulate(
     steady state, not on cold misses; without it, steps before ``measure_from`` warm the cache and are not
     measured (replaying a recorded warm-up). ``bound=False`` skips the lower bounds (NaN; the planner's
     trial replays do not need them). ``progress`` (store.Progress: ``start(total, 0)``, ``advance(n, 0)``)
-    hears of every replayed step. Blocks."""
-    ps = policy_setup(workload, policy, budget, profile, plan=plan)
+    hears of every replayed step. ``decay`` overrides the LFU popularity decay (see policy_setup). Blocks."""
+    ps = policy_setup(workload, policy, budget, profile, plan=plan, decay=decay)
     sizes, split, plan = ps.sizes, ps.config.split, ps.plan
     costs = profile.costs()
     runner = SimRunner.on_profile(sizes, profile, costs)
