@@ -104,7 +104,7 @@ class ZipMoEEngine:
         # the device the executor will use decides how the scheduler hands it experts; stages pinned
         # elsewhere (resources, or the caller's) pick their own
         device = cfg.device or (None if (stages is not None or cfg.resources) else default_device())
-        base = scheduler_config(cfg, self.budget, device)
+        base = scheduler_config(cfg, self.budget, device, backend.pieces_in_place)
         if stages is None:
             choice = choose_split(self.store_dir, self.store, self.layout, base, self.costs, cfg, plan)
             base, self.plan, self.plan_source = choice.config, choice.plan, choice.source

@@ -132,3 +132,51 @@ def test_random_operations_never_exceed_the_budget():
             assert c.used[f] <= c.capacity[f]
             assert c.used[f] == sum(sizes[m].held(f) for m in c.members(f))
     assert c.peak <= c.budget
+
+
+# -- the incremental victim search against a full scan ------------------------------------------------------
+@pytest.mark.parametrize("kind", ["lfu", "lru"])
+@pytest.mark.parametrize("seed", range(6))
+def test_victims_are_exactly_those_of_a_full_scan_on_random_workloads(kind, seed):
+    import random
+
+    from ..reference_cache import ScanningCache
+
+    rng = random.Random(seed)
+    sizes = {
+        (layer, e): ExpertSizes(1000 + 100 * layer, 700 + 50 * layer, 200, 500 + 50 * layer)
+        for layer in range(4)
+        for e in range(24)
+    }
+    keys = sorted(sizes)
+    cap = SplitRule(0.3, 0.3, 0.4).capacities(30000)
+    decay = 0.1 if seed % 2 else 0.98  # 0.1 rescales every score every 100 steps: the heaps are rebuilt
+    caches = [cls(sizes, 34000, cap, Popularity(decay, kind)) for cls in (ExpertCache, ScanningCache)]
+    pinned: list = []
+    for _ in range(4000):
+        op = rng.random()
+        key = rng.choice(keys)
+        if op < 0.35:
+            tokens = rng.randint(1, 4)
+            got = [c.touch(key, tokens) for c in caches]
+        elif op < 0.4:
+            got = [c.step() for c in caches]
+        elif op < 0.5:
+            if pinned and rng.random() < 0.5:
+                k = pinned.pop(rng.randrange(len(pinned)))
+                got = [c.unpin(k) for c in caches]
+            else:
+                pinned.append(key)
+                got = [c.pin(key) for c in caches]
+        elif op < 0.9:
+            want = [c.choose(key) for c in caches]
+            assert want[0] == want[1]
+            form = want[0]
+            move = form != caches[0].form(key)
+            got = [c.admit(key, form) if move else None for c in caches]
+        else:
+            free = not caches[0].entries[key].pins
+            got = [c.drop(key) if free else None for c in caches]
+        assert got[0] == got[1]
+        assert [c.form(k) for k in keys for c in caches[:1]] == [caches[1].form(k) for k in keys]
+        assert caches[0].used == caches[1].used

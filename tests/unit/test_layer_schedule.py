@@ -79,3 +79,59 @@ def test_short_reads_go_first():
     disk = Task((0, 2), io=8, cpu=5)
     plan = plan_layer([disk, sm], 1)
     assert plan.io_order == [sm, disk]
+
+
+def brute_force_pieces(tasks: list[Task], workers: int) -> float:
+    """Optimal makespan when each task's decode may be cut into its ``parts`` pieces (the plan's count)."""
+    from zipmoe_ray.schedule import Piece
+
+    reads = [t for t in tasks if t.io > 0]
+    units = [
+        Piece(t, i, max(1, min(t.parts, workers)))
+        for t in tasks
+        if t.cpu > 0
+        for i in range(max(1, min(t.parts, workers)))
+    ]
+    best = float("inf")
+    for io_order in itertools.permutations(reads):
+        for order in itertools.permutations(units):
+            for assign in itertools.product(range(workers), repeat=len(order)):
+                if assign and assign[0] != 0:
+                    continue
+                lanes = [[u for u, a in zip(order, assign) if a == w] for w in range(workers)]
+                best = min(best, makespan_of(list(io_order), lanes))
+    return best
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_pieces_stay_within_the_bound_of_the_optimum_with_pieces(workers):
+    """The guarantee with decodes cut into shard pieces: makespan <= (3 - 1/W) OPT, OPT itself allowed to
+    use the pieces (so also within the bound of the optimum without them, which is never lower)."""
+    rng = random.Random(10 + workers)
+    ratios = []
+    for _ in range(20):
+        tasks = []
+        for i in range(rng.randint(1, 3)):
+            t = random_tasks(rng, 1)[0]
+            tasks.append(Task((0, i), t.io, t.cpu, t.tokens, t.tag, parts=rng.randint(1, 2)))
+        if sum(max(1, min(t.parts, workers)) for t in tasks if t.cpu > 0) > 4:
+            continue
+        plan = plan_layer(tasks, workers)
+        got = makespan_of(plan.io_order, plan.lanes)
+        assert got == pytest.approx(plan.makespan)
+        for t in tasks:  # every piece of every decode scheduled once
+            n = max(1, min(t.parts, workers)) if t.cpu > 0 else 0
+            assert sorted(p.index for lane in plan.lanes for p in lane if p.key == t.key) == list(range(n))
+        opt = brute_force_pieces(tasks, workers)
+        assert got <= (3 - 1 / workers) * opt + 1e-9
+        assert opt <= brute_force(tasks, workers) + 1e-9
+        ratios.append(got / opt)
+    assert ratios and sum(ratios) / len(ratios) < 1.15
+
+
+def test_fewer_experts_than_lanes_still_use_every_lane():
+    tasks = [Task((0, i), io=0.0, cpu=8.0, tokens=1, parts=8) for i in range(3)]
+    plan = plan_layer(tasks, 8)
+    busy = plan.cpu_busy
+    assert min(busy) == pytest.approx(max(busy))  # 24 pieces of 1.0 over 8 lanes: 3 each
+    assert plan.makespan == pytest.approx(3.0)

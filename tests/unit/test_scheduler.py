@@ -31,6 +31,9 @@ class FakeRunner:
         self.calls.append(("decode", lane, key, exp, sm))
         return ("decoded", key) if part is None else ("decoded", key, part)
 
+    def decode_lane(self, lane, jobs):
+        return [self.decode(lane, *job) for job in jobs]
+
     def derive(self, lane, key, words, part):
         self.calls.append(("derive", key, part))
         return ("derived", key, part)

@@ -51,6 +51,7 @@ class Backend(ABC):
 
     name: ClassVar[str]
     nodes: int = 1  # devices serving (more than one only for the cluster backend)
+    pieces_in_place: ClassVar[bool] = False  # lanes decode an expert's pieces into one shared buffer
 
     def __init__(self, store_dir: str, store, config):
         """``store``: the opened store (store.Store); ``config``: the EngineConfig."""

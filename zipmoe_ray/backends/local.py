@@ -33,6 +33,7 @@ class LocalRunner:
         self._lanes = [
             cf.ThreadPoolExecutor(1, thread_name_prefix=f"zipmoe-lane{i}") for i in range(self.workers)
         ]
+        self._buffers: dict = {}  # key -> [buffer, pieces still to submit] (scheduler thread only)
 
     def read(self, key, part):
         return self._io.submit(self.loader.read, key[0], key[1], part)
@@ -55,12 +56,37 @@ class LocalRunner:
         return parts
 
     def decode(self, lane, key, exp, sm, planes_only=False, part=None):
+        return self._decode(lane, key, exp, sm, planes_only, part, None)
+
+    def _decode(self, lane, key, exp, sm, planes_only, part, out):
         d = self.decompressors[lane]
         return self._lanes[lane].submit(
             lambda: d.decode(
-                key[0], key[1], exp=_value(exp), sm=_value(sm), planes_only=planes_only, part=part
+                key[0], key[1], exp=_value(exp), sm=_value(sm), planes_only=planes_only, part=part, out=out
             )
         )
+
+    def decode_lane(self, lane, jobs):
+        """Pieces of one expert (``part``) decode into one buffer shared by the lanes: every piece's handle
+        resolves to that buffer, whole once all are done (the client then uses it without a copy)."""
+        out = []
+        for key, exp, sm, planes_only, part in jobs:
+            buf = None
+            if part is not None and not planes_only:
+                buf = self._shared(key, part[1])
+            out.append(self._decode(lane, key, exp, sm, planes_only, part, buf))
+        return out
+
+    def _shared(self, key, count: int) -> np.ndarray:
+        """The buffer the ``count`` pieces of ``key`` now being submitted decode into (made by the first)."""
+        entry = self._buffers.get(key)
+        if entry is None:
+            rec = self.decompressors[0].store.record(*key)
+            entry = self._buffers[key] = [np.empty(rec.numel, dtype=self.decompressors[0].layout.word), count]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._buffers[key]  # every piece submitted: the next request for this key gets its own
+        return entry[0]
 
     def derive(self, lane, key, words, part):
         d = self.decompressors[lane]
@@ -110,6 +136,7 @@ class LocalBackend(Backend):
     """Every stage in this process: the executor on the caller's thread, reads and decodes on threads."""
 
     name = "local"
+    pieces_in_place = True  # the lanes are threads of this process: pieces share one buffer
 
     def start_lanes(self) -> None:
         cfg = self.config

@@ -60,6 +60,10 @@ class RayRunner:
     def decode(self, lane, key, exp, sm, planes_only=False, part=None):
         return self.decompressors[lane].decode.remote(key[0], key[1], None, exp, sm, planes_only, part)
 
+    def decode_lane(self, lane, jobs):
+        decode = self.decompressors[lane].decode.remote
+        return [decode(k[0], k[1], None, exp, sm, planes, part) for k, exp, sm, planes, part in jobs]
+
     def derive(self, lane, key, words, part):
         return self.decompressors[lane].derive.remote(key[0], key[1], words, part)
 

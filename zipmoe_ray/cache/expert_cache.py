@@ -11,16 +11,19 @@ that can take them (a full expert becomes compressed or SM-only, not straight di
 disk. Popularity (decayed token counts, or recency for LRU) decides who is colder. Experts in flight are
 pinned and never chosen as victims. This class only decides and accounts; the Scheduler moves the bytes.
 Thread-safe.
+
+Cost: every operation is O(log n) in the experts held, or O((victims + pinned) log n) for admissions; the
+coldest members of each form come from a lazily maintained heap (cache/coldest.py), never from a scan.
 """
 
 from __future__ import annotations
 
-import heapq
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BudgetError
+from .coldest import ColdestFirst
 from .forms import ExpertSizes, Form, Key
 from .popularity import Popularity
 
@@ -71,7 +74,8 @@ class ExpertCache:
         self.staging = 0
         self.peak = 0
         self.counters = _Counters()
-        self._members: dict[Form, set[Key]] = {f: set() for f in CACHED_FORMS}
+        self._members = {f: ColdestFirst(self.popularity.score) for f in CACHED_FORMS}
+        self._epoch = self.popularity.epoch
         self._lock = threading.RLock()
 
     # -- accounting ------------------------------------------------------------------------------------
@@ -143,11 +147,27 @@ class ExpertCache:
         with self._lock:
             self.popularity.touch(key, tokens)
             f = self.entries[key].form
+            if f != Form.DISK:
+                self._members[f].rescored(key)
             self.counters.hits[f] += 1
             return f
 
+    def seed(self, key: Key, value: float) -> None:
+        """Give ``key`` a prior popularity (one step's expected use, from a plan)."""
+        with self._lock:
+            self.popularity.seed(key, value)
+            f = self.entries[key].form
+            if f != Form.DISK:
+                self._members[f].rescored(key)
+
     def step(self) -> None:
-        self.popularity.step()
+        """Age popularity by one generation step."""
+        with self._lock:
+            self.popularity.step()
+            if self.popularity.epoch != self._epoch:  # every score was rescaled: re-order every form
+                self._epoch = self.popularity.epoch
+                for order in self._members.values():
+                    order.rebuild()
 
     # -- moving between forms ----------------------------------------------------------------------------
     def _set_form(self, key: Key, form: Form, payload: Any = None) -> None:
@@ -174,22 +194,21 @@ class ExpertCache:
 
     def _victims(self, form: Form, nbytes: int, score: float, exclude: Key) -> list[Key] | None:
         """Coldest unpinned members of ``form`` (all colder than ``score``) whose eviction makes room for
-        ``nbytes``; None if that is impossible."""
+        ``nbytes``; None if that is impossible. Changes nothing."""
         if self._fits(form, nbytes):
             return []
-        pop = self.popularity
-        cands = [(pop.score(k), k) for k in self._members[form] if k != exclude and self.entries[k].pins == 0]
-        heapq.heapify(cands)  # coldest first, O(n + victims * log n)
+        entries = self.entries
+        order = self._members[form]
         freed, out = 0, []
-        while cands:
-            sc, k = heapq.heappop(cands)
-            if sc >= score:
-                return None
-            out.append(k)
-            freed += self.entries[k].sizes.held(form)
-            if self._fits(form, nbytes, freed):
-                return out
-        return None
+        try:
+            for _, k in order.coldest(score, lambda k: k == exclude or entries[k].pins > 0):
+                out.append(k)
+                freed += entries[k].sizes.held(form)
+                if self._fits(form, nbytes, freed):
+                    return out
+            return None
+        finally:
+            order.restore()
 
     def _place_down(self, key: Key, below: Form, demotions: list[Demotion], depth: int) -> None:
         """Demote ``key`` (currently in form ``below``'s better neighbour) to the best form under ``below``."""

@@ -27,6 +27,7 @@ class Popularity:
         self._scale = 1.0
         self._step = 0
         self._scores: dict = {}
+        self.epoch = 0  # moves on when every score is rescaled at once (orders built on scores must re-read)
 
     def touch(self, key, tokens: int = 1) -> None:
         if self.kind == "lru":
@@ -43,6 +44,7 @@ class Popularity:
                 for k in self._scores:
                     self._scores[k] /= self._scale
                 self._scale = 1.0
+                self.epoch += 1
 
     def score(self, key) -> float:
         """Comparable score (higher = more popular); 0 for keys never seen (-1 for LRU)."""

@@ -196,7 +196,10 @@ def cmd_simulate(args) -> int:
     profile = load_profile(args.device_profile)
     budget = parse_size(args.memory_budget, total=w.expert_bytes)
     plan = Plan.load(args.plan) if args.plan else None
-    r = simulate(w, budget, profile, args.policy, plan=plan)
+    from .progress import TqdmProgress
+
+    with TqdmProgress("simulate", quiet=len(w.steps) < 2000, unit="step") as bar:
+        r = simulate(w, budget, profile, args.policy, plan=plan, progress=bar)
     if args.json:
         print(json.dumps(r.to_json(), indent=2))
         return 0

@@ -10,11 +10,13 @@ __all__ = ["TqdmProgress"]
 
 
 class TqdmProgress:
-    """Bytes with MB/s, plus tensors done, on stderr; hidden when stderr is not a terminal or ``quiet``."""
+    """Bytes with MB/s, plus tensors done (or any ``unit``, counted plainly), on stderr; hidden when stderr
+    is not a terminal or ``quiet``."""
 
-    def __init__(self, desc: str, quiet: bool = False):
+    def __init__(self, desc: str, quiet: bool = False, unit: str = "B"):
         self.desc = desc
         self.quiet = quiet
+        self.unit = unit
         self.bar: tqdm | None = None
         self.tensors = 0
         self.total_tensors = 0
@@ -24,8 +26,8 @@ class TqdmProgress:
         self.bar = tqdm(
             total=total_bytes,
             desc=self.desc,
-            unit="B",
-            unit_scale=True,
+            unit=self.unit,
+            unit_scale=self.unit == "B",
             unit_divisor=1000,
             file=sys.stderr,
             disable=True if self.quiet else None,
@@ -36,7 +38,8 @@ class TqdmProgress:
         if self.bar is None:
             return
         self.tensors += ntensors
-        self.bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)
+        if self.total_tensors:
+            self.bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)
         self.bar.update(nbytes)
 
     def close(self) -> None:

@@ -251,12 +251,16 @@ def decode(
     return decode_many([(encoded, out)], threads=threads, verify=verify)[0]
 
 
-def decode_shards(encoded: EncodedTensor, lo: int, hi: int, *, planes_only: bool = False):
+def decode_shards(
+    encoded: EncodedTensor, lo: int, hi: int, *, planes_only: bool = False, out: np.ndarray | None = None
+):
     """Decode only exponent shards ``[lo, hi)`` of a tensor (the elements they cover), on this thread.
 
     Returns ``(first_element, words)`` (unsigned words of those elements), or with ``planes_only``
     ``(first_element, exponent_bytes, raw_bytes)`` for recombination elsewhere (raw planes of one byte per
-    element only: bfloat16 and float16). Lets several workers decode pieces of one tensor in parallel."""
+    element only: bfloat16 and float16). Lets several workers decode pieces of one tensor in parallel;
+    with ``out`` (the whole tensor's unsigned words, shared by the workers) each writes its elements in
+    place, and ``words`` is a view of ``out``."""
     layout = layout_for(encoded.dtype)
     if encoded.codec == "none" or not 0 <= lo < hi <= encoded.shards:
         raise ConfigError(f"cannot decode shards [{lo}, {hi}) of a tensor with {encoded.shards} shards")
@@ -265,7 +269,9 @@ def decode_shards(encoded: EncodedTensor, lo: int, hi: int, *, planes_only: bool
     if planes_only and layout.raw_width != 1:
         raise ConfigError(f"{encoded.dtype}: piecewise plane output needs one raw byte per element")
     exp = np.empty(encoded.numel, dtype=np.uint8)  # only [a, b) is touched
-    words = None if planes_only else np.empty(encoded.numel, dtype=layout.word)
+    if out is not None and (out.dtype != layout.word or out.size != encoded.numel):
+        raise ConfigError(f"out must be {encoded.numel} {layout.word} words, got {out.size} {out.dtype}")
+    words = None if planes_only else (out if out is not None else np.empty(encoded.numel, dtype=layout.word))
     for t in _shard_tasks(encoded, exp, words)[lo:hi]:
         t()
     if planes_only:

@@ -35,9 +35,12 @@ class PlanChoice:
     source: str  # said in stats()["split"]["source"]
 
 
-def scheduler_config(config, budget: int, device: str | None) -> SchedulerConfig:
+def scheduler_config(
+    config, budget: int, device: str | None, pieces_in_place: bool = False
+) -> SchedulerConfig:
     """The scheduler's settings from an EngineConfig, a budget in bytes and the executor's device (None:
-    not known here, the stages were placed elsewhere: planned as for a CPU)."""
+    not known here, the stages were placed elsewhere: planned as for a CPU). ``pieces_in_place``: the
+    backend's lanes decode an expert's pieces into one shared buffer (see Backend.pieces_in_place)."""
     accel = (device or "cpu") != "cpu"
     rod = config.recombine_on_device
     return SchedulerConfig(
@@ -47,9 +50,10 @@ def scheduler_config(config, budget: int, device: str | None) -> SchedulerConfig
         decay=config.decay,
         recombine_on_device=bool(rod) if rod is not None else accel,
         keep_full_payload=not accel,
-        # Spreading one expert's decode over lanes pays when pieces go straight to an accelerator; for a
-        # CPU executor the pieces must be copied together, which measured slower here (docs/architecture.md).
-        decode_parts=None if accel else 1,
+        # An expert's decode is spread over lanes when the pieces cost no copy: they go straight to an
+        # accelerator, or the lanes share the executor's memory (the local backend decodes them in place);
+        # a CPU executor behind Ray would have to copy the pieces together (docs/architecture.md).
+        decode_parts=None if (accel or pieces_in_place) else 1,
     )
 
 
@@ -84,4 +88,7 @@ def choose_split(
             f"the plan names experts {unknown[:3]} that this store does not have; plan for this store"
         )
     log.info("cache plan (%s): %s", source, p.counts())
-    return PlanChoice(replace(base, split=p.split_rule(layout.sizes), prior=p.access), p, source)
+    config = replace(base, split=p.split_rule(layout.sizes), prior=p.access)
+    if p.decay is not None and config.popularity == "lfu":
+        config = replace(config, decay=p.decay)  # the popularity memory the plan was chosen with
+    return PlanChoice(config, p, source)

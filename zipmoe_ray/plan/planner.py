@@ -28,14 +28,14 @@ from typing import Any
 from ..cache.forms import Form, Key
 from ..cache.split import SplitRule
 from ..errors import BudgetError, ConfigError
-from ..schedule import CostModel, Task, plan_layer
+from ..schedule import CostModel, Task, pieces_for, plan_layer
 from .workload import Workload
 
 __all__ = ["PLAN_FORMAT", "Plan", "expected_makespan", "make_plan"]
 
 PLAN_FORMAT = "zipmoe-plan/1"
 UPGRADES = (Form.SM, Form.COMPRESSED, Form.FULL)  # cheapest first
-EVALUATE_TOP = 4  # planned candidates an evaluator re-scores (with every single-form cache)
+EVALUATE_TOP = 3  # planned candidates an evaluator re-scores (with every single-form cache)
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Plan:
     access: dict[Key, float] = field(default_factory=dict)
     scope: str = "global"
     device: str = ""
+    decay: float | None = None  # popularity decay per step the cache should run with (None: the config's)
 
     def held(self, sizes) -> dict[Form, int]:
         out = {Form.FULL: 0, Form.COMPRESSED: 0, Form.SM: 0}
@@ -86,6 +87,7 @@ class Plan:
             "experts_per_form": self.counts(),
             "forms": [[layer, e, f.label] for (layer, e), f in sorted(self.forms.items()) if f != Form.DISK],
             "access": [[layer, e, p] for (layer, e), p in sorted(self.access.items()) if p > 0],
+            "decay": self.decay,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -106,6 +108,7 @@ class Plan:
             access={(int(layer), int(e)): float(p) for layer, e, p in d.get("access", [])},
             scope=d.get("scope", "global"),
             device=d.get("device", ""),
+            decay=float(d["decay"]) if d.get("decay") is not None else None,
         )
 
     @classmethod
@@ -128,7 +131,7 @@ def expected_makespan(
     costs: CostModel,
     workers: int,
     on_device: bool = False,
-    max_steps: int = 300,
+    max_steps: int = 150,
 ) -> float:
     """Mean over the workload's steps of the sum over layers of the layer scheduler's makespan, with each
     expert held in ``forms`` (static placement)."""
@@ -146,11 +149,11 @@ def expected_makespan(
                 if f == Form.FULL:
                     continue
                 s = w.sizes[k]
-                # decodes are cut into shard pieces only for an accelerator, as the engine does (decode_parts)
-                parts = s.shards if on_device else 1
-                tasks.append(Task(k, costs.io_time(s, f), costs.cpu_time(s, f, on_device), t, parts=parts))
+                tasks.append((k, costs.io_time(s, f), costs.cpu_time(s, f, on_device), t, s.shards))
             if tasks:
-                total += plan_layer(tasks, workers).makespan
+                # decodes are cut into shard pieces only for an accelerator, as the engine does (decode_parts)
+                n = pieces_for(len(tasks), workers, min(x[4] for x in tasks)) if on_device else 1
+                total += plan_layer([Task(k, a, b, t, parts=n) for k, a, b, t, _ in tasks], workers).makespan
     return total / len(steps)
 
 
@@ -162,11 +165,13 @@ def _greedy(
     workers: int,
     allowed,
     start: dict[Key, Form] | None = None,
+    pieces: int = 1,
 ) -> dict[Key, Form]:
     """Greedy upgrades by objective decrease per byte (see the module docstring). Per layer the objective
-    is max(A, B / min(W, n)) + 0.3 min(A, B / min(W, n)) + q * b: expected read time A, decode time B
-    spread over at most as many lanes as there are decodes (n expected non-FULL active experts), plus the
-    decode that follows the last read (q: probability that any non-FULL expert is active, b: one decode).
+    is max(A, B / min(W, n P)) + 0.3 min(A, B / min(W, n P)) + q * b / P: expected read time A, decode
+    time B spread over at most as many lanes as there are pieces to decode (n expected non-FULL active
+    experts, each cut into up to P pieces), plus the decode that follows the last read (q: probability that
+    any non-FULL expert is active, b: one decode, over P lanes).
     ``io`` and ``cpu``: per form, per expert, its read and decode seconds (_task_costs)."""
     p = w.access
     forms = dict(start) if start else {k: Form.DISK for k in w.sizes}
@@ -186,8 +191,8 @@ def _greedy(
         bdec[k[0]] = max(bdec[k[0]], cpu[Form.DISK][k])
 
     def J(layer: int, a: float, b: float, n: float, logq: float) -> float:
-        x, y = a, b / min(workers, max(1.0, n))
-        return max(x, y) + 0.3 * min(x, y) + (1 - math.exp(logq)) * bdec[layer]
+        x, y = a, b / min(workers, max(1.0, n) * pieces)
+        return max(x, y) + 0.3 * min(x, y) + (1 - math.exp(logq)) * bdec[layer] / pieces
 
     def moved(k: Key, target: Form):
         f = forms[k]
@@ -281,9 +286,11 @@ def make_plan(
     # cache given to the most popular experts in full form, and fill the rest greedily.
     io, cpu = _task_costs(w, costs, on_device)
     lower = tuple(f for f in UPGRADES if f != Form.FULL)
+    shards = min((s.shards for s in w.sizes.values()), default=1)
+    pieces = max(1, min(shards, workers)) if on_device else 1  # lanes one expert's decode can spread over
     for share in (0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0):
         start = _single_form(w, int(cache * share), Form.FULL) if share else None
-        forms = _greedy(w, cache, io, cpu, workers, lower, start=start)
+        forms = _greedy(w, cache, io, cpu, workers, lower, start=start, pieces=pieces)
         cands[f"planned-full{round(share * 100)}"] = forms
     for f in UPGRADES:
         cands[f"{f.label}-only"] = _single_form(w, cache, f)

@@ -8,9 +8,11 @@ number of experts active per step (top-k at batch 1, more at larger batches).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 from ..cache.forms import ExpertSizes, Key
+from ..codec import auto_shards
 from ..trace.counts import CountTrace
 from ..trace.recorded import RecordedTrace
 
@@ -22,10 +24,11 @@ Step = list[list[tuple[int, int]]]  # [layer position] -> [(expert, tokens)]
 
 
 def estimated_sizes(expert_bytes: int, ratio: float = ESTIMATED_RATIO) -> ExpertSizes:
-    """Form sizes of a BF16 expert of ``expert_bytes`` without a store: SM = half, E = the rest of ``ratio``."""
+    """Form sizes of a BF16 expert of ``expert_bytes`` without a store: SM = half, E = the rest of ``ratio``;
+    exponent shards per tensor as ``zipmoe compress`` chooses them for its three tensors (gate, up, down)."""
     sm = expert_bytes // 2
     exp = int(expert_bytes * (ratio - 0.5))
-    return ExpertSizes(expert_bytes, sm + exp, exp, sm)
+    return ExpertSizes(expert_bytes, sm + exp, exp, sm, shards=auto_shards(expert_bytes // 2 // 3))
 
 
 @dataclass
@@ -46,13 +49,14 @@ class Workload:
 
     def _estimate_access(self) -> None:
         n = max(1, len(self.steps))
-        seen: dict[Key, int] = {}
+        per_layer = [Counter() for _ in self.layers]
         for step in self.steps:
-            for pos, picks in enumerate(step):
-                layer = self.layers[pos]
-                for e, _ in picks:
-                    seen[(layer, e)] = seen.get((layer, e), 0) + 1
-        self.access = {k: seen.get(k, 0) / n for k in self.sizes}
+            for seen, picks in zip(per_layer, step):
+                seen.update(e for e, _ in picks)
+        self.access = {k: 0.0 for k in self.sizes}
+        for layer, seen in zip(self.layers, per_layer):
+            for e, c in seen.items():
+                self.access[(layer, e)] = c / n
 
     @property
     def expert_bytes(self) -> int:

@@ -1,7 +1,7 @@
 """Scheduling a layer's expert fetches over the I/O lane and the decode lanes (plain classes, no Ray)."""
 
 from .costs import CostModel, measure_decode, measure_read
-from .layer_schedule import LayerPlan, Piece, Task, makespan_of, plan_layer
+from .layer_schedule import LayerPlan, Piece, Task, makespan_of, pieces_for, plan_layer
 
 __all__ = [
     "CostModel",
@@ -11,5 +11,6 @@ __all__ = [
     "makespan_of",
     "measure_decode",
     "measure_read",
+    "pieces_for",
     "plan_layer",
 ]

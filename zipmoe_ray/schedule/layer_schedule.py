@@ -15,28 +15,36 @@ Algorithm (``plan_layer``):
      piece is ready. An expert's decode is cut into ``parts`` pieces (its exponent shards are independent,
      so up to K lanes can decode one expert at once): the expert after the last read is then decoded by
      several lanes instead of one. CPU-only tasks (COMPRESSED hits) are ready at t = 0 and fill the gaps
-     while reads run, so the I/O lane and the decode lanes finish together.
+     while reads run, so the I/O lane and the decode lanes finish together. ``pieces_for`` chooses how
+     many pieces: the fewest that let every lane work (a layer with fewer decodes than lanes), not more,
+     since each piece is one more task to submit and deliver. Among lanes free at once, the caller's
+     preference order decides (the scheduler puts the least loaded first, so lanes share a run evenly).
 
-Guarantee: makespan <= (3 - 1/W) * OPT. Proof (with pieces as tasks; cutting decodes into pieces can only
-lower OPT, so the bound also holds against the optimum of uncut tasks): OPT >= A := sum_j a_j (one I/O
-lane), OPT >= sum_j b_j / W (W decode lanes), OPT >= max_j b_j. Let k be the task that finishes last and s_k its start. All reads end by
-A, so every task is ready from A on; in [A, s_k) no lane idles while k waits, so those lanes work on other
-tasks: s_k - A <= (sum_j b_j - b_k) / W. Hence C_max = s_k + b_k <= A + sum_j b_j / W + (1 - 1/W) b_k
+Guarantee: makespan <= (3 - 1/W) * OPT, OPT the optimum of the same pieces. Proof (pieces as tasks, b_j a
+piece's decode; cutting decodes into pieces can only lower OPT, so the bound also holds against the optimum
+of uncut tasks): OPT >= A := sum_j a_j (one I/O lane), OPT >= sum_j b_j / W (W decode lanes), OPT >=
+max_j b_j. Let k be the piece that finishes last and s_k its start. All reads end by A, so every piece is
+ready from A on; in [A, s_k) no lane idles while k waits, so those lanes work on other pieces:
+s_k - A <= (sum_j b_j - b_k) / W. Hence C_max = s_k + b_k <= A + sum_j b_j / W + (1 - 1/W) b_k
 <= (3 - 1/W) OPT. The bound needs only that the I/O lane never idles and the decode lanes are non-delay,
 so it holds for any priority order; the orders above are what make the typical case close to OPT
-(tests/test_layer_schedule.py compares against brute-force optima on random instances).
+(tests/unit/test_layer_schedule.py compares against brute-force optima on random instances, with and
+without pieces).
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-__all__ = ["LayerPlan", "Piece", "Task", "makespan_of", "plan_layer"]
+__all__ = ["LayerPlan", "Piece", "Task", "makespan_of", "pieces_for", "plan_layer"]
 
 
-@dataclass(frozen=True)
-class Task:
+class Task(NamedTuple):
+    """One missing expert of a layer (a tuple: made for every miss, so it must be cheap to make)."""
+
     key: tuple[int, int]
     io: float  # seconds on the I/O lane (0: no read)
     cpu: float  # seconds on a decode lane (0: no decode), for the whole expert
@@ -45,23 +53,31 @@ class Task:
     parts: int = 1  # pieces the decode may be cut into (<= its shards)
 
 
-@dataclass(frozen=True)
 class Piece:
-    task: Task
-    index: int  # 0..count-1
-    count: int
+    """One lane's share of a task's decode: the ``index``-th of ``count`` pieces (whole exponent shards)."""
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.task.key
+    __slots__ = ("count", "cpu", "index", "key", "task", "tokens")
 
-    @property
-    def cpu(self) -> float:
-        return self.task.cpu / self.count
+    def __init__(self, task: Task, index: int, count: int):
+        self.task = task
+        self.index = index  # 0..count-1
+        self.count = count
+        self.key = task.key
+        self.cpu = task.cpu / count
+        self.tokens = task.tokens
 
-    @property
-    def tokens(self) -> int:
-        return self.task.tokens
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Piece) and (self.task, self.index, self.count) == (
+            other.task,
+            other.index,
+            other.count,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.index, self.count))
+
+    def __repr__(self) -> str:
+        return f"Piece({self.key}, {self.index}/{self.count})"
 
 
 @dataclass
@@ -86,51 +102,109 @@ class LayerPlan:
         return [sum(t.cpu for t in lane) for lane in self.lanes]
 
 
-def _io_order(tasks: list[Task]) -> list[Task]:
-    reads = [t for t in tasks if t.io > 0]
-    first = sorted((t for t in reads if t.io <= t.cpu), key=lambda t: (t.io, -t.tokens))
-    second = sorted((t for t in reads if t.io > t.cpu), key=lambda t: (-t.cpu, -t.tokens))
-    return first + second
+def pieces_for(decodes: int, workers: int, shards: int = 1) -> int:
+    """How many pieces to cut each of a layer's ``decodes`` into so that ``workers`` lanes finish soonest:
+    the fewest n (<= ``shards``, <= ``workers``) minimising ceil(decodes * n / workers) / n, the makespan in
+    whole decodes of equal pieces dealt over the lanes. 6 decodes on 10 lanes: 5 pieces each (0.6, the
+    ideal); 3 on 10: 3 each (0.33 against 0.3); 10 or more: whole experts."""
+    if decodes < 1 or workers <= decodes:
+        return 1
+    best, best_n = 1.0, 1
+    for n in range(2, min(shards, workers) + 1):
+        span = -(-decodes * n // workers) / n
+        if span < best - 1e-12:
+            best, best_n = span, n
+    return best_n
 
 
-def plan_layer(tasks: list[Task], workers: int) -> LayerPlan:
-    """Plan one layer (see the module docstring). Deterministic; O(n log n) in pieces."""
+def plan_layer(tasks: list[Task], workers: int, lanes: list[int] | None = None) -> LayerPlan:
+    """Plan one layer (see the module docstring). Deterministic; O(p log p) in pieces, and O(p) for a
+    layer shaped like one planned before (same costs, tokens, pieces and order of keys: the plan is kept
+    in terms of task positions and lane ranks). ``lanes``: the lanes in order of preference when several
+    are free (default 0..workers-1; the scheduler passes the least loaded first, so that over a run every
+    lane gets its share)."""
     if workers < 1:
         raise ValueError("workers must be >= 1")
-    order = _io_order(tasks)
-    plan = LayerPlan(io_order=order, lanes=[[] for _ in range(workers)])
-    t = 0.0
-    for task in order:
-        t += task.io
-        plan.io_end[task.key] = t
-    ready_at = {task.key: plan.io_end.get(task.key, 0.0) for task in tasks}
-    waiting: list[Piece] = []
-    for task in tasks:
-        if task.cpu <= 0:  # tasks needing no decode are done when read
-            plan.start[task.key] = plan.finish[task.key] = ready_at[task.key]
-            plan.lane_of[task.key] = -1
-            continue
-        n = max(1, min(task.parts, workers))
-        waiting += [Piece(task, i, n) for i in range(n)]
-    waiting.sort(key=lambda x: (ready_at[x.key], -x.tokens))
-    lanes = [(0.0, i) for i in range(workers)]  # (free at, lane)
-    heapq.heapify(lanes)
-    while waiting:
-        free, lane = heapq.heappop(lanes)
-        ready = [x for x in waiting if ready_at[x.key] <= free + 1e-12]
-        if not ready:  # idle until the next piece is ready
-            free = min(ready_at[x.key] for x in waiting)
-            ready = [x for x in waiting if ready_at[x.key] <= free + 1e-12]
-        pick = min(ready, key=lambda x: (-x.tokens, ready_at[x.key], x.key, x.index))
-        waiting.remove(pick)
-        start = max(free, ready_at[pick.key])
-        end = start + pick.cpu
-        plan.start[pick.key] = min(plan.start.get(pick.key, start), start)
-        plan.finish[pick.key] = max(plan.finish.get(pick.key, 0.0), end)
-        plan.lane_of[pick.key] = lane
-        plan.lanes[lane].append(pick)
-        heapq.heappush(lanes, (end, lane))
+    n = len(tasks)
+    order = sorted(range(n), key=lambda i: tasks[i].key)
+    ranks = [0] * n
+    for r, i in enumerate(order):
+        ranks[i] = r
+    shape = (workers, tuple((t.io, t.cpu, t.tokens, t.parts, r) for t, r in zip(tasks, ranks)))
+    io_idx, io_ends, lane_plan, spans = _planned(shape)
+    prefer = lanes if lanes is not None else list(range(workers))
+    plan = LayerPlan(io_order=[tasks[i] for i in io_idx], lanes=[[] for _ in range(workers)])
+    for i, end in zip(io_idx, io_ends):
+        plan.io_end[tasks[i].key] = end
+    for rank, entries in enumerate(lane_plan):
+        plan.lanes[prefer[rank]] = [Piece(tasks[i], index, count) for i, index, count in entries]
+    start, finish, lane_of = plan.start, plan.finish, plan.lane_of
+    for i, (begin, end, rank) in enumerate(spans):
+        key = tasks[i].key
+        start[key], finish[key] = begin, end
+        lane_of[key] = prefer[rank] if rank >= 0 else -1
     return plan
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned(shape):
+    """The plan of a layer's shape (see plan_layer) in positions: I/O order and each read's end, per lane
+    rank its (task, piece, count) in order, per task (start, finish, lane rank or -1)."""
+    workers, tasks = shape
+    reads = [i for i, t in enumerate(tasks) if t[0] > 0]
+    first = sorted(
+        (i for i in reads if tasks[i][0] <= tasks[i][1]), key=lambda i: (tasks[i][0], -tasks[i][2])
+    )
+    second = sorted(
+        (i for i in reads if tasks[i][0] > tasks[i][1]), key=lambda i: (-tasks[i][1], -tasks[i][2])
+    )
+    io_idx = first + second
+    io_end, t = {}, 0.0
+    for i in io_idx:
+        t += tasks[i][0]
+        io_end[i] = t
+    spans: list = [None] * len(tasks)
+    arrivals = []  # (ready at, -tokens, key rank, task): pieces of a task become ready together
+    for i, (_, cpu, tokens, _, rank) in enumerate(tasks):
+        ready = io_end.get(i, 0.0)
+        if cpu <= 0:  # tasks needing no decode are done when read
+            spans[i] = (ready, ready, -1)
+            continue
+        arrivals.append((ready, -tokens, rank, i))
+    arrivals.sort()
+    ready_pieces: list = []  # (-tokens, ready at, key rank, index, task, count): the docstring's pick order
+    nxt = 0
+    free_at = [(0.0, rank) for rank in range(workers)]  # (free at, lane rank): already a heap
+    lane_plan: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+    begin_of: dict[int, float] = {}
+    end_of: dict[int, float] = {}
+    lane_at: dict[int, int] = {}
+    left = sum(max(1, min(tasks[a[3]][3], workers)) for a in arrivals)
+    push, pop = heapq.heappush, heapq.heappop
+    while left:
+        free, rank = pop(free_at)
+        if not ready_pieces and arrivals[nxt][0] > free + 1e-12:
+            free = arrivals[nxt][0]  # idle until the next piece is ready
+        while nxt < len(arrivals) and arrivals[nxt][0] <= free + 1e-12:
+            ready, neg_tokens, krank, i = arrivals[nxt]
+            count = max(1, min(tasks[i][3], workers))
+            for index in range(count):
+                push(ready_pieces, (neg_tokens, ready, krank, index, i, count))
+            nxt += 1
+        _, ready, _, index, i, count = pop(ready_pieces)
+        left -= 1
+        begin = free if free > ready else ready
+        end = begin + tasks[i][1] / count
+        if i not in begin_of or begin < begin_of[i]:
+            begin_of[i] = begin
+        if end > end_of.get(i, 0.0):
+            end_of[i] = end
+        lane_at[i] = rank
+        lane_plan[rank].append((i, index, count))
+        push(free_at, (end, rank))
+    for i in begin_of:
+        spans[i] = (begin_of[i], end_of[i], lane_at[i])
+    return io_idx, [io_end[i] for i in io_idx], lane_plan, spans
 
 
 def makespan_of(io_order: list[Task], lanes: list[list[Task | Piece]]) -> float:

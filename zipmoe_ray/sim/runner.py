@@ -92,8 +92,30 @@ class SimRunner:
         )
         if part is not None:
             dt /= part[1]
-        h = self._lane(lane, max(ready_time(exp), ready_time(sm)), dt)
+        a = exp.ready if type(exp) is SimHandle else ready_time(exp)
+        b = sm.ready if type(sm) is SimHandle else ready_time(sm)
+        h = self._lane(lane, a if a > b else b, dt)
         return SimHandle(h.ready + self.delivery_overhead)
+
+    def decode_lane(self, lane, jobs):
+        costs, sizes, overhead = self.costs, self.sizes, self.delivery_overhead
+        free = max(self.lane_free[lane], self.now)
+        busy, out = 0.0, []
+        for key, exp, sm, planes_only, part in jobs:
+            dt = sizes[key].full / (
+                costs.decompress_bps if (planes_only or self.on_device) else costs.decode_bps
+            )
+            if part is not None:
+                dt /= part[1]
+            a = exp.ready if type(exp) is SimHandle else ready_time(exp)
+            b = sm.ready if type(sm) is SimHandle else ready_time(sm)
+            start = max(free, a, b)
+            free = start + dt
+            busy += dt
+            out.append(SimHandle(free + overhead))
+        self.lane_free[lane] = free
+        self.cpu_busy[lane] += busy
+        return out
 
     def derive(self, lane, key, words, part):
         s = self.sizes[key]

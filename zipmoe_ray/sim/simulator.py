@@ -17,18 +17,20 @@ Policies:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..cache.forms import ExpertSizes, Form
 from ..cache.layout import ModelLayout
+from ..cache.popularity import DEFAULT_DECAY
 from ..cache.split import SplitRule
 from ..errors import ConfigError
 from ..runtime.budget import minimum_budget
 from ..stages.scheduler import Scheduler, SchedulerConfig
 from .bound import executor_rates, lower_bound
-from .runner import SimRunner, ready_time
+from .runner import SimHandle, SimRunner, ready_time
 
 __all__ = [
     "SIM_POLICIES",
@@ -73,8 +75,16 @@ def _raw_sizes(sizes: dict) -> dict:
     return {k: ExpertSizes(s.full, s.full, 0, s.full, raw_codec=True) for k, s in sizes.items()}
 
 
+WARM_STEPS = 1000  # steps replayed unmeasured before a warm-started measurement: enough to fill any cache
+EVALUATE_STEPS = 120  # steps of the workload the planner's candidates are replayed on
+DECAYS = (DEFAULT_DECAY, 0.999)  # popularity memories the plan chooses between (short: locality; long: IRM)
+
+
 def choose_plan(workload, budget, profile, reserve):
-    """The planner's plan, its shortlist re-scored by replaying the start of the workload in the simulator."""
+    """The planner's plan, its shortlist re-scored by replaying the start of the workload in the simulator,
+    then the popularity memory (decay per step) that replays best with it: a long one for workloads
+    drawn independently step by step (count traces), where the long-run frequency ranks experts best, a
+    short one where consecutive steps reuse experts."""
     from ..plan.planner import Plan, make_plan
     from ..plan.workload import Workload
 
@@ -83,19 +93,19 @@ def choose_plan(workload, budget, profile, reserve):
         workload.num_experts,
         workload.top_k,
         workload.sizes,
-        workload.steps[: min(len(workload.steps), 160)],
+        workload.steps[: min(len(workload.steps), EVALUATE_STEPS)],
         workload.batch,
         workload.non_expert_bytes_per_layer,
         access=workload.access,
         recorded=workload.recorded,
     )
 
-    def evaluate(forms) -> float:
-        trial = Plan(budget, reserve, forms, 0.0, "trial", access=workload.access)
+    def evaluate(forms, decay=None) -> float:
+        trial = Plan(budget, reserve, forms, 0.0, "trial", access=workload.access, decay=decay)
         return simulate(head, budget, profile, "zipmoe", plan=trial, bound=False).tpot_s
 
     costs = profile.costs()
-    return make_plan(
+    plan = make_plan(
         workload,
         budget,
         costs,
@@ -105,6 +115,12 @@ def choose_plan(workload, budget, profile, reserve):
         device=profile.name,
         evaluator=evaluate,
     )
+    scores = {DEFAULT_DECAY: plan.expected_makespan_s}
+    for decay in DECAYS[1:]:
+        scores[decay] = evaluate(plan.forms, decay)
+    plan.decay = min(scores, key=lambda d: (scores[d], d != DEFAULT_DECAY))
+    plan.expected_makespan_s = scores[plan.decay]
+    return plan
 
 
 @dataclass
@@ -121,11 +137,15 @@ class PolicySetup:
     non_token_s: float
 
 
-def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan_budget=None) -> PolicySetup:
+def policy_setup(
+    workload, policy: str, budget: int, profile, *, plan=None, plan_budget=None, decay: float | None = None
+) -> PolicySetup:
     """Sizes, scheduler config and executor rates of ``policy`` with ``budget`` bytes (per device); a zipmoe
-    plan is made for ``plan_budget`` (a cluster's total; default ``budget``) unless ``plan`` is given."""
+    plan is made for ``plan_budget`` (a cluster's total; default ``budget``) unless ``plan`` is given.
+    ``decay``: the LFU popularity decay to run with (default: the plan's for zipmoe, else the default)."""
     if policy not in SIM_POLICIES:
         raise ConfigError(f"policy {policy!r} is not one of {', '.join(SIM_POLICIES)}")
+    decay_override = decay
     raw = policy.startswith("full-")  # classic offloading: full BF16 only, uncompressed reads
     sizes = _raw_sizes(workload.sizes) if raw else dict(workload.sizes)
     on_device = profile.recombine_on_device
@@ -135,12 +155,16 @@ def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan
             reserve = minimum_budget(sizes, workload.top_k)
             plan = choose_plan(workload, plan_budget or budget, profile, reserve)
         split, prior = plan.split_rule(sizes), plan.access
+        decay = plan.decay if plan.decay is not None else DEFAULT_DECAY
     else:
-        plan, split = None, SplitRule.for_policy("full-only" if raw else policy)
+        plan, split, decay = None, SplitRule.for_policy("full-only" if raw else policy), DEFAULT_DECAY
+    if decay_override is not None:
+        decay = decay_override
     config = SchedulerConfig(
         budget=budget,
         split=split,
         popularity="lru" if policy == "full-lru" else "lfu",
+        decay=decay,
         recombine_on_device=on_device,
         keep_full_payload=False,
         prior=prior,
@@ -148,6 +172,15 @@ def policy_setup(workload, policy: str, budget: int, profile, *, plan=None, plan
     )
     return PolicySetup(
         sizes, ModelLayout(sizes, workload.top_k, raw), config, plan, *executor_rates(workload, profile)
+    )
+
+
+def _ready(d) -> float:
+    """When a delivery is usable: its handle's time, or its last piece's."""
+    if d.parts is None:
+        return d.handle.ready if type(d.handle) is SimHandle else ready_time(d.handle)
+    return (
+        max(h.ready for h in d.parts) if all(type(h) is SimHandle for h in d.parts) else ready_time(d.parts)
     )
 
 
@@ -185,7 +218,7 @@ def executor_layer(
         resp = sched.request(layer, pending, hits if first_call else [], released)
         released = []
         t_exec = max(t_exec, t_call)
-        ready = {d.expert: ready_time(d.parts or d.handle) for d in resp.deliveries}
+        ready = {d.expert: _ready(d) for d in resp.deliveries}
         for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
             dt = sizes[(layer, d.expert)].full / exec_bps
             t_exec = max(t_exec, ready[d.expert]) + dt
@@ -205,25 +238,37 @@ def simulate(
     warm_start: bool = True,
     measure_from: int = 0,
     bound: bool = True,
+    progress=None,
+    decay: float | None = None,
 ) -> SimResult:
     """Replay ``workload`` (plan.workload.Workload; its steps are the decode steps, its batch the batch size)
-        under ``policy`` with ``budget`` bytes on ``profile``. With ``warm_start`` the steps are first replayed
-        once unmeasured, so that every policy is measured in steady state, not on cold misses; without it, steps
-    before ``measure_from`` warm the cache and are not measured (replaying a recorded warm-up). ``bound=False``
-    skips the lower bounds (NaN; the planner's trial replays do not need them). Blocks."""
-    ps = policy_setup(workload, policy, budget, profile, plan=plan)
+    under ``policy`` with ``budget`` bytes on ``profile``. With ``warm_start`` the first ``WARM_STEPS``
+    steps (all of a shorter workload) are first replayed unmeasured, so that every policy is measured in
+    steady state, not on cold misses; without it, steps before ``measure_from`` warm the cache and are not
+    measured (replaying a recorded warm-up). ``bound=False`` skips the lower bounds (NaN; the planner's
+    trial replays do not need them). ``progress`` (store.Progress: ``start(total, 0)``, ``advance(n, 0)``)
+    hears of every replayed step. ``decay`` overrides the LFU popularity decay (see policy_setup). Blocks."""
+    ps = policy_setup(workload, policy, budget, profile, plan=plan, decay=decay)
     sizes, split, plan = ps.sizes, ps.config.split, ps.plan
     costs = profile.costs()
     runner = SimRunner.on_profile(sizes, profile, costs)
     sched = Scheduler(ps.layout, ps.config, runner, costs)
     exec_bps, non_layer, non_token = ps.exec_bps, ps.non_layer_s, ps.non_token_s
-    first = len(workload.steps) if warm_start else measure_from
+    if warm_start:
+        warm, measured = workload.steps[:WARM_STEPS], workload.steps
+    else:
+        warm, measured = workload.steps[:measure_from], workload.steps[measure_from:]
+    first = len(warm)
+    if progress is not None:
+        progress.start(len(warm) + len(measured), 0)
     t = 0.0
     step_times: list[float] = []
     released: list = []
     notes: list = []
     marks = None
-    for i, step in enumerate([*workload.steps, *workload.steps] if warm_start else workload.steps):
+    for i, step in enumerate(itertools.chain(warm, measured)):
+        if progress is not None and i % 100 == 99:
+            progress.advance(100, 0)
         if i == first:
             sched.reset_stats()
             marks = (t, runner.io_busy, list(runner.cpu_busy), runner.bytes_read)
@@ -244,7 +289,6 @@ def simulate(
         raise ConfigError("the workload has no steps to simulate")
     elapsed = t - marks[0] or 1e-12
     st = sched.stats()
-    measured = workload.steps[0 if warm_start else measure_from :]
     lb = (
         lower_bound(workload, budget, profile, measured, recorded=getattr(workload, "recorded", False))
         if bound

@@ -68,18 +68,21 @@ class Decompressor:
         sm: np.ndarray | None = None,
         planes_only: bool = False,
         part: tuple[int, int] | None = None,
+        out: np.ndarray | None = None,
     ):
         """Verify and decode one expert; returns the flat weights as unsigned words (or the planes).
 
         With ``part=(i, n)``: only the i-th of n pieces of every tensor's exponent shards, returned as a
         list of ``(flat_offset, words)`` (or ``(flat_offset, exponent_bytes, raw_bytes)`` with
         ``planes_only``) for the executor to place; only the chunks of that piece are checksummed and
-        decoded, so n workers decode one expert in parallel."""
+        decoded, so n workers decode one expert in parallel. With ``out`` (the expert's flat words, shared
+        by the workers of one process) a piece is written in place and ``out`` is returned: no copy."""
         t0 = time.monotonic()
         rec = self.store.record(layer, expert)
         encs = self._encoded(layer, expert, extent, exp, sm)
         if part is not None:
-            return self._decode_part(rec, encs, part, planes_only, t0)
+            pieces = self._decode_part(rec, encs, part, planes_only, t0, out)
+            return out if out is not None else pieces
         for t, enc in zip(rec.tensors, encs):
             enc.verify(rec.label(t.name))
         try:
@@ -104,7 +107,7 @@ class Decompressor:
         self._account(t0, rec.original_bytes)
         return out
 
-    def _decode_part(self, rec, encs, part, planes_only, t0):
+    def _decode_part(self, rec, encs, part, planes_only, t0, into=None):
         i, n = part
         out, pos, nbytes = [], 0, 0
         try:
@@ -118,7 +121,8 @@ class Decompressor:
                             enc.verify(label)  # raises the precise ChecksumError
                     if i == 0 and crc32(enc.raw) != enc.raw_crc32:
                         enc.verify(label)
-                    first, *data = decode_shards(enc, lo, hi, planes_only=planes_only)
+                    view = into[pos : pos + t.numel] if into is not None else None
+                    first, *data = decode_shards(enc, lo, hi, planes_only=planes_only, out=view)
                     out.append((pos + first, *data))
                     nbytes += (data[0].size) * self.layout.itemsize
                 pos += t.numel

@@ -70,6 +70,11 @@ class TaskRunner(Protocol):
         weights, or with ``part=(i, n)`` the i-th of n pieces (see Decompressor.decode)."""
         ...
 
+    def decode_lane(self, lane: int, jobs: list[tuple]) -> list[Any]:
+        """``decode`` for each of ``jobs`` ((key, exp, sm, planes_only, part), in order) on ``lane``: one
+        call for a layer's pieces on one lane; their handles, in order."""
+        ...
+
     def derive(self, lane: int, key: Key, words: Any, part: str) -> Any:
         """Rebuild an expert's SM region (``raw``) or whole extent (``all``) from its decoded weights."""
         ...

@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cache import ExpertCache, ExpertSizes, Form, Key, ModelLayout, Popularity, SplitRule
+from ..cache import ExpertCache, Form, Key, ModelLayout, Popularity, SplitRule
 from ..cache.popularity import DEFAULT_DECAY, DEFAULT_POPULARITY
 from ..errors import BudgetError
 from ..runtime.budget import minimum_budget
-from ..schedule import CostModel, Task, plan_layer
+from ..schedule import CostModel, Task, pieces_for, plan_layer
 from ..store import open_store
 from .protocol import Delivery, LayerResponse, TaskRunner
 
@@ -97,9 +97,7 @@ class Scheduler:
         )
         for key, p in (config.prior or {}).items():
             if key in self.cache.entries and p > 0:
-                self.cache.popularity.seed(
-                    key, p
-                )  # one step's worth of expected use: ranks experts until data arrives
+                self.cache.seed(key, p)  # one step's worth of expected use: ranks experts until data arrives
         self._flights: dict[Key, _Flight] = {}
         self._drops: list[Key] = []
         self._lock = threading.RLock()
@@ -160,9 +158,9 @@ class Scheduler:
     def _staging(self, key: Key, src: Form) -> tuple[int, int]:
         """(read buffer, decoded output) bytes in flight to make ``key`` usable from form ``src``."""
         s = self.sizes[key]
-        if self.raw_codec:
-            return 0, s.full  # the read buffer is the output
-        return {Form.COMPRESSED: 0, Form.SM: s.exp, Form.DISK: s.extent}[src], s.full
+        if self.raw_codec or src == Form.COMPRESSED:
+            return 0, s.full  # raw: the read buffer is the output
+        return (s.exp if src == Form.SM else s.extent), s.full
 
     def request(
         self,
@@ -230,60 +228,63 @@ class Scheduler:
         return LayerResponse(layer, deliveries, drops, deferred)
 
     def _dispatch(self, wave) -> list[Delivery]:
+        costs, sizes, entries = self.costs, self.sizes, self.cache.entries
+        planes = self.config.recombine_on_device
+        workers = self.runner.workers
+        decodes = 0 if self.raw_codec else len(wave)
+        parts = pieces_for(
+            decodes,
+            min(workers, self.config.decode_parts or workers),
+            min((sizes[k].shards for k, _, _ in wave), default=1),
+        )
         tasks = []
         for key, form, tokens in wave:
-            s = self.sizes[key]
+            s = sizes[key]
             tasks.append(
-                Task(
-                    key,
-                    self.costs.io_time(s, form),
-                    self.costs.cpu_time(s, form, self.config.recombine_on_device),
-                    tokens,
-                    tag=form,
-                    parts=self._parts(s),
-                )
+                Task(key, costs.io_time(s, form), costs.cpu_time(s, form, planes), tokens, form, parts)
             )
-        plan = plan_layer(tasks, self.runner.workers)
-        self.counters["planned_io_s"] += plan.io_busy
-        self.counters["planned_cpu_s"] += sum(plan.cpu_busy)
-        self.counters["planned_makespan_s"] += plan.makespan
-        for lane, busy in enumerate(plan.cpu_busy):
-            self._lane_load[lane] += busy
-        parts: dict[Key, tuple[Any, Any]] = {}  # (E region, SM region) handles per expert
+        lanes = sorted(range(workers), key=self._lane_load.__getitem__)  # least loaded first
+        plan = plan_layer(tasks, workers, lanes)
+        busy = plan.cpu_busy
+        c = self.counters
+        c["planned_io_s"] += plan.io_busy
+        c["planned_cpu_s"] += sum(busy)
+        c["planned_makespan_s"] += plan.makespan
+        for lane, b in enumerate(busy):
+            self._lane_load[lane] += b
+        regions: dict[Key, tuple[Any, Any]] = {}  # (E region, SM region) handles per expert
         for t in tasks:  # what is already in memory
             if t.tag == Form.COMPRESSED:
-                parts[t.key] = self.cache.entries[t.key].payload
+                regions[t.key] = entries[t.key].payload
             elif t.tag == Form.SM:
-                parts[t.key] = (None, self.cache.entries[t.key].payload)
+                regions[t.key] = (None, entries[t.key].payload)
+        runner = self.runner
         for t in plan.io_order:  # reads, in plan order
-            self.counters["bytes_read_planned"] += self.sizes[t.key].read(t.tag)
+            c["bytes_read_planned"] += sizes[t.key].read(t.tag)
             if self.raw_codec:
-                parts[t.key] = (None, self.runner.read(t.key, "all"))
+                regions[t.key] = (None, runner.read(t.key, "all"))
             elif t.tag == Form.SM:
-                parts[t.key] = (self.runner.read(t.key, "exp"), parts[t.key][1])
+                regions[t.key] = (runner.read(t.key, "exp"), regions[t.key][1])
             else:
-                parts[t.key] = self.runner.read_split(t.key)
+                regions[t.key] = runner.read_split(t.key)
         outputs: dict[Key, list[Any]] = {}
-        planes = self.config.recombine_on_device
         for lane, pieces in enumerate(plan.lanes):  # decodes, per lane in plan order
-            for piece in pieces:
-                exp, sm = parts[piece.key]
-                part = (piece.index, piece.count) if piece.count > 1 else None
-                h = self.runner.decode(lane, piece.key, exp, sm, planes, part)
-                outputs.setdefault(piece.key, [None] * piece.count)[piece.index] = h
+            if not pieces:
+                continue
+            jobs = [
+                (p.key, *regions[p.key], planes, (p.index, p.count) if p.count > 1 else None) for p in pieces
+            ]
+            for p, h in zip(pieces, runner.decode_lane(lane, jobs)):
+                outputs.setdefault(p.key, [None] * p.count)[p.index] = h
+        kind = self._kind()
         deliveries = []
         for t in tasks:
-            kind = self._kind()
-            handles = [parts[t.key][1]] if self.raw_codec else outputs[t.key]
-            final = self._admit(t.key, t.tag, parts[t.key], handles[0] if len(handles) == 1 else None)
+            handles = [regions[t.key][1]] if self.raw_codec else outputs[t.key]
+            one = len(handles) == 1
+            final = self._admit(t.key, t.tag, regions[t.key], handles[0] if one else None)
             deliveries.append(
                 Delivery(
-                    t.key[1],
-                    handles[0],
-                    kind,
-                    final == Form.FULL,
-                    t.tag.label,
-                    handles if len(handles) > 1 else None,
+                    t.key[1], handles[0], kind, final == Form.FULL, t.tag.label, None if one else handles
                 )
             )
         return deliveries
@@ -291,12 +292,6 @@ class Scheduler:
     def _kind(self) -> str:
         """What a fetched expert's output is (and a kept full payload therefore holds): see Delivery."""
         return "raw" if self.raw_codec else ("planes" if self.config.recombine_on_device else "words")
-
-    def _parts(self, s: ExpertSizes) -> int:
-        if self.raw_codec:
-            return 1
-        want = self.config.decode_parts or self.runner.workers
-        return max(1, min(want, s.shards, self.runner.workers))
 
     def _least_loaded_lane(self) -> int:
         return min(range(len(self._lane_load)), key=self._lane_load.__getitem__)

@@ -14,6 +14,7 @@ exactly and popularity (which expert, not only its rank) is kept; the order is r
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import ConfigError
 from .recorded import RecordedTrace, load_recorded
@@ -114,45 +117,41 @@ class CountTrace:
         """Draw decode steps (see the module docstring): yields, per step, [layer] -> [(expert, tokens)].
 
         With ``batch`` > 1, prompts are served ``batch`` at a time, each contributing one token per step
-        while it has counts left."""
-        rng = random.Random(seed)
+        while it has counts left. Each round draws one token of every prompt and every layer at once: the
+        top k of log(count) plus Gumbel noise are k distinct experts drawn without replacement in
+        proportion to the counts (the Gumbel-top-k identity), so the whole trace costs a few array
+        operations per round, not a loop per expert."""
+        if not self.counts:
+            return
+        rng = np.random.default_rng(seed)
         k = self.top_k
-        prompts = [[row[:] for row in p] for p in self.counts]
-        for start in range(0, len(prompts), batch):
-            group = prompts[start : start + batch]
-            while True:
-                step: list[dict[int, int]] = [dict() for _ in range(self.num_layers)]
-                alive = False
-                for p in group:
-                    for layer, row in enumerate(p):
-                        if sum(row) < 1:
-                            continue
-                        alive = True
-                        chosen = _draw_distinct(rng, row, k)
-                        for e in chosen:
-                            row[e] -= 1
-                            step[layer][e] = step[layer].get(e, 0) + 1
-                if not alive:
-                    break
-                yield [sorted(d.items()) for d in step]
-
-
-def _draw_distinct(rng: random.Random, row: list[int], k: int) -> list[int]:
-    """Up to k distinct experts drawn without replacement, weighted by their remaining counts."""
-    avail = [(e, c) for e, c in enumerate(row) if c > 0]
-    out = []
-    for _ in range(min(k, len(avail))):
-        total = sum(c for _, c in avail)
-        x = rng.random() * total
-        for i, (e, c) in enumerate(avail):
-            x -= c
-            if x < 0:
-                out.append(e)
-                avail.pop(i)
+        left = np.array(self.counts, dtype=np.int64)  # [prompt, layer, expert]
+        P, L, _ = left.shape
+        rounds = []  # per round: [prompt, layer, expert] drawn (0/1), and which prompts still had tokens
+        while True:
+            live = left > 0
+            alive = live.any(axis=2).any(axis=1)
+            if not alive.any():
                 break
-        else:  # floating-point edge
-            out.append(avail.pop()[0])
-    return out
+            with np.errstate(divide="ignore"):
+                keys = np.where(live, np.log(np.maximum(left, 1)), -np.inf) + rng.gumbel(size=left.shape)
+            top = np.argsort(-keys, axis=2, kind="stable")[:, :, :k]  # [prompt, layer, k]
+            drawn = np.zeros_like(live)
+            np.put_along_axis(drawn, top, True, axis=2)
+            drawn &= live  # a row with fewer than k experts left draws only those
+            left -= drawn
+            rounds.append((drawn.astype(np.int8), alive))
+        bounds = np.arange(L + 1)
+        for start in range(0, P, batch):
+            members = slice(start, start + batch)
+            for drawn, alive in rounds:
+                if not alive[members].any():
+                    continue
+                step = drawn[start] if batch == 1 else drawn[members].sum(axis=0)  # [layer, expert]
+                layers, experts = np.nonzero(step)
+                pairs = list(zip(experts.tolist(), step[layers, experts].tolist()))
+                cuts = np.searchsorted(layers, bounds).tolist()
+                yield [pairs[a:b] for a, b in itertools.pairwise(cuts)]
 
 
 def synth(
