@@ -33,6 +33,7 @@ import msgpack
 
 from ..codec.encoded import EncodedTensor, crc32
 from ..errors import FormatVersionError, StoreCorruptError
+from .schema import ALIGN, DATA_HEADER_SIZE, check_body
 
 __all__ = [
     "ALIGN",
@@ -60,8 +61,6 @@ MAGIC_DATA = b"ZMOEXPRT"
 INDEX_NAME = "zipmoe-index.msgpack"
 PARTIAL_DIR = ".zipmoe-partial"
 DENSE_VARIANT = "zipmoe-dense"  # transformers variant: model.zipmoe-dense.safetensors
-ALIGN = 4096
-DATA_HEADER_SIZE = 4096
 _HEADER_STRUCT = struct.Struct("<8sI16si")
 
 
@@ -81,6 +80,8 @@ def parse_data_header(buf: bytes, path: str) -> tuple[int, bytes, int]:
     magic, version, store_id, layer = _HEADER_STRUCT.unpack_from(buf)
     if magic != MAGIC_DATA:
         raise StoreCorruptError(f"{path}: not a zipmoe expert data file (bad magic)")
+    if len(buf) >= DATA_HEADER_SIZE and any(buf[_HEADER_STRUCT.size : DATA_HEADER_SIZE]):
+        raise StoreCorruptError(f"{path}: the header's padding is not zero (its bytes were altered)")
     return version, store_id, layer
 
 
@@ -314,6 +315,11 @@ def loads_index(data: bytes, path: str) -> StoreIndex:
     if not isinstance(body, bytes) or crc32(body) != outer.get("body_crc32"):
         raise StoreCorruptError(f"{path}: the store index fails its checksum; re-create the store")
     try:
-        return StoreIndex.unpack(msgpack.unpackb(body, raw=False))
-    except Exception as e:
+        d = msgpack.unpackb(body, raw=False)
+    except Exception:
+        raise StoreCorruptError(f"{path}: the store index body is not msgpack; re-create the store") from None
+    check_body(d, path)  # every field's type and range, every path confined: nothing unchecked is used
+    try:
+        return StoreIndex.unpack(d)
+    except Exception as e:  # pragma: no cover - check_body admits only what unpack can build
         raise StoreCorruptError(f"{path}: the store index is malformed ({e})") from None
