@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ZipMoEError
 from .engine_opts import add_engine_options, engine_kwargs
 
 __all__ = ["add_generate_commands", "stats_for_json"]
@@ -65,15 +65,59 @@ def stats_for_json(s: dict) -> dict:
     return s
 
 
+def _checked_prompts(args, prompts) -> list[list[int]]:
+    """The prompts as token ids, checked (vocabulary, context, sampling values, output paths) before any
+    engine starts: a mistake costs a second, not an engine start-up."""
+    from ..models.registry import get_arch
+    from ..runtime.request import check_sampling
+    from ..runtime.text import PromptText
+    from ..store import open_store
+    from ..store.durable import check_writable
+
+    sampling = {k: getattr(args, k, None) for k in ("seed", "temperature", "top_p", "top_k")}
+    check_sampling(args.max_new_tokens, do_sample=getattr(args, "do_sample", False), **sampling)
+    if getattr(args, "trace_out", None):
+        check_writable(args.trace_out, "trace (--trace-out)")
+    store = open_store(args.store_dir)
+    try:
+        causal = get_arch(store.model_type).family == "causal"
+        text = PromptText.for_store(args.store_dir, store.config(), causal)
+    finally:
+        store.close()
+    if prompts is None:
+        return []
+    ids, _ = text.encode(list(prompts))
+    text.check_length(ids, args.max_new_tokens)
+    return ids
+
+
+def _print_partial(args, e: ZipMoEError) -> None:
+    """What a failed generation had produced, printed rather than lost (the error follows on stderr)."""
+    outs = e.partial if isinstance(e.partial, list) else [e.partial]
+    if args.json:
+        doc = {"outputs": [{"token_ids": o.token_ids, "text": o.text} for o in outs], "error": str(e)}
+        print(json.dumps(doc, indent=2))
+        return
+    for o in outs:
+        print(o.text)
+    n = max(len(o.token_ids) for o in outs)
+    print(f"[the generation failed after {n} token(s); above is what it produced]", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     from ..engine import ZipMoEEngine
 
-    prompts = args.prompt if args.prompt else args.prompt_ids
+    prompts = _checked_prompts(args, args.prompt if args.prompt else args.prompt_ids)
     sampling = {k: getattr(args, k) for k in ("seed", "temperature", "top_p", "top_k")}
     with ZipMoEEngine(
         args.store_dir, trace_path=args.trace_out, plan=args.plan, **engine_kwargs(args)
     ) as engine:
-        outs = engine.generate(prompts, args.max_new_tokens, do_sample=args.do_sample, **sampling)
+        try:
+            outs = engine.generate(prompts, args.max_new_tokens, do_sample=args.do_sample, **sampling)
+        except ZipMoEError as e:
+            if e.partial is not None:
+                _print_partial(args, e)
+            raise
         stats = engine.stats()
     if args.json:
         doc = {
@@ -108,6 +152,7 @@ def cmd_chat(args) -> int:
     from ..engine import ZipMoEEngine
 
     interactive = sys.stdin.isatty()
+    _checked_prompts(args, None)
     with ZipMoEEngine(args.store_dir, **engine_kwargs(args)) as engine:
         tok = engine.tokenizer
         history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -126,9 +171,13 @@ def cmd_chat(args) -> int:
             if not ids:
                 raise ConfigError("the chat prompt tokenized to nothing")
             reply = []
-            for _, piece in engine.stream(list(ids), args.max_new_tokens):
-                reply.append(piece)
-                print(piece, end="", flush=True)
+            try:
+                for _, piece in engine.stream(list(ids), args.max_new_tokens):
+                    reply.append(piece)
+                    print(piece, end="", flush=True)
+            except ZipMoEError:
+                print(flush=True)  # the reply so far stays on screen; the error follows on stderr
+                raise
             print()
             history.append({"role": "assistant", "content": "".join(reply)})
         s = engine.stats()
