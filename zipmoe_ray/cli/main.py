@@ -2,13 +2,14 @@
 
 Errors a user can cause (ZipMoEError, and OSError from the paths they give) end the command with one line
 ``zipmoe COMMAND: error: ...`` and exit status 1; ``-v`` adds the traceback. SIGTERM and Ctrl-C end every
-command promptly, wherever it is (see signals.py): status 143 and 130.
+command promptly, wherever it is (see signals.py): status 143 and 130 (``-vv`` shows where it was).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -55,6 +56,9 @@ def _setup_logging(verbose: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray's driver prints a C stack dump ("*** SIGTERM received ...") for every SIGTERM: not a crash here,
+    # where SIGTERM is how a command is stopped (set RAY_DISABLE_FAILURE_SIGNAL_HANDLER=0 to keep it)
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             received = signals.wait_received(0.5 if isinstance(e, SystemExit) else 0.0)
         if isinstance(e, SystemExit) and received is None:
             raise  # an ordinary exit (argparse, a command's sys.exit)
-        if args.verbose:
+        if args.verbose > 1:  # where it was stopped: for -vv
             traceback.print_exc()
         name = "terminated" if received == Interrupted.SIGTERM else "interrupted"  # Ctrl-C, or no signal
         print(f"zipmoe {args.command}: {name}", file=sys.stderr)

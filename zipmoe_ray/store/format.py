@@ -11,6 +11,16 @@ A store directory::
 Index file: a msgpack map ``{"magic": "zipmoe-store", "format_version": 1, "body_crc32": c, "body": b}``
 where ``body`` is the msgpack-encoded index (see :class:`StoreIndex`) and ``c`` its CRC-32. The outer map
 stays readable when the body's schema changes, so a reader can always name the version it was given.
+Every field of the body is checked against schema.py before use (types, ranges, chunks tiling their
+extents, extents inside their files, paths inside the store directory).
+
+Checksums cover every file served from: each chunk of each expert (below); each dense weights file by
+size and CRC-32, plus (``dense.files[i]``: ``data_start``, ``header_crc32``, ``tensors: {name: [offset,
+length, crc32]}``) its header and each tensor, and the shards' weight map (``dense.index``); every other
+file copied from the checkpoint (config, generation config, tokenizer, chat template: ``aux_files``) by
+size and CRC-32. The per-tensor fields and ``dense.index`` were added within version 1 as optional
+fields: a store written before them is still read (its dense files are then checked whole, which
+refuses damage but cannot name the tensor; re-compress it for that), so no version bump was needed.
 
 Data file: a 4096-byte header (``MAGIC_DATA``, format version u32, store id 16 bytes, layer i32, zero
 padding), then extents. Each expert is one contiguous extent starting on a 4 KiB boundary::
