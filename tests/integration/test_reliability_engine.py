@@ -37,6 +37,24 @@ def test_a_damaged_expert_midway_returns_the_tokens_so_far(late_damage, backend,
         assert info.value.partial.token_ids == ref.token_ids[:step]
 
 
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_damaged_dense_weights_are_refused_on_both_backends(tiny_stores, tmp_path, backend, request):
+    """The executor checks them before loading; from inside a Ray actor's start the error still arrives
+    as itself, naming file and tensor."""
+    import shutil
+
+    from ..damage_helpers import flip
+
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    s = tmp_path / "s"
+    shutil.copytree(tiny_stores["qwen2_moe"], s)
+    dense = s / "model.zipmoe-dense.safetensors"
+    flip(dense, dense.stat().st_size - 4096)
+    with pytest.raises(ChecksumError, match=r"model\.zipmoe-dense\.safetensors, tensor model\."):
+        ZipMoEEngine(s, memory_budget="50%", backend=backend, calibrate=False, num_decompressors=1)
+
+
 def test_verify_refuses_a_damaged_store_before_starting(late_damage):  # noqa: F811
     s, _, _, label = late_damage
     with pytest.raises(StoreCorruptError, match=f"--verify: {label}"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -129,12 +130,28 @@ def wait(refs):
         raise _zipmoe_or(e) from None
     except ray.exceptions.ActorDiedError as e:
         cause = getattr(e, "cause", None) or e
-        raise _zipmoe_or(cause) if isinstance(cause, Exception) else e from None
+        err = _zipmoe_or(cause) if isinstance(cause, Exception) else e
+        raise (_from_creation_error(e) or err) if err is e else err from None
 
 
 def _zipmoe_or(e: BaseException) -> BaseException:
     u = unwrap(e)
     return u if isinstance(u, ZipMoEError) else e
+
+
+def _from_creation_error(e: BaseException) -> ZipMoEError | None:
+    """The zipmoe error an actor's ``__init__`` raised (a damaged store found while the executor loads its
+    model), rebuilt from the ActorDiedError, which keeps only its formatted traceback."""
+    from .. import errors
+
+    found = re.findall(r"zipmoe_ray\.errors\.(\w+): ([^\n]+)", str(e))
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, ZipMoEError):
+        return cls(message.strip())
+    return None
 
 
 class RayBackend(Backend):
