@@ -22,11 +22,13 @@ from typing import Any
 
 from .backends import open_backend
 from .cache.layout import ModelLayout
-from .errors import ConfigError
+from .errors import ConfigError, StoreCorruptError, ZipMoEError
+from .models.registry import get_arch
 from .runtime.budget import Budget
 from .runtime.config import EngineConfig
+from .runtime.request import check_sampling
 from .runtime.stats import engine_stats
-from .runtime.text import PromptText
+from .runtime.text import PromptText, TextStream
 from .schedule.costs import CostModel
 from .stages.executor import GenerateRequest, GenerateResult, default_device
 from .store import open_store
@@ -49,8 +51,11 @@ class ZipMoEEngine:
     Args mirror :class:`~zipmoe_ray.runtime.config.EngineConfig`; ``stages`` wires in actors the caller
     started (see zipmoe_ray.actors and the README), which the engine then does not kill on close;
     ``trace_path`` records the routing of every generation; ``plan`` is a Plan (or its JSON file) to run
-    instead of planning at start-up. Raises BudgetError (budget too small, with the minimum), ConfigError,
-    StoreError.
+    instead of planning at start-up (refused when made for another store; re-scaled, with a warning, when
+    made for another budget). ``verify=True`` checks every byte of the store against its checksums before
+    anything starts. Raises BudgetError (budget too small, with the minimum, or above this machine's
+    memory), ConfigError, StoreError (StoreCorruptError/ChecksumError naming the damaged file, tensor or
+    expert), ClusterError (``address`` unreachable within ``connect_timeout``).
     """
 
     def __init__(
@@ -71,13 +76,21 @@ class ZipMoEEngine:
         self.expert_bytes = self.layout.expert_bytes
         budget = Budget.parse(memory_budget, self.layout)
         budget.require(self.layout)  # before anything starts
+        budget.require_memory(allow=self.config.allow_budget_above_memory)
         self.budget = budget.bytes
-        self.text = PromptText(self.store_dir)
+        causal = get_arch(self.store.model_type).family == "causal"
+        self.text = PromptText.for_store(self.store_dir, self.store.config(), causal)
         self._recorder = None
         if trace_path:
             from .trace.recorder import TraceRecorder
 
-            self._recorder = TraceRecorder.for_store(trace_path, self.store_dir, self.store, self.layout)
+            self._recorder = TraceRecorder.for_store(
+                trace_path, self.store_dir, self.store, self.layout, self.budget
+            )
+        if plan is not None and stages is None:
+            plan = self._checked_plan(plan)
+        if self.config.verify:
+            self._verify()
         self._closed = False
         self._cancelled: dict[str, set[int]] = {}  # stream_batch rows stopped by cancel(), per batch id
         self._generation_s = 0.0
@@ -106,10 +119,73 @@ class ZipMoEEngine:
         device = cfg.device or (None if (stages is not None or cfg.resources) else default_device())
         base = scheduler_config(cfg, self.budget, device, backend.pieces_in_place)
         if stages is None:
+            if plan is None and cfg.split is None and cfg.policy == "zipmoe":
+                self._check_trace_next_to_store()
             choice = choose_split(self.store_dir, self.store, self.layout, base, self.costs, cfg, plan)
             base, self.plan, self.plan_source = choice.config, choice.plan, choice.source
         backend.start_pipeline(base, self.costs)
         self.device = backend.device
+
+    def _verify(self) -> None:
+        """``verify``: every checksum of the store, before anything starts (no decode)."""
+        from .store.verify import verify_store
+
+        t0 = time.perf_counter()
+        report = verify_store(self.store_dir, decode=False)
+        if not report.ok:
+            problems = [f for f in report.failures if not f.startswith("...")]
+            more = (
+                f" (and {len(problems) - 1} more: `zipmoe verify {self.store_dir}` lists them)"
+                if len(problems) > 1
+                else ""
+            )
+            raise StoreCorruptError(f"{self.store_dir}: --verify: {problems[0]}{more}")
+        log.info(
+            "verified %d chunks (%.1f MB) in %.1f s",
+            report.chunks,
+            report.bytes / 1e6,
+            time.perf_counter() - t0,
+        )
+
+    def _checked_plan(self, plan):
+        """The plan (loaded from its file if given as a path), refused when it was made for another store,
+        with a warning when made for another budget (its shares per form then apply to this budget)."""
+        from .plan.planner import Plan
+
+        p = plan if isinstance(plan, Plan) else Plan.load(plan)
+        mine = self.store.index.store_id.hex()
+        if p.store_id and p.store_id != mine:
+            raise ConfigError(
+                f"the plan was made for another store (id {p.store_id[:12]}..., this one is {mine[:12]}...); "
+                f"make one for this store: zipmoe plan --store {self.store_dir} --memory-budget ... --out PLAN"
+            )
+        if not p.store_id:
+            log.warning("the plan records no store identity (made without --store, or by an older version)")
+        if p.budget != self.budget:
+            log.warning(
+                "the plan was made for a memory budget of %s B, this engine has %s B: its shares per cache "
+                "form are re-scaled to this budget",
+                f"{p.budget:,}",
+                f"{self.budget:,}",
+            )
+        return p
+
+    def _check_trace_next_to_store(self) -> None:
+        """A trace next to the store (what start-up plans from) must have been recorded on a store of the
+        same checkpoint (routing depends on the weights, not on how they were compressed)."""
+        from .plan.choice import TRACE_NAME
+        from .trace.recorded import load_recorded
+
+        path = os.path.join(self.store_dir, TRACE_NAME)
+        if not os.path.isfile(path):
+            return
+        theirs = load_recorded(path).fingerprint
+        mine = self.store.index.source["fingerprint"]
+        if theirs and theirs != mine:
+            raise ConfigError(
+                f"{path} was recorded on a store of another checkpoint (fingerprint {theirs[:12]}..., this "
+                f"store's {mine[:12]}...); the engine plans from it: remove or move it"
+            )
 
     @property
     def backend(self) -> str:
@@ -143,9 +219,17 @@ class ZipMoEEngine:
         output_logits: bool = False,
     ):
         """Generate for one prompt (text or token ids: returns a GenerationOutput) or a batch (a list of
-        them: returns a list). Greedy by default; ``do_sample`` with ``seed`` samples reproducibly. Blocks."""
+        them: returns a list). Greedy by default; ``do_sample`` with ``seed`` samples reproducibly. Blocks.
+
+        Raises ConfigError for a bad prompt (an id outside the vocabulary, too long for the model's
+        context) or sampling value, before anything runs. An error during the generation (a damaged
+        expert: ChecksumError naming it) carries what was generated until then in ``e.partial``."""
         self._check_open()
+        check_sampling(
+            max_new_tokens, do_sample=do_sample, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k
+        )
         ids, single = self.text.encode(prompts)
+        self.text.check_length(ids, max_new_tokens)
         req = GenerateRequest(
             ids,
             max_new_tokens,
@@ -158,8 +242,15 @@ class ZipMoEEngine:
             self._trace_request(),
         )
         t0 = time.perf_counter()
-        res: GenerateResult = self._backend.call("executor", "generate", req)
-        self._generation_s += time.perf_counter() - t0
+        try:
+            res: GenerateResult = self._backend.call("executor", "generate", req)
+        except ZipMoEError as e:
+            if e.partial_token_ids is not None:
+                outs = [GenerationOutput(t, self.text.decode(t)) for t in e.partial_token_ids]
+                e.partial = outs[0] if single else outs
+            raise
+        finally:
+            self._generation_s += time.perf_counter() - t0
         self._finished(res)
         outs = []
         for i, tok in enumerate(res.token_ids):
@@ -172,28 +263,40 @@ class ZipMoEEngine:
         return outs[0] if single else outs
 
     def stream(self, prompt, max_new_tokens: int = 32, **kw) -> Iterator[tuple[int, str]]:
-        """Yield ``(token_id, text_so_far_delta)`` for one prompt as each token is produced."""
+        """Yield ``(token_id, text)`` for one prompt as each token is produced: ``text`` is the new text that
+        token completes (empty while a character or word is still incomplete), so the pieces joined are
+        exactly ``generate(prompt, max_new_tokens, **kw).text``. Raises as :meth:`generate` does; an error
+        midway carries the output so far in ``e.partial``."""
         self._check_open()
+        sampling = {k: kw.get(k) for k in ("seed", "temperature", "top_p", "top_k")}
+        check_sampling(max_new_tokens, do_sample=kw.get("do_sample", False), **sampling)
         ids, single = self.text.encode(prompt)
         if not single:
             raise ConfigError("stream() takes one prompt")
+        self.text.check_length(ids, max_new_tokens)
         req = GenerateRequest(ids, max_new_tokens, **kw, trace_request=self._trace_request())
         t0 = time.perf_counter()
-        produced: list[int] = []
-        text = ""
+        text = TextStream(self.text)
         eos = self.text.eos()
-        for kind, value in self._backend.stream(req):
-            if kind == "tokens":
-                tok = value[0]
-                if produced and produced[-1] in eos:
-                    continue
-                produced.append(tok)
-                new_text = self.text.decode(produced)
-                delta, text = new_text[len(text) :], new_text
-                yield tok, delta
-            elif kind == "result":
-                self._finished(value)
-        self._generation_s += time.perf_counter() - t0
+        done = False
+        try:
+            for kind, value in self._backend.stream(req):
+                if kind == "tokens" and not done:
+                    tok = value[0]
+                    piece = text.push(tok)
+                    done = tok in eos or len(text.ids) >= max_new_tokens
+                    yield tok, piece + (text.finish() if done else "")
+                elif kind == "result":
+                    self._finished(value)
+                    rest = text.finish()
+                    if rest:  # stopped for a reason of its own (a stop string): the rest still comes
+                        yield (text.ids[-1] if text.ids else -1), rest
+        except ZipMoEError as e:
+            e.partial_token_ids = [list(text.ids)]
+            e.partial = GenerationOutput(list(text.ids), self.text.decode(text.ids))
+            raise
+        finally:
+            self._generation_s += time.perf_counter() - t0
 
     def stream_batch(
         self, prompts, max_new_tokens: int | list[int] = 32, *, batch_id: str | None = None, **sampling
