@@ -17,18 +17,18 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from .backends import open_backend
 from .cache.layout import ModelLayout
-from .errors import ConfigError, StoreCorruptError, ZipMoEError
+from .errors import ConfigError, ZipMoEError
 from .models.registry import get_arch
+from .preflight import check_trace_next_to_store, checked_plan, verify_before_start
 from .runtime.budget import Budget
 from .runtime.config import EngineConfig
-from .runtime.request import check_sampling
+from .runtime.request import GenerationOutput, check_sampling
 from .runtime.stats import engine_stats
-from .runtime.text import PromptText, TextStream
+from .runtime.text import PromptText
 from .schedule.costs import CostModel
 from .stages.executor import GenerateRequest, GenerateResult, default_device
 from .store import open_store
@@ -36,13 +36,6 @@ from .store import open_store
 __all__ = ["GenerationOutput", "ZipMoEEngine"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationOutput:
-    token_ids: list[int]  # generated ids only
-    text: str
-    logits: Any = None  # [steps, vocab] float32 when output_logits=True
 
 
 class ZipMoEEngine:
@@ -88,9 +81,9 @@ class ZipMoEEngine:
                 trace_path, self.store_dir, self.store, self.layout, self.budget
             )
         if plan is not None and stages is None:
-            plan = self._checked_plan(plan)
+            plan = checked_plan(plan, self.store, self.store_dir, self.budget)
         if self.config.verify:
-            self._verify()
+            verify_before_start(self.store_dir)
         self._closed = False
         self._cancelled: dict[str, set[int]] = {}  # stream_batch rows stopped by cancel(), per batch id
         self._generation_s = 0.0
@@ -120,72 +113,11 @@ class ZipMoEEngine:
         base = scheduler_config(cfg, self.budget, device, backend.pieces_in_place)
         if stages is None:
             if plan is None and cfg.split is None and cfg.policy == "zipmoe":
-                self._check_trace_next_to_store()
+                check_trace_next_to_store(self.store_dir, self.store)
             choice = choose_split(self.store_dir, self.store, self.layout, base, self.costs, cfg, plan)
             base, self.plan, self.plan_source = choice.config, choice.plan, choice.source
         backend.start_pipeline(base, self.costs)
         self.device = backend.device
-
-    def _verify(self) -> None:
-        """``verify``: every checksum of the store, before anything starts (no decode)."""
-        from .store.verify import verify_store
-
-        t0 = time.perf_counter()
-        report = verify_store(self.store_dir, decode=False)
-        if not report.ok:
-            problems = [f for f in report.failures if not f.startswith("...")]
-            more = (
-                f" (and {len(problems) - 1} more: `zipmoe verify {self.store_dir}` lists them)"
-                if len(problems) > 1
-                else ""
-            )
-            raise StoreCorruptError(f"{self.store_dir}: --verify: {problems[0]}{more}")
-        log.info(
-            "verified %d chunks (%.1f MB) in %.1f s",
-            report.chunks,
-            report.bytes / 1e6,
-            time.perf_counter() - t0,
-        )
-
-    def _checked_plan(self, plan):
-        """The plan (loaded from its file if given as a path), refused when it was made for another store,
-        with a warning when made for another budget (its shares per form then apply to this budget)."""
-        from .plan.planner import Plan
-
-        p = plan if isinstance(plan, Plan) else Plan.load(plan)
-        mine = self.store.index.store_id.hex()
-        if p.store_id and p.store_id != mine:
-            raise ConfigError(
-                f"the plan was made for another store (id {p.store_id[:12]}..., this one is {mine[:12]}...); "
-                f"make one for this store: zipmoe plan --store {self.store_dir} --memory-budget ... --out PLAN"
-            )
-        if not p.store_id:
-            log.warning("the plan records no store identity (made without --store, or by an older version)")
-        if p.budget != self.budget:
-            log.warning(
-                "the plan was made for a memory budget of %s B, this engine has %s B: its shares per cache "
-                "form are re-scaled to this budget",
-                f"{p.budget:,}",
-                f"{self.budget:,}",
-            )
-        return p
-
-    def _check_trace_next_to_store(self) -> None:
-        """A trace next to the store (what start-up plans from) must have been recorded on a store of the
-        same checkpoint (routing depends on the weights, not on how they were compressed)."""
-        from .plan.choice import TRACE_NAME
-        from .trace.recorded import load_recorded
-
-        path = os.path.join(self.store_dir, TRACE_NAME)
-        if not os.path.isfile(path):
-            return
-        theirs = load_recorded(path).fingerprint
-        mine = self.store.index.source["fingerprint"]
-        if theirs and theirs != mine:
-            raise ConfigError(
-                f"{path} was recorded on a store of another checkpoint (fingerprint {theirs[:12]}..., this "
-                f"store's {mine[:12]}...); the engine plans from it: remove or move it"
-            )
 
     @property
     def backend(self) -> str:
@@ -268,35 +200,9 @@ class ZipMoEEngine:
         exactly ``generate(prompt, max_new_tokens, **kw).text``. Raises as :meth:`generate` does; an error
         midway carries the output so far in ``e.partial``."""
         self._check_open()
-        sampling = {k: kw.get(k) for k in ("seed", "temperature", "top_p", "top_k")}
-        check_sampling(max_new_tokens, do_sample=kw.get("do_sample", False), **sampling)
-        ids, single = self.text.encode(prompt)
-        if not single:
-            raise ConfigError("stream() takes one prompt")
-        self.text.check_length(ids, max_new_tokens)
-        req = GenerateRequest(ids, max_new_tokens, **kw, trace_request=self._trace_request())
-        t0 = time.perf_counter()
-        text = TextStream(self.text)
-        eos = self.text.eos()
-        done = False
-        try:
-            for kind, value in self._backend.stream(req):
-                if kind == "tokens" and not done:
-                    tok = value[0]
-                    piece = text.push(tok)
-                    done = tok in eos or len(text.ids) >= max_new_tokens
-                    yield tok, piece + (text.finish() if done else "")
-                elif kind == "result":
-                    self._finished(value)
-                    rest = text.finish()
-                    if rest:  # stopped for a reason of its own (a stop string): the rest still comes
-                        yield (text.ids[-1] if text.ids else -1), rest
-        except ZipMoEError as e:
-            e.partial_token_ids = [list(text.ids)]
-            e.partial = GenerationOutput(list(text.ids), self.text.decode(text.ids))
-            raise
-        finally:
-            self._generation_s += time.perf_counter() - t0
+        from .streaming import stream_one
+
+        yield from stream_one(self, prompt, max_new_tokens, kw)
 
     def stream_batch(
         self, prompts, max_new_tokens: int | list[int] = 32, *, batch_id: str | None = None, **sampling
@@ -305,9 +211,9 @@ class ZipMoEEngine:
         just got, or None once it has finished (end of text, its own ``max_new_tokens`` (one limit, or one
         per prompt) or stopped by :meth:`cancel` under ``batch_id``). ``sampling``: do_sample, seed,
         temperature, top_p, top_k. A row's tokens equal ``generate`` on the same batch with that row stopped
-        where it stopped (batch_stream.py). Blocks between steps."""
+        where it stopped (streaming.py). Blocks between steps."""
         self._check_open()
-        from .batch_stream import stream_batch
+        from .streaming import stream_batch
 
         yield from stream_batch(self, prompts, max_new_tokens, batch_id, sampling)
 

@@ -4,10 +4,22 @@ settings. The CLI calls this before it starts an engine; the engine again for ev
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["check_sampling"]
+__all__ = ["GenerationOutput", "check_sampling"]
+
+
+@dataclass
+class GenerationOutput:
+    """What ``ZipMoEEngine.generate`` returns for one prompt."""
+
+    token_ids: list[int]  # generated ids only
+    text: str
+    logits: Any = None  # [steps, vocab] float32 when output_logits=True
+
 
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.manual_seed accepts
 
