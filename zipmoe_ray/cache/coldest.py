@@ -55,8 +55,13 @@ class ColdestFirst:
 
     def rescored(self, key: Key) -> None:
         """``key``'s score changed: order it by the new one (a no-op for keys not in this form)."""
-        if key in self._version:
-            self._push(key)
+        version = self._version
+        if key in version:
+            self._clock += 1
+            version[key] = self._clock
+            heapq.heappush(self._heap, (self.score(key), key, self._clock))  # as _push, inlined: every touch
+            if len(self._heap) > 2 * len(version) + 64:
+                self.rebuild()
 
     def rebuild(self) -> None:
         """Re-read every member's score (after popularity rescaled them all) and drop stale entries."""

@@ -30,6 +30,7 @@ from .popularity import Popularity
 __all__ = ["CacheEntry", "Demotion", "ExpertCache"]
 
 CACHED_FORMS = (Form.FULL, Form.COMPRESSED, Form.SM)
+_DISK = Form.DISK
 
 
 @dataclass
@@ -71,6 +72,7 @@ class ExpertCache:
         self.popularity = popularity or Popularity()
         self.entries: dict[Key, CacheEntry] = {k: CacheEntry(k, s) for k, s in sizes.items()}
         self.used = {f: 0 for f in CACHED_FORMS}
+        self._held = 0  # sum(self.used.values()), kept up to date by _set_form (read on every reservation)
         self.staging = 0
         self.peak = 0
         self.counters = _Counters()
@@ -81,20 +83,21 @@ class ExpertCache:
     # -- accounting ------------------------------------------------------------------------------------
     @property
     def held(self) -> int:
-        return sum(self.used.values())
+        return self._held
 
     @property
     def total(self) -> int:
-        return self.held + self.staging
+        return self._held + self.staging
 
     def _note_peak(self) -> None:
-        t = self.total
+        t = self._held + self.staging
         if t > self.budget:  # the hard limit: every change is checked against it
             raise BudgetError(
                 f"cache accounting exceeds the memory budget: {t:,} B held and staged > {self.budget:,} B "
                 f"(held {self.held:,} B, staging {self.staging:,} B); this is a bug in zipmoe-ray, please report it"
             )
-        self.peak = max(self.peak, t)
+        if t > self.peak:
+            self.peak = t
 
     def form(self, key: Key) -> Form:
         return self.entries[key].form
@@ -109,12 +112,12 @@ class ExpertCache:
     # -- staging ---------------------------------------------------------------------------------------
     def can_reserve(self, nbytes: int) -> bool:
         with self._lock:
-            return self.total + nbytes <= self.budget
+            return self._held + self.staging + nbytes <= self.budget
 
     def reserve(self, nbytes: int) -> None:
         """Account ``nbytes`` of staging buffers; raises BudgetError if the budget cannot hold them."""
         with self._lock:
-            if self.total + nbytes > self.budget:
+            if self._held + self.staging + nbytes > self.budget:
                 raise BudgetError(
                     f"staging {nbytes} bytes would exceed the budget ({self.total} of {self.budget} in use)"
                 )
@@ -147,7 +150,7 @@ class ExpertCache:
         with self._lock:
             self.popularity.touch(key, tokens)
             f = self.entries[key].form
-            if f != Form.DISK:
+            if f != _DISK:
                 self._members[f].rescored(key)
             self.counters.hits[f] += 1
             return f
@@ -173,12 +176,16 @@ class ExpertCache:
     def _set_form(self, key: Key, form: Form, payload: Any = None) -> None:
         e = self.entries[key]
         if e.form != Form.DISK:
-            self.used[e.form] -= e.sizes.held(e.form)
+            n = e.sizes.held(e.form)
+            self.used[e.form] -= n
+            self._held -= n
             self._members[e.form].discard(key)
         e.form = form
         e.payload = payload if form != Form.DISK else None
         if form != Form.DISK:
-            self.used[form] += e.sizes.held(form)
+            n = e.sizes.held(form)
+            self.used[form] += n
+            self._held += n
             self._members[form].add(key)
         self._note_peak()
 
@@ -189,7 +196,7 @@ class ExpertCache:
     def _fits(self, form: Form, nbytes: int, freed: int = 0) -> bool:
         return (
             self.used[form] - freed + nbytes <= self.capacity[form]
-            and self.total - freed + nbytes <= self.budget
+            and self._held + self.staging - freed + nbytes <= self.budget
         )
 
     def _victims(self, form: Form, nbytes: int, score: float, exclude: Key) -> list[Key] | None:

@@ -27,6 +27,7 @@ class Popularity:
         self._scale = 1.0
         self._step = 0
         self._scores: dict = {}
+        self._unseen = -1.0 if kind == "lru" else 0.0  # the score of a key never seen
         self.epoch = 0  # moves on when every score is rescaled at once (orders built on scores must re-read)
 
     def touch(self, key, tokens: int = 1) -> None:
@@ -48,7 +49,7 @@ class Popularity:
 
     def score(self, key) -> float:
         """Comparable score (higher = more popular); 0 for keys never seen (-1 for LRU)."""
-        return self._scores.get(key, -1.0 if self.kind == "lru" else 0.0)
+        return self._scores.get(key, self._unseen)
 
     def seed(self, key, value: float) -> None:
         """Set a prior score (e.g. from a trace) in current units."""

@@ -88,6 +88,9 @@ class LayerPlan:
     start: dict[tuple[int, int], float] = field(default_factory=dict)
     finish: dict[tuple[int, int], float] = field(default_factory=dict)
     lane_of: dict[tuple[int, int], int] = field(default_factory=dict)
+    # plan_layer's totals, taken from the memoised plan of the shape (the same sums in the same order);
+    # None: computed from the fields above
+    busy: tuple[float, list[float]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def makespan(self) -> float:
@@ -95,13 +98,18 @@ class LayerPlan:
 
     @property
     def io_busy(self) -> float:
+        if self.busy is not None:
+            return self.busy[0]
         return sum(t.io for t in self.io_order)
 
     @property
     def cpu_busy(self) -> list[float]:
+        if self.busy is not None:
+            return list(self.busy[1])
         return [sum(t.cpu for t in lane) for lane in self.lanes]
 
 
+@functools.lru_cache(maxsize=1024)
 def pieces_for(decodes: int, workers: int, shards: int = 1) -> int:
     """How many pieces to cut each of a layer's ``decodes`` into so that ``workers`` lanes finish soonest:
     the fewest n (<= ``shards``, <= ``workers``) minimising ceil(decodes * n / workers) / n, the makespan in
@@ -125,19 +133,25 @@ def plan_layer(tasks: list[Task], workers: int, lanes: list[int] | None = None) 
     lane gets its share)."""
     if workers < 1:
         raise ValueError("workers must be >= 1")
+    if lanes is not None and len(lanes) != workers:
+        raise ValueError(f"lanes must order all {workers} lanes, got {len(lanes)}")
     n = len(tasks)
     order = sorted(range(n), key=lambda i: tasks[i].key)
     ranks = [0] * n
     for r, i in enumerate(order):
         ranks[i] = r
     shape = (workers, tuple((t.io, t.cpu, t.tokens, t.parts, r) for t, r in zip(tasks, ranks)))
-    io_idx, io_ends, lane_plan, spans = _planned(shape)
+    io_idx, io_ends, lane_plan, spans, io_busy, rank_busy = _planned(shape)
     prefer = lanes if lanes is not None else list(range(workers))
-    plan = LayerPlan(io_order=[tasks[i] for i in io_idx], lanes=[[] for _ in range(workers)])
+    by_lane: list = [None] * workers
+    cpu_busy = [0] * workers
+    for rank, entries in enumerate(lane_plan):
+        lane = prefer[rank]
+        by_lane[lane] = [Piece(tasks[i], index, count) for i, index, count in entries]
+        cpu_busy[lane] = rank_busy[rank]
+    plan = LayerPlan([tasks[i] for i in io_idx], by_lane, busy=(io_busy, cpu_busy))
     for i, end in zip(io_idx, io_ends):
         plan.io_end[tasks[i].key] = end
-    for rank, entries in enumerate(lane_plan):
-        plan.lanes[prefer[rank]] = [Piece(tasks[i], index, count) for i, index, count in entries]
     start, finish, lane_of = plan.start, plan.finish, plan.lane_of
     for i, (begin, end, rank) in enumerate(spans):
         key = tasks[i].key
@@ -204,7 +218,9 @@ def _planned(shape):
         push(free_at, (end, rank))
     for i in begin_of:
         spans[i] = (begin_of[i], end_of[i], lane_at[i])
-    return io_idx, [io_end[i] for i in io_idx], lane_plan, spans
+    io_busy = sum(tasks[i][0] for i in io_idx)  # as LayerPlan.io_busy and .cpu_busy would sum them
+    rank_busy = [sum(tasks[i][1] / count for i, _, count in entries) for entries in lane_plan]
+    return io_idx, [io_end[i] for i in io_idx], lane_plan, spans, io_busy, rank_busy
 
 
 def makespan_of(io_order: list[Task], lanes: list[list[Task | Piece]]) -> float:

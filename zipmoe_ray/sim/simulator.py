@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import asdict, dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from ..cache.forms import ExpertSizes, Form
@@ -29,6 +30,7 @@ from ..cache.split import SplitRule
 from ..errors import ConfigError
 from ..runtime.budget import minimum_budget
 from ..stages.scheduler import Scheduler, SchedulerConfig
+from . import background
 from .bound import executor_rates, lower_bound
 from .runner import SimHandle, SimRunner, ready_time
 
@@ -76,6 +78,7 @@ def _raw_sizes(sizes: dict) -> dict:
 
 
 WARM_STEPS = 1000  # steps replayed unmeasured before a warm-started measurement: enough to fill any cache
+BACKGROUND_BOUND_PAIRS = 100_000  # (step, layer) pairs from which the lower bounds run beside the replay
 EVALUATE_STEPS = 120  # steps of the workload the planner's candidates are replayed on
 DECAYS = (DEFAULT_DECAY, 0.999)  # popularity memories the plan chooses between (short: locality; long: IRM)
 
@@ -177,11 +180,14 @@ def policy_setup(
 
 def _ready(d) -> float:
     """When a delivery is usable: its handle's time, or its last piece's."""
-    if d.parts is None:
-        return d.handle.ready if type(d.handle) is SimHandle else ready_time(d.handle)
-    return (
-        max(h.ready for h in d.parts) if all(type(h) is SimHandle for h in d.parts) else ready_time(d.parts)
-    )
+    parts = d.parts
+    if parts is None:
+        h = d.handle
+        return h.ready if type(h) is SimHandle else ready_time(h)
+    try:
+        return max([h.ready for h in parts])  # SimHandles (what the SimRunner makes)
+    except AttributeError:
+        return ready_time(parts)
 
 
 def executor_layer(
@@ -201,8 +207,10 @@ def executor_layer(
     order they become ready. ``released`` goes out with the first request; hits without a request are added
     to ``notes`` (reported with the step). Returns (the time the layer's experts are computed, the compute
     seconds spent, the experts to release with the next request)."""
-    hits = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) == Form.FULL]
-    misses = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) != Form.FULL]
+    entries, full = sched.cache.entries, Form.FULL
+    hits, misses = [], []
+    for e, tok in picks:
+        (hits if entries[(layer, e)].form == full else misses).append((e, tok))
     t_exec, busy = t, 0.0
     for e, _ in hits:
         dt = sizes[(layer, e)].full / exec_bps
@@ -217,15 +225,20 @@ def executor_layer(
         runner.now = t_call
         resp = sched.request(layer, pending, hits if first_call else [], released)
         released = []
-        t_exec = max(t_exec, t_call)
-        ready = {d.expert: _ready(d) for d in resp.deliveries}
-        for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
-            dt = sizes[(layer, d.expert)].full / exec_bps
-            t_exec = max(t_exec, ready[d.expert]) + dt
+        if t_call > t_exec:
+            t_exec = t_call
+        timed = [(_ready(d), d.expert) for d in resp.deliveries]
+        timed.sort(key=_first)  # stable: deliveries ready at once are computed in the order given
+        for r, e in timed:
+            dt = sizes[(layer, e)].full / exec_bps
+            t_exec = (t_exec if t_exec > r else r) + dt
             busy += dt
-            released.append((layer, d.expert))
+            released.append((layer, e))
         pending, first_call = resp.deferred, False
     return t_exec, busy, released
+
+
+_first = itemgetter(0)
 
 
 def simulate(
@@ -259,6 +272,13 @@ def simulate(
     else:
         warm, measured = workload.steps[:measure_from], workload.steps[measure_from:]
     first = len(warm)
+    pending = None
+    if bound:  # independent of the replay: a long one is computed on another core meanwhile
+        big = len(measured) * len(workload.layers) >= BACKGROUND_BOUND_PAIRS
+        recorded = getattr(workload, "recorded", False)
+        pending = background.start(
+            lambda: lower_bound(workload, budget, profile, measured, recorded=recorded), fork=big
+        )
     if progress is not None:
         progress.start(len(warm) + len(measured), 0)
     t = 0.0
@@ -289,11 +309,7 @@ def simulate(
         raise ConfigError("the workload has no steps to simulate")
     elapsed = t - marks[0] or 1e-12
     st = sched.stats()
-    lb = (
-        lower_bound(workload, budget, profile, measured, recorded=getattr(workload, "recorded", False))
-        if bound
-        else {"tpot_s": float("nan"), "offline_tpot_s": float("nan")}
-    )
+    lb = pending.result() if pending is not None else {"tpot_s": float("nan"), "offline_tpot_s": float("nan")}
     tpot = sum(step_times) / len(step_times)
     return SimResult(
         policy=policy,
