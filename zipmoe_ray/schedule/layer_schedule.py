@@ -143,11 +143,12 @@ def plan_layer(tasks: list[Task], workers: int, lanes: list[int] | None = None) 
     shape = (workers, tuple((t.io, t.cpu, t.tokens, t.parts, r) for t, r in zip(tasks, ranks)))
     io_idx, io_ends, lane_plan, spans, io_busy, rank_busy = _planned(shape)
     prefer = lanes if lanes is not None else list(range(workers))
+    made = [_pieces_of(t, max(1, min(t.parts, workers))) if t.cpu > 0 else () for t in tasks]
     by_lane: list = [None] * workers
     cpu_busy = [0] * workers
     for rank, entries in enumerate(lane_plan):
         lane = prefer[rank]
-        by_lane[lane] = [Piece(tasks[i], index, count) for i, index, count in entries]
+        by_lane[lane] = [made[i][index] for i, index, _ in entries]
         cpu_busy[lane] = rank_busy[rank]
     plan = LayerPlan([tasks[i] for i in io_idx], by_lane, busy=(io_busy, cpu_busy))
     for i, end in zip(io_idx, io_ends):
@@ -158,6 +159,20 @@ def plan_layer(tasks: list[Task], workers: int, lanes: list[int] | None = None) 
         start[key], finish[key] = begin, end
         lane_of[key] = prefer[rank] if rank >= 0 else -1
     return plan
+
+
+def _pieces_of(task: Task, count: int) -> tuple[Piece, ...]:
+    """The ``count`` pieces of ``task``: shared between plans of equal tasks (pieces are values, never
+    changed), since making them was a fifth of what planning a layer cost."""
+    try:
+        return _cached_pieces(task, count)
+    except TypeError:  # a tag that cannot be hashed: make them afresh
+        return tuple(Piece(task, i, count) for i in range(count))
+
+
+@functools.lru_cache(maxsize=16384)
+def _cached_pieces(task: Task, count: int) -> tuple[Piece, ...]:
+    return tuple(Piece(task, i, count) for i in range(count))
 
 
 @functools.lru_cache(maxsize=4096)
