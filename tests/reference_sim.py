@@ -1,0 +1,142 @@
+"""The simulator's hot paths as they were before they were made fast (plain, obviously-right versions):
+the reference tests/test_sim_reference.py replays every policy through, to show the fast ones give
+exactly the same results. Each mirrors the function it stands for line by line, without its shortcuts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zipmoe_ray.cache.forms import Form
+from zipmoe_ray.schedule import layer_schedule as ls
+from zipmoe_ray.sim.runner import SimRunner
+
+from .reference_cache import ScanningCache
+
+
+@dataclass(frozen=True)
+class RefHandle:
+    ready: float
+
+
+def ref_ready_time(x) -> float:
+    if x is None:
+        return 0.0
+    if isinstance(x, RefHandle):
+        return x.ready
+    if isinstance(x, (tuple, list)):
+        return max((ref_ready_time(y) for y in x), default=0.0)
+    raise TypeError(f"not a simulated result: {type(x).__name__}")
+
+
+class RefRunner(SimRunner):
+    """SimRunner with every task timed one by one through max() and frozen handles."""
+
+    def read(self, key, part):
+        s = self.sizes[key]
+        nbytes = {"exp": s.exp, "raw": s.sm, "all": s.extent}[part]
+        start = max(self.now, self.io_free)
+        dt = self.costs.read_latency + nbytes / self.costs.read_bps
+        self.io_free = start + dt
+        self.io_busy += dt
+        self.bytes_read += nbytes
+        return RefHandle(start + dt)
+
+    def _lane(self, lane, ready, dt):
+        start = max(self.lane_free[lane], ready, self.now)
+        self.lane_free[lane] = start + dt
+        self.cpu_busy[lane] += dt
+        return RefHandle(start + dt)
+
+    def decode_lane(self, lane, jobs):
+        free = max(self.lane_free[lane], self.now)
+        busy, out = 0.0, []
+        for key, exp, sm, planes_only, part in jobs:
+            dt = self.sizes[key].full / (
+                self.costs.decompress_bps if (planes_only or self.on_device) else self.costs.decode_bps
+            )
+            if part is not None:
+                dt /= part[1]
+            start = max(free, ref_ready_time(exp), ref_ready_time(sm))
+            free = start + dt
+            busy += dt
+            out.append(RefHandle(free + self.delivery_overhead))
+        self.lane_free[lane] = free
+        self.cpu_busy[lane] += busy
+        return out
+
+    def derive(self, lane, key, words, part):
+        return self._lane(lane, ref_ready_time(words), self.sizes[key].full / self.costs.copy_bps)
+
+
+class RefCache(ScanningCache):
+    """The cache with victims found by a scan and its held bytes summed on every look."""
+
+    @property
+    def held(self) -> int:
+        return sum(self.used.values())
+
+    @property
+    def total(self) -> int:
+        return self.held + self.staging
+
+    def _fits(self, form, nbytes, freed=0):
+        return (
+            self.used[form] - freed + nbytes <= self.capacity[form]
+            and self.total - freed + nbytes <= self.budget
+        )
+
+    def can_reserve(self, nbytes):
+        return self.total + nbytes <= self.budget
+
+
+def ref_plan_layer(tasks, workers, lanes=None):
+    """plan_layer without the memo: the layer's plan searched afresh, pieces made afresh, totals summed."""
+    n = len(tasks)
+    order = sorted(range(n), key=lambda i: tasks[i].key)
+    ranks = [0] * n
+    for r, i in enumerate(order):
+        ranks[i] = r
+    shape = (workers, tuple((t.io, t.cpu, t.tokens, t.parts, r) for t, r in zip(tasks, ranks)))
+    io_idx, io_ends, lane_plan, spans, _, _ = ls._planned.__wrapped__(shape)
+    prefer = lanes if lanes is not None else list(range(workers))
+    plan = ls.LayerPlan(io_order=[tasks[i] for i in io_idx], lanes=[[] for _ in range(workers)])
+    for i, end in zip(io_idx, io_ends):
+        plan.io_end[tasks[i].key] = end
+    for rank, entries in enumerate(lane_plan):
+        plan.lanes[prefer[rank]] = [ls.Piece(tasks[i], index, count) for i, index, count in entries]
+    for i, (begin, end, rank) in enumerate(spans):
+        key = tasks[i].key
+        plan.start[key], plan.finish[key] = begin, end
+        plan.lane_of[key] = prefer[rank] if rank >= 0 else -1
+    return plan
+
+
+def ref_executor_layer(sched, runner, layer, picks, t, sizes, exec_bps, overhead, released, notes):
+    """sim.simulator.executor_layer as first written."""
+    hits = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) == Form.FULL]
+    misses = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) != Form.FULL]
+    t_exec, busy = t, 0.0
+    for e, _ in hits:
+        dt = sizes[(layer, e)].full / exec_bps
+        t_exec += dt
+        busy += dt
+    if not misses:
+        notes.extend((layer, e, tok) for e, tok in hits)
+        return t_exec, busy, released
+    pending, first_call = misses, True
+    while pending:
+        t_call = (t if first_call else max(t, t_exec)) + overhead
+        runner.now = t_call
+        resp = sched.request(layer, pending, hits if first_call else [], released)
+        released = []
+        t_exec = max(t_exec, t_call)
+        ready = {
+            d.expert: ref_ready_time(d.handle if d.parts is None else d.parts) for d in resp.deliveries
+        }
+        for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
+            dt = sizes[(layer, d.expert)].full / exec_bps
+            t_exec = max(t_exec, ready[d.expert]) + dt
+            busy += dt
+            released.append((layer, d.expert))
+        pending, first_call = resp.deferred, False
+    return t_exec, busy, released
