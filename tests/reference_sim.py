@@ -130,9 +130,7 @@ def ref_executor_layer(sched, runner, layer, picks, t, sizes, exec_bps, overhead
         resp = sched.request(layer, pending, hits if first_call else [], released)
         released = []
         t_exec = max(t_exec, t_call)
-        ready = {
-            d.expert: ref_ready_time(d.handle if d.parts is None else d.parts) for d in resp.deliveries
-        }
+        ready = {d.expert: ref_ready_time(d.handle if d.parts is None else d.parts) for d in resp.deliveries}
         for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
             dt = sizes[(layer, d.expert)].full / exec_bps
             t_exec = max(t_exec, ready[d.expert]) + dt
