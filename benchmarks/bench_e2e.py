@@ -166,7 +166,9 @@ class Bench:
         if not self.cgroups:
             limit = None  # no cap without a memory cgroup (the emulation line says so)
         r = self.run({**spec, "gguf": gguf["path"]}, bw, [gguf["path"]], limit)
-        return {**r, "memory_allowance_bytes": self.allowance if limit else None}
+        if limit is None:  # said in the result too, not only in the output's emulation line
+            return {**r, "memory_allowance_bytes": None, "memory_cap": "none: no memory cgroup (needs root)"}
+        return {**r, "memory_allowance_bytes": self.allowance}
 
     def all_hit(self, base: dict, systems: list[str], bw: float) -> dict:
         """Ray overhead per MoE layer for every Ray engine system, from all-hit runs of it and its twin."""
