@@ -23,7 +23,7 @@ class _FlakyNodeTransport:
         self.asked: list[list[int]] = []
         self.failed: list[str] = []
 
-    def request(self, layer, misses, hits, released):
+    def request(self, layer, misses, hits, released, used):
         self.asked.append([e for e, _ in misses])
         if len(self.asked) == 1:
             return LayerResponse(layer, [Delivery(0, None, "words", False, "full", node="b")], [], misses[1:])
