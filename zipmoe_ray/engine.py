@@ -17,14 +17,16 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from .backends import open_backend
 from .cache.layout import ModelLayout
-from .errors import ConfigError
+from .errors import ConfigError, ZipMoEError
+from .models.registry import get_arch
+from .preflight import check_trace_next_to_store, checked_plan, verify_before_start
 from .runtime.budget import Budget
 from .runtime.config import EngineConfig
+from .runtime.request import GenerationOutput, check_sampling
 from .runtime.stats import engine_stats
 from .runtime.text import PromptText
 from .schedule.costs import CostModel
@@ -36,21 +38,17 @@ __all__ = ["GenerationOutput", "ZipMoEEngine"]
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class GenerationOutput:
-    token_ids: list[int]  # generated ids only
-    text: str
-    logits: Any = None  # [steps, vocab] float32 when output_logits=True
-
-
 class ZipMoEEngine:
     """Serve a store. Blocks while starting (Ray start-up, model load, calibration: seconds).
 
     Args mirror :class:`~zipmoe_ray.runtime.config.EngineConfig`; ``stages`` wires in actors the caller
     started (see zipmoe_ray.actors and the README), which the engine then does not kill on close;
     ``trace_path`` records the routing of every generation; ``plan`` is a Plan (or its JSON file) to run
-    instead of planning at start-up. Raises BudgetError (budget too small, with the minimum), ConfigError,
-    StoreError.
+    instead of planning at start-up (refused when made for another store; re-scaled, with a warning, when
+    made for another budget). ``verify=True`` checks every byte of the store against its checksums before
+    anything starts. Raises BudgetError (budget too small, with the minimum, or above this machine's
+    memory), ConfigError, StoreError (StoreCorruptError/ChecksumError naming the damaged file, tensor or
+    expert), ClusterError (``address`` unreachable within ``connect_timeout``).
     """
 
     def __init__(
@@ -71,13 +69,21 @@ class ZipMoEEngine:
         self.expert_bytes = self.layout.expert_bytes
         budget = Budget.parse(memory_budget, self.layout)
         budget.require(self.layout)  # before anything starts
+        budget.require_memory(allow=self.config.allow_budget_above_memory)
         self.budget = budget.bytes
-        self.text = PromptText(self.store_dir)
+        causal = get_arch(self.store.model_type).family == "causal"
+        self.text = PromptText.for_store(self.store_dir, self.store.config(), causal)
         self._recorder = None
         if trace_path:
             from .trace.recorder import TraceRecorder
 
-            self._recorder = TraceRecorder.for_store(trace_path, self.store_dir, self.store, self.layout)
+            self._recorder = TraceRecorder.for_store(
+                trace_path, self.store_dir, self.store, self.layout, self.budget
+            )
+        if plan is not None and stages is None:
+            plan = checked_plan(plan, self.store, self.store_dir, self.budget)
+        if self.config.verify:
+            verify_before_start(self.store_dir)
         self._closed = False
         self._cancelled: dict[str, set[int]] = {}  # stream_batch rows stopped by cancel(), per batch id
         self._generation_s = 0.0
@@ -106,6 +112,8 @@ class ZipMoEEngine:
         device = cfg.device or (None if (stages is not None or cfg.resources) else default_device())
         base = scheduler_config(cfg, self.budget, device, backend.pieces_in_place)
         if stages is None:
+            if plan is None and cfg.split is None and cfg.policy == "zipmoe":
+                check_trace_next_to_store(self.store_dir, self.store)
             choice = choose_split(self.store_dir, self.store, self.layout, base, self.costs, cfg, plan)
             base, self.plan, self.plan_source = choice.config, choice.plan, choice.source
         backend.start_pipeline(base, self.costs)
@@ -143,9 +151,17 @@ class ZipMoEEngine:
         output_logits: bool = False,
     ):
         """Generate for one prompt (text or token ids: returns a GenerationOutput) or a batch (a list of
-        them: returns a list). Greedy by default; ``do_sample`` with ``seed`` samples reproducibly. Blocks."""
+        them: returns a list). Greedy by default; ``do_sample`` with ``seed`` samples reproducibly. Blocks.
+
+        Raises ConfigError for a bad prompt (an id outside the vocabulary, too long for the model's
+        context) or sampling value, before anything runs. An error during the generation (a damaged
+        expert: ChecksumError naming it) carries what was generated until then in ``e.partial``."""
         self._check_open()
+        check_sampling(
+            max_new_tokens, do_sample=do_sample, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k
+        )
         ids, single = self.text.encode(prompts)
+        self.text.check_length(ids, max_new_tokens)
         req = GenerateRequest(
             ids,
             max_new_tokens,
@@ -158,8 +174,15 @@ class ZipMoEEngine:
             self._trace_request(),
         )
         t0 = time.perf_counter()
-        res: GenerateResult = self._backend.call("executor", "generate", req)
-        self._generation_s += time.perf_counter() - t0
+        try:
+            res: GenerateResult = self._backend.call("executor", "generate", req)
+        except ZipMoEError as e:
+            if e.partial_token_ids is not None:
+                outs = [GenerationOutput(t, self.text.decode(t)) for t in e.partial_token_ids]
+                e.partial = outs[0] if single else outs
+            raise
+        finally:
+            self._generation_s += time.perf_counter() - t0
         self._finished(res)
         outs = []
         for i, tok in enumerate(res.token_ids):
@@ -172,28 +195,14 @@ class ZipMoEEngine:
         return outs[0] if single else outs
 
     def stream(self, prompt, max_new_tokens: int = 32, **kw) -> Iterator[tuple[int, str]]:
-        """Yield ``(token_id, text_so_far_delta)`` for one prompt as each token is produced."""
+        """Yield ``(token_id, text)`` for one prompt as each token is produced: ``text`` is the new text that
+        token completes (empty while a character or word is still incomplete), so the pieces joined are
+        exactly ``generate(prompt, max_new_tokens, **kw).text``. Raises as :meth:`generate` does; an error
+        midway carries the output so far in ``e.partial``."""
         self._check_open()
-        ids, single = self.text.encode(prompt)
-        if not single:
-            raise ConfigError("stream() takes one prompt")
-        req = GenerateRequest(ids, max_new_tokens, **kw, trace_request=self._trace_request())
-        t0 = time.perf_counter()
-        produced: list[int] = []
-        text = ""
-        eos = self.text.eos()
-        for kind, value in self._backend.stream(req):
-            if kind == "tokens":
-                tok = value[0]
-                if produced and produced[-1] in eos:
-                    continue
-                produced.append(tok)
-                new_text = self.text.decode(produced)
-                delta, text = new_text[len(text) :], new_text
-                yield tok, delta
-            elif kind == "result":
-                self._finished(value)
-        self._generation_s += time.perf_counter() - t0
+        from .streaming import stream_one
+
+        yield from stream_one(self, prompt, max_new_tokens, kw)
 
     def stream_batch(
         self, prompts, max_new_tokens: int | list[int] = 32, *, batch_id: str | None = None, **sampling
@@ -202,9 +211,9 @@ class ZipMoEEngine:
         just got, or None once it has finished (end of text, its own ``max_new_tokens`` (one limit, or one
         per prompt) or stopped by :meth:`cancel` under ``batch_id``). ``sampling``: do_sample, seed,
         temperature, top_p, top_k. A row's tokens equal ``generate`` on the same batch with that row stopped
-        where it stopped (batch_stream.py). Blocks between steps."""
+        where it stopped (streaming.py). Blocks between steps."""
         self._check_open()
-        from .batch_stream import stream_batch
+        from .streaming import stream_batch
 
         yield from stream_batch(self, prompts, max_new_tokens, batch_id, sampling)
 

@@ -1,7 +1,8 @@
 """The one exception hierarchy of zipmoe-ray.
 
 Every error a user can cause derives from :class:`ZipMoEError`; messages say what was wrong and what to
-change. All classes are plain ``Exception`` subclasses whose only state is the message, so they pickle
+change. All classes are plain ``Exception`` subclasses whose state is the message (plus, for an error that
+ended a generation midway, what was generated until then: :attr:`ZipMoEError.partial`), so they pickle
 across Ray actors unchanged.
 """
 
@@ -12,6 +13,7 @@ __all__ = [
     "BudgetError",
     "CheckpointError",
     "ChecksumError",
+    "ClusterError",
     "ConfigError",
     "DTypeError",
     "FormatVersionError",
@@ -23,7 +25,16 @@ __all__ = [
 
 
 class ZipMoEError(Exception):
-    """Base class of every error zipmoe-ray raises on purpose."""
+    """Base class of every error zipmoe-ray raises on purpose.
+
+    An error that ends a generation after tokens were produced (a damaged expert found at decode step 11)
+    carries them: ``partial`` is the GenerationOutput (one prompt) or the list of them (a batch) that
+    ``generate`` or ``stream`` had produced, ``partial_token_ids`` the generated ids per prompt. Both are
+    ``None`` for every other error.
+    """
+
+    partial = None
+    partial_token_ids: list[list[int]] | None = None
 
 
 class ConfigError(ZipMoEError, ValueError):
@@ -60,6 +71,10 @@ class ChecksumError(StoreCorruptError):
 
 class StoreMismatchError(StoreError):
     """The store does not belong to the checkpoint (or data file) it is used with."""
+
+
+class ClusterError(ZipMoEError):
+    """The Ray cluster given by ``--address`` cannot be reached or joined in time."""
 
 
 class BudgetError(ConfigError):

@@ -20,7 +20,7 @@ LAYERS = [
     {"stages"},  # executor, scheduler, loader, decompressor, expert host
     {"plan", "backends"},  # planning and calibration; where the stages run
     {"sim"},  # the simulator runs the scheduler and the planner
-    {"engine", "batch_stream"},  # the generation API
+    {"engine", "streaming", "preflight"},  # the generation API
     {"cli", "actors", "serve", ""},  # entry points; "" is the package root
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

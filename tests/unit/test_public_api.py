@@ -7,6 +7,7 @@ EXPECTED = {
     "BudgetError",
     "CheckpointError",
     "ChecksumError",
+    "ClusterError",
     "CompressOptions",
     "ConfigError",
     "CountTrace",

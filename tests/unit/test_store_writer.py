@@ -88,9 +88,13 @@ def test_incomplete_checkpoint(tiny_models, tmp_path):
 
 
 def test_existing_store_needs_overwrite(tiny_models, tmp_path):
-    compress(tiny_models["mixtral"], tmp_path / "s")
-    with pytest.raises(StoreError, match="--overwrite"):
-        compress(tiny_models["mixtral"], tmp_path / "s")
+    first = compress(tiny_models["mixtral"], tmp_path / "s")
+    # the same command again finds the very store it would make: nothing to do (a rerun always succeeds)
+    assert compress(tiny_models["mixtral"], tmp_path / "s").store_id == first.store_id
+    with pytest.raises(StoreError, match="another checkpoint.*--overwrite"):
+        compress(tiny_models["qwen3_moe"], tmp_path / "s")
+    with pytest.raises(StoreError, match="other settings.*--overwrite"):
+        compress(tiny_models["mixtral"], tmp_path / "s", CompressOptions(shards=2))
     compress(tiny_models["qwen3_moe"], tmp_path / "s", CompressOptions(overwrite=True))
     assert open_store(tmp_path / "s").model_type == "qwen3_moe"
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import sys
+import threading
+import time
 from typing import Any
 
-from ..errors import ZipMoEError
+from ..errors import ClusterError, ZipMoEError
 from .base import Backend, LaneStats
 from .cluster_nodes import NodeInfo, node_entry, pin
 from .ray_stages import (
@@ -43,10 +47,77 @@ def connect_ray(config) -> bool:
     if ray.is_initialized():
         return False
     if config.address:
-        ray.init(address=config.address, log_to_driver=False)
+        attach(config.address, config.connect_timeout)
         return False
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return True
+
+
+class _DropThreadWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not the main thread" not in record.getMessage()
+
+
+def attach(address: str, timeout: float) -> None:
+    """``ray.init(address=address)`` within ``timeout`` seconds, or ClusterError naming the address.
+
+    ``ray.init`` retries a dead address for minutes and cannot be interrupted meanwhile, so the address is
+    first probed with a plain TCP connection (nothing listening: refused at once), then joined on a
+    helper thread that is abandoned at the deadline (a join that completes after that is undone)."""
+    import ray
+
+    from ..runtime.config import parse_address
+
+    host, port = parse_address(address)
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 10.0)):
+            pass
+    except socket.gaierror as e:
+        raise ClusterError(
+            f"--address {address}: cannot resolve the host {host!r} ({e.strerror}); give the head node's IP "
+            "address or a name this machine resolves"
+        ) from None
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ClusterError(
+            f"no Ray cluster at {address} ({why}); start one there with `ray start --head --port {port}`, or "
+            "check the address (and that no firewall is in the way)"
+        ) from None
+    box: dict[str, Any] = {}
+    abandoned = threading.Event()
+
+    def join() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except BaseException as e:  # reported by the caller
+            box["error"] = e
+            return
+        if abandoned.is_set():
+            ray.shutdown()
+        else:
+            box["ok"] = True
+
+    quiet = _DropThreadWarning()
+    worker_log = logging.getLogger("ray._private.worker")
+    worker_log.addFilter(quiet)
+    try:
+        th = threading.Thread(target=join, name="zipmoe-ray-connect", daemon=True)
+        th.start()
+        th.join(max(0.1, deadline - time.monotonic()))
+    finally:
+        worker_log.removeFilter(quiet)
+    if th.is_alive():
+        abandoned.set()
+        raise ClusterError(
+            f"the Ray cluster at {address} did not answer within {timeout:g} s (something listens on that "
+            "port, but it is not a Ray head node, or it is overloaded); check the address or raise "
+            "--connect-timeout"
+        )
+    if "error" in box:
+        e = box["error"]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {first}") from None
 
 
 def wait(refs):
@@ -59,12 +130,28 @@ def wait(refs):
         raise _zipmoe_or(e) from None
     except ray.exceptions.ActorDiedError as e:
         cause = getattr(e, "cause", None) or e
-        raise _zipmoe_or(cause) if isinstance(cause, Exception) else e from None
+        err = _zipmoe_or(cause) if isinstance(cause, Exception) else e
+        raise (_from_creation_error(e) or err) if err is e else err from None
 
 
 def _zipmoe_or(e: BaseException) -> BaseException:
     u = unwrap(e)
     return u if isinstance(u, ZipMoEError) else e
+
+
+def _from_creation_error(e: BaseException) -> ZipMoEError | None:
+    """The zipmoe error an actor's ``__init__`` raised (a damaged store found while the executor loads its
+    model), rebuilt from the ActorDiedError, which keeps only its formatted traceback."""
+    from .. import errors
+
+    found = re.findall(r"zipmoe_ray\.errors\.(\w+): ([^\n]+)", str(e))
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, ZipMoEError):
+        return cls(message.strip())
+    return None
 
 
 class RayBackend(Backend):

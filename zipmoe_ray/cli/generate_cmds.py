@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ZipMoEError
 from .engine_opts import add_engine_options, engine_kwargs
 
 __all__ = ["add_generate_commands", "stats_for_json"]
@@ -67,15 +67,59 @@ def stats_for_json(s: dict) -> dict:
     return s
 
 
+def _checked_prompts(args, prompts) -> list[list[int]]:
+    """The prompts as token ids, checked (vocabulary, context, sampling values, output paths) before any
+    engine starts: a mistake costs a second, not an engine start-up."""
+    from ..models.registry import get_arch
+    from ..runtime.request import check_sampling
+    from ..runtime.text import PromptText
+    from ..store import open_store
+    from ..store.durable import check_writable
+
+    sampling = {k: getattr(args, k, None) for k in ("seed", "temperature", "top_p", "top_k")}
+    check_sampling(args.max_new_tokens, do_sample=getattr(args, "do_sample", False), **sampling)
+    if getattr(args, "trace_out", None):
+        check_writable(args.trace_out, "trace (--trace-out)")
+    store = open_store(args.store_dir)
+    try:
+        causal = get_arch(store.model_type).family == "causal"
+        text = PromptText.for_store(args.store_dir, store.config(), causal)
+    finally:
+        store.close()
+    if prompts is None:
+        return []
+    ids, _ = text.encode(list(prompts))
+    text.check_length(ids, args.max_new_tokens)
+    return ids
+
+
+def _print_partial(args, e: ZipMoEError) -> None:
+    """What a failed generation had produced, printed rather than lost (the error follows on stderr)."""
+    outs = e.partial if isinstance(e.partial, list) else [e.partial]
+    if args.json:
+        doc = {"outputs": [{"token_ids": o.token_ids, "text": o.text} for o in outs], "error": str(e)}
+        print(json.dumps(doc, indent=2))
+        return
+    for o in outs:
+        print(o.text)
+    n = max(len(o.token_ids) for o in outs)
+    print(f"[the generation failed after {n} token(s); above is what it produced]", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     from ..engine import ZipMoEEngine
 
-    prompts = args.prompt if args.prompt else args.prompt_ids
+    prompts = _checked_prompts(args, args.prompt if args.prompt else args.prompt_ids)
     sampling = {k: getattr(args, k) for k in ("seed", "temperature", "top_p", "top_k")}
     with ZipMoEEngine(
         args.store_dir, trace_path=args.trace_out, plan=args.plan, **engine_kwargs(args)
     ) as engine:
-        outs = engine.generate(prompts, args.max_new_tokens, do_sample=args.do_sample, **sampling)
+        try:
+            outs = engine.generate(prompts, args.max_new_tokens, do_sample=args.do_sample, **sampling)
+        except ZipMoEError as e:
+            if e.partial is not None:
+                _print_partial(args, e)
+            raise
         stats = engine.stats()
     if args.json:
         doc = {
@@ -136,27 +180,11 @@ def _fit(tok, base: list[dict], turns: list[dict], limit: int) -> list[int]:
         )
 
 
-def _stream_reply(engine, tok, ids: list[int], max_new_tokens: int) -> str:
-    """Stream a reply to stdout as its tokens come, returning its text. Decodes the reply's ids itself and
-    holds back a trailing U+FFFD: a token can end inside a multi-byte character the next token completes."""
-    reply: list[int] = []
-    shown = ""
-    for token_id, _ in engine.stream(list(ids), max_new_tokens):
-        reply.append(token_id)
-        text = tok.decode(reply, skip_special_tokens=True)
-        ready = text.rstrip("\ufffd")
-        if len(ready) > len(shown) and ready.startswith(shown):
-            print(ready[len(shown) :], end="", flush=True)
-            shown = ready
-    text = tok.decode(reply, skip_special_tokens=True)
-    print(text[len(shown) :] if text.startswith(shown) else "", flush=True)
-    return text.strip()
-
-
 def cmd_chat(args) -> int:
     from ..engine import ZipMoEEngine
 
     interactive = sys.stdin.isatty()
+    _checked_prompts(args, None)
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
@@ -191,9 +219,16 @@ def cmd_chat(args) -> int:
             ids = _fit(tok, base, turns, limit)
             if not ids:
                 raise ConfigError("the chat prompt tokenized to nothing")
-            turns.append(
-                {"role": "assistant", "content": _stream_reply(engine, tok, ids, args.max_new_tokens)}
-            )
+            reply = []
+            try:
+                for _, piece in engine.stream(list(ids), args.max_new_tokens):
+                    reply.append(piece)
+                    print(piece, end="", flush=True)
+            except ZipMoEError:
+                print(flush=True)  # the reply so far stays on screen; the error follows on stderr
+                raise
+            print()
+            turns.append({"role": "assistant", "content": "".join(reply).strip()})
         s = engine.stats()
         if s["tpot_s"]:
             print(f"[last reply: tpot {s['tpot_s'] * 1e3:.1f} ms]", file=sys.stderr)

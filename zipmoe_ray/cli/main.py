@@ -1,10 +1,17 @@
-"""The ``zipmoe`` command: one subcommand per pipeline stage. Only this package prints."""
+"""The ``zipmoe`` command: one subcommand per pipeline stage. Only this package prints.
+
+Errors a user can cause (ZipMoEError, and OSError from the paths they give) end the command with one line
+``zipmoe COMMAND: error: ...`` and exit status 1; ``-v`` adds the traceback. SIGTERM and Ctrl-C end every
+command promptly, wherever it is (see signals.py): status 143 and 130 (``-vv`` shows where it was).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
 from .. import env
 from .._version import __version__
@@ -13,6 +20,7 @@ from .demo import add_demo_command
 from .generate_cmds import add_generate_commands
 from .plan_cmds import add_plan_commands
 from .serve_cmd import add_serve_command
+from .signals import Interrupted, install_signal_handlers
 from .store_cmds import add_store_commands
 
 __all__ = ["build_parser", "main"]
@@ -50,17 +58,40 @@ def _setup_logging(verbose: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray's driver prints a C stack dump ("*** SIGTERM received ...") for every SIGTERM: not a crash here,
+    # where SIGTERM is how a command is stopped (set RAY_DISABLE_FAILURE_SIGNAL_HANDLER=0 to keep it)
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    signals = install_signal_handlers()
     try:
         return int(args.func(args) or 0)
     except ZipMoEError as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"zipmoe {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"zipmoe {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # a path the user gave: unreadable, not writable, a full disk
+        if args.verbose:
+            traceback.print_exc()
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"zipmoe {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, SystemExit) as e:
+        received = None
+        if signals is not None:
+            received = signals.wait_received(0.5 if isinstance(e, SystemExit) else 0.0)
+        if isinstance(e, SystemExit) and received is None:
+            raise  # an ordinary exit (argparse, a command's sys.exit)
+        if args.verbose > 1:  # where it was stopped: for -vv
+            traceback.print_exc()
+        name = "terminated" if received == Interrupted.SIGTERM else "interrupted"  # Ctrl-C, or no signal
+        print(f"zipmoe {args.command}: {name}", file=sys.stderr)
+        return 143 if received == Interrupted.SIGTERM else 130
+    finally:
+        if signals is not None:
+            signals.uninstall()
 
 
 if __name__ == "__main__":

@@ -72,9 +72,17 @@ def add_plan_commands(sub) -> None:
         p.set_defaults(func=cmd_plan if name == "plan" else cmd_simulate)
 
 
+def _writable(path, what: str) -> None:
+    from ..store.durable import check_writable
+
+    if path:
+        check_writable(path, what)
+
+
 def cmd_trace_convert(args) -> int:
     from ..trace import CountTrace, load_recorded
 
+    _writable(args.trace_out, "count trace")
     ct = CountTrace.from_recorded(load_recorded(args.trace_in), include_prefill=args.include_prefill)
     ct.save(args.trace_out)
     print(
@@ -86,6 +94,7 @@ def cmd_trace_convert(args) -> int:
 def cmd_trace_synth(args) -> int:
     from ..trace import synth
 
+    _writable(args.trace_out, "trace")
     shape = dict(
         num_layers=args.layers, num_experts=args.experts, top_k=args.top_k, expert_bytes=args.expert_bytes
     )
@@ -114,6 +123,9 @@ def cmd_calibrate(args) -> int:
     from ..plan.calibrate import calibrate
 
     probe = None
+    if args.engine and not args.store:
+        raise ConfigError("zipmoe calibrate --engine measures the runtime on a store: give --store STORE_DIR")
+    _writable(args.out, "profile (--out)")
     if args.engine:
         from .calibrate_engine import measure_engine as probe
     profile = calibrate(args.store, engine_probe=probe, workers=args.workers)
@@ -127,7 +139,8 @@ def cmd_calibrate(args) -> int:
 
 
 def _workload(args):
-    """(workload, store layout) from --trace and/or --store."""
+    """(workload, the store or None) from --trace and/or --store; a trace recorded on a store of another
+    checkpoint than --store's is refused."""
     from ..plan.workload import Workload
     from ..trace import CountTrace, load_any
 
@@ -141,6 +154,12 @@ def _workload(args):
         sizes, layers = expert_sizes(store), store.layers()
     if getattr(args, "trace", None):
         tr = load_any(args.trace)
+        theirs, mine = tr.fingerprint, store.index.source["fingerprint"] if store is not None else ""
+        if theirs and mine and theirs != mine:
+            raise ConfigError(
+                f"{args.trace} was recorded on a store of another checkpoint (fingerprint {theirs[:12]}..., "
+                f"{args.store} has {mine[:12]}...); give a trace of this model"
+            )
         if isinstance(tr, CountTrace):
             if layers is not None and len(layers) != tr.num_layers:
                 raise ConfigError(f"the trace has {tr.num_layers} layers, the store {len(layers)}")
@@ -155,6 +174,16 @@ def _workload(args):
     )
 
 
+def _store_id(args) -> str:
+    """The hex id of --store's store ("" without --store)."""
+    if not getattr(args, "store", None):
+        return ""
+    from ..store import open_store
+
+    with open_store(args.store) as s:
+        return s.index.store_id.hex()
+
+
 def cmd_plan(args) -> int:
     if not (args.store or args.trace):
         raise ConfigError("zipmoe plan needs --store STORE_DIR or --trace TRACE (or both)")
@@ -163,10 +192,12 @@ def cmd_plan(args) -> int:
     from ..runtime.sizes import parse_size
     from ..sim.simulator import choose_plan
 
+    _writable(args.out, "plan (--out)")
     w = _workload(args)
     profile = load_profile(args.device_profile)
     budget = parse_size(args.memory_budget, total=w.expert_bytes)
     plan = choose_plan(w, budget, profile, minimum_budget(w.sizes, w.top_k))
+    plan.store_id = _store_id(args)  # what `generate --plan` checks it against
     if args.out:
         plan.save(args.out)
     doc = {k: v for k, v in plan.to_json().items() if k not in ("forms", "access")}
@@ -196,6 +227,11 @@ def cmd_simulate(args) -> int:
     profile = load_profile(args.device_profile)
     budget = parse_size(args.memory_budget, total=w.expert_bytes)
     plan = Plan.load(args.plan) if args.plan else None
+    mine = _store_id(args)
+    if plan is not None and plan.store_id and mine and plan.store_id != mine:
+        raise ConfigError(
+            f"{args.plan} was made for another store than {args.store}; make one for it with zipmoe plan"
+        )
     from .progress import TqdmProgress
 
     with TqdmProgress("simulate", quiet=len(w.steps) < 2000, unit="step") as bar:

@@ -42,6 +42,13 @@ class TqdmProgress:
             self.bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)
         self.bar.update(nbytes)
 
+    def note(self, message: str) -> None:
+        """A line about the work (what a resume kept), printed even with ``quiet``."""
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(f"{self.desc}: {message}", file=sys.stderr)
+        else:
+            print(f"{self.desc}: {message}", file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -50,6 +50,7 @@ class Plan:
     scope: str = "global"
     device: str = ""
     decay: float | None = None  # popularity decay per step the cache should run with (None: the config's)
+    store_id: str = ""  # hex id of the store it was made for ("" when made without one)
 
     def held(self, sizes) -> dict[Form, int]:
         out = {Form.FULL: 0, Form.COMPRESSED: 0, Form.SM: 0}
@@ -79,6 +80,7 @@ class Plan:
             "format": PLAN_FORMAT,
             "scope": self.scope,
             "device": self.device,
+            "store_id": self.store_id,
             "budget": self.budget,
             "reserve": self.reserve,
             "chosen": self.chosen,
@@ -109,14 +111,15 @@ class Plan:
             scope=d.get("scope", "global"),
             device=d.get("device", ""),
             decay=float(d["decay"]) if d.get("decay") is not None else None,
+            store_id=str(d.get("store_id", "")),
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         try:
             return cls.from_json(json.loads(Path(path).read_text()), str(path))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: cannot read the plan ({e})") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{path}: cannot read the plan ({type(e).__name__}: {e})") from None
 
 
 def _task_costs(w: Workload, costs: CostModel, on_device: bool):

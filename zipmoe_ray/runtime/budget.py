@@ -15,6 +15,7 @@ the refusal here, before anything starts, with the flag and the number to give.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from ..cache.forms import ExpertSizes, Form, Key
@@ -22,7 +23,7 @@ from ..cache.layout import ModelLayout
 from ..errors import BudgetError
 from .sizes import parse_size
 
-__all__ = ["Budget", "inflight_per_node", "minimum_budget"]
+__all__ = ["Budget", "inflight_per_node", "machine_memory", "minimum_budget"]
 
 
 def minimum_budget(sizes: dict[Key, ExpertSizes], experts_in_flight: int) -> int:
@@ -30,6 +31,23 @@ def minimum_budget(sizes: dict[Key, ExpertSizes], experts_in_flight: int) -> int
     decoded, at once: the staging reserve."""
     worst = max(s.staging(Form.DISK) for s in sizes.values())
     return experts_in_flight * worst
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory this process can have: the physical memory, or the cgroup's limit when lower
+    (containers); None where neither can be read."""
+    try:
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        phys = None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        cg = int(limit) if limit.isdigit() else None
+    except OSError:
+        cg = None
+    known = [m for m in (phys, cg) if m]
+    return min(known) if known else None
 
 
 def inflight_per_node(top_k: int, nodes: int) -> int:
@@ -62,6 +80,20 @@ class Budget:
         """The smallest total budget that serves ``layout`` on ``nodes`` devices."""
         inflight = layout.top_k if nodes == 1 else inflight_per_node(layout.top_k, nodes)
         return nodes * minimum_budget(layout.sizes, inflight)
+
+    def require_memory(self, nodes: int = 1, memory: int | None = None, allow: bool = False) -> None:
+        """Refuse a budget whose share per node exceeds the memory of this machine (``memory``, default
+        :func:`machine_memory`), unless ``allow`` (``--allow-budget-above-memory``)."""
+        memory = machine_memory() if memory is None else memory
+        share = self.per_node(nodes)
+        if allow or memory is None or share <= memory:
+            return
+        per = f" per node ({nodes} nodes)" if nodes > 1 else ""
+        raise BudgetError(
+            f"memory budget {share:,} B{per} is more than this machine's memory ({memory:,} B, "
+            f"{memory / 2**30:.1f} GiB): the cache would not fit; give a smaller --memory-budget, or pass "
+            "--allow-budget-above-memory if you know better"
+        )
 
     def require(self, layout: ModelLayout, nodes: int = 1) -> None:
         """Refuse a budget below :meth:`minimum`, with the figure to give ``--memory-budget``."""

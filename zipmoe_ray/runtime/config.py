@@ -7,6 +7,7 @@ benchmarks from them, so a setting has one name and one default.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from ..errors import ConfigError
 from ..store.io import READ_MODES, ReadOptions
 from .sizes import parse_bandwidth
 
-__all__ = ["BACKENDS", "CliOption", "EngineConfig"]
+__all__ = ["BACKENDS", "CliOption", "EngineConfig", "parse_address"]
 
 BACKENDS = ("ray", "local")
 
@@ -44,6 +45,21 @@ def _nodes(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of a Ray cluster address ``HOST:PORT`` (``[v6]:PORT``, or ``ray://HOST:PORT`` for Ray
+    Client); raises ConfigError naming the address otherwise."""
+    rest = address[len("ray://") :] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/ "):
+        raise ConfigError(
+            f"--address {address!r} is not HOST:PORT; give the address of the cluster's head node as "
+            "`ray start --head` printed it, e.g. 192.168.1.20:6379"
+        )
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     memory_budget: int | str = field(
@@ -63,6 +79,10 @@ class EngineConfig:
     address: str | None = field(
         default=None,
         metadata=_cli("attach to a running Ray cluster at HOST:PORT (default: start one in this process)"),
+    )
+    connect_timeout: float = field(
+        default=30.0,
+        metadata=_cli("seconds to reach and join the Ray cluster at --address before giving up", parse=float),
     )
     nodes: tuple[str, ...] | None = field(
         default=None,
@@ -140,6 +160,22 @@ class EngineConfig:
             kind="negated",
         ),
     )
+    verify: bool = field(
+        default=False,
+        metadata=_cli(
+            "check every byte of the store against its checksum before serving (reads the whole store "
+            "once); without it experts are checked as they are first read",
+            kind="switch",
+        ),
+    )
+    allow_budget_above_memory: bool = field(
+        default=False,
+        metadata=_cli(
+            "accept a --memory-budget larger than this machine's memory (for those who know better: "
+            "swap, or memory another node brings)",
+            kind="switch",
+        ),
+    )
     timeline: bool = field(
         default=False,
         metadata=_cli(
@@ -154,6 +190,19 @@ class EngineConfig:
             raise ConfigError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.address is not None and self.backend != "ray":
             raise ConfigError("--address needs the ray backend")
+        if self.address is not None:
+            if not isinstance(self.address, str):
+                raise ConfigError(f"address must be HOST:PORT, got {self.address!r}")
+            parse_address(self.address)
+        if not (
+            isinstance(self.connect_timeout, (int, float))
+            and not isinstance(self.connect_timeout, bool)
+            and math.isfinite(self.connect_timeout)
+            and self.connect_timeout > 0
+        ):
+            raise ConfigError(
+                f"connect_timeout must be a positive number of seconds, got {self.connect_timeout!r}"
+            )
         for name in ("num_decompressors", "torch_threads"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ZipMoEError
 from ..models.registry import get_arch
 from ..store import open_store
 from .client import ExpertClient
@@ -97,9 +97,11 @@ class _StepHook:
         self.row_limits = row_limits
         self.cancelled = cancelled
         self.stopped: dict[int, int] = {}  # row -> new tokens it had when this hook stopped it
+        self.last: torch.LongTensor | None = None  # the sequences so far (what a failure returns)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         self.times.append(time.perf_counter())
+        self.last = input_ids
         self.client.end_step()
         if self.sink is not None:
             self.sink.put(("tokens", input_ids[:, -1].tolist()))
@@ -193,6 +195,11 @@ class Executor:
             try:
                 with torch.no_grad():
                     out = self.model.generate(**inputs, **kwargs)
+            except ZipMoEError as e:  # e.g. a damaged expert: the tokens so far travel with the error
+                start = inputs["input_ids"].shape[1] if self.spec.family == "causal" else 1
+                rows = hook.last.tolist() if hook.last is not None else [[] for _ in req.input_ids]
+                e.partial_token_ids = [self._trim(r[start:]) for r in rows]
+                raise
             finally:
                 self.client.finish()
                 trace = self.client.stop_trace() if req.trace_request is not None else None

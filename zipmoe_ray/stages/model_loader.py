@@ -28,10 +28,13 @@ log = logging.getLogger(__name__)
 def load_model(store: Store, source: ExpertSource, *, device: str = "cpu", dtype: str | torch.dtype = "auto"):
     """Load the store's model with experts served by ``source``; returns (model, {layer: experts module}).
 
-    Raises StoreError when the model's MoE layers do not match the store's."""
+    The non-expert weights are checked against the index tensor by tensor first (nothing damaged is ever
+    loaded). Raises ChecksumError naming the file and tensor of damaged weights, StoreError when the
+    model's MoE layers do not match the store's."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.initialization import no_init_weights
 
+    store.check_dense()
     register()
     spec = get_arch(store.model_type)
     auto = AutoModelForSeq2SeqLM if spec.family == "seq2seq" else AutoModelForCausalLM

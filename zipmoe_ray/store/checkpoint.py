@@ -45,6 +45,9 @@ _ST_DTYPES = {
 }
 
 
+_FLOAT = ("BF16", "F16", "F32", "F64")
+
+
 @dataclass(frozen=True)
 class TensorSource:
     """One tensor of an expert as it appears in the checkpoint."""
@@ -96,9 +99,12 @@ def _read_header(path: Path) -> tuple[dict[str, Any], bytes]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        return json.loads(header), header
+        parsed = json.loads(header)
     except ValueError:
         raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return parsed, header
 
 
 class Checkpoint:
@@ -161,12 +167,25 @@ class Checkpoint:
         for f in self.files:
             header, raw = _read_header(f)
             self._headers[f] = raw
+            end = 0
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
                 if name in self.tensors:
                     raise CheckpointError(f"{self.path}: tensor {name!r} appears in two files")
-                self.tensors[name] = (f, meta["dtype"], tuple(meta["shape"]))
+                try:
+                    self.tensors[name] = (f, str(meta["dtype"]), tuple(int(d) for d in meta["shape"]))
+                    end = max(end, int(meta["data_offsets"][1]))
+                except (KeyError, TypeError, ValueError, IndexError):
+                    raise CheckpointError(
+                        f"{f}: not a safetensors file (tensor {name!r} has a bad header entry)"
+                    ) from None
+            size = f.stat().st_size
+            if size < 8 + len(raw) + end:
+                raise CheckpointError(
+                    f"{f}: truncated ({size} bytes, its header describes {8 + len(raw) + end}); download or "
+                    "copy the checkpoint again"
+                )
         self._handles: dict[Path, Any] = {}
 
     @cached_property
@@ -239,6 +258,23 @@ class Checkpoint:
                     f"layer {layer} has experts {have[:5]}... ({len(have)} of {num_experts}); the checkpoint is incomplete"
                 )
         return out
+
+    def check_servable(self) -> None:
+        """Refuse what compress could store but the runtime could not serve bit-exactly: routed experts
+        of more than one dtype, and integer (quantized) non-expert weights. Raises DTypeError."""
+        dtypes = sorted({t.dtype for e in self.experts for t in e.tensors})
+        if len(dtypes) > 1:
+            raise DTypeError(
+                f"{self.path}: the routed experts mix dtypes {', '.join(dtypes)}; zipmoe serves experts of one "
+                "dtype (convert the checkpoint to one, e.g. save it again in bfloat16)"
+            )
+        for name in self.dense_names:
+            dtype = self.tensors[name][1]
+            if dtype not in _FLOAT and name.rsplit(".", 1)[-1] in ("weight", "bias"):
+                raise DTypeError(
+                    f"non-expert weight {name} has dtype {dtype}: zipmoe serves floating-point checkpoints "
+                    "only (quantized checkpoints are not supported; use the original BF16 release)"
+                )
 
     @cached_property
     def expert_tensor_names(self) -> set[str]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import StoreError
+from ..errors import ConfigError, StoreError
 
-__all__ = ["disk_full_guard", "file_crc32", "fsync_dir", "temp_name", "write_atomic"]
+__all__ = ["check_writable", "disk_full_guard", "file_crc32", "fsync_dir", "temp_name", "write_atomic"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -77,3 +78,31 @@ def file_crc32(path: Path) -> int:
         while chunk := f.read(16 << 20):
             c = zlib.crc32(chunk, c)
     return c & 0xFFFFFFFF
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse an output path that cannot be written, before any work is done: a directory, an existing
+    file without write permission, or a parent that cannot be created or written. Probes the nearest
+    existing parent with a temporary file (permission bits alone lie for root), leaves nothing behind.
+    Raises ConfigError naming ``what`` and the path."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory; give a file name")
+    if p.exists():
+        try:
+            with open(p, "ab"):
+                return
+        except OSError as e:
+            raise ConfigError(f"cannot write the {what} {p}: {e.strerror}") from None
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the {what} {p}: {parent} is not a writable directory ({e.strerror})"
+        ) from None

@@ -7,6 +7,7 @@ of all its tensors) followed by its SM region (the raw sign+mantissa planes), ze
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from .checkpoint import Checkpoint, CheckpointExpert
 from .durable import disk_full_guard, fsync_dir, temp_name
 from .format import DATA_HEADER_SIZE, ChunkRef, ExpertRecord, TensorRecord, align_up, data_header
 
-__all__ = ["EXPERTS_DIR", "layer_file", "write_layer"]
+__all__ = ["EXPERTS_DIR", "check_layer", "layer_file", "write_layer"]
 
 EXPERTS_DIR = "experts"
 
@@ -138,3 +139,40 @@ def write_layer(
         "num_experts": len(experts),
         "experts": [r.pack() for r in records],
     }
+
+
+def check_layer(store: Path, done: dict, store_id: bytes) -> str | None:
+    """What is wrong with a layer's data file that the journal records as finished, or None when it is
+    whole: its size, its header, every chunk's CRC-32 and the zero padding. Reads the file once (a resume
+    re-checks every finished layer rather than trusting its size)."""
+    try:
+        path = store / done["file"]
+        size = path.stat().st_size
+        if size != done["file_size"] or size < DATA_HEADER_SIZE:
+            return f"{size} bytes, the journal recorded {done['file_size']}"
+        records = [ExpertRecord.unpack(r) for r in done["experts"]]
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            mv = memoryview(m)
+            try:
+                return _check_extents(mv, size, records, data_header(store_id, done["layer"]))
+            finally:
+                mv.release()
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        return f"unreadable ({e})"
+
+
+def _check_extents(mv: memoryview, size: int, records: list[ExpertRecord], header: bytes) -> str | None:
+    if mv[:DATA_HEADER_SIZE] != header:
+        return "its header is damaged or belongs to another store"
+    pos = DATA_HEADER_SIZE
+    for rec in records:
+        if rec.offset != pos or rec.offset + rec.padded_length > size:
+            return f"{rec.label()} lies outside the file"
+        for t in rec.tensors:
+            for ref in (*t.shards, t.raw):
+                if crc32(mv[rec.offset + ref.offset : rec.offset + ref.offset + ref.length]) != ref.crc32:
+                    return f"{rec.label(t.name)} fails its checksum"
+        if any(mv[rec.offset + rec.length : rec.offset + rec.padded_length]):
+            return f"{rec.label()}: padding is not zero"
+        pos = rec.offset + rec.padded_length
+    return None if pos == size else f"{size - pos} bytes follow the last extent"

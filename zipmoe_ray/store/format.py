@@ -11,6 +11,16 @@ A store directory::
 Index file: a msgpack map ``{"magic": "zipmoe-store", "format_version": 1, "body_crc32": c, "body": b}``
 where ``body`` is the msgpack-encoded index (see :class:`StoreIndex`) and ``c`` its CRC-32. The outer map
 stays readable when the body's schema changes, so a reader can always name the version it was given.
+Every field of the body is checked against schema.py before use (types, ranges, chunks tiling their
+extents, extents inside their files, paths inside the store directory).
+
+Checksums cover every file served from: each chunk of each expert (below); each dense weights file by
+size and CRC-32, plus (``dense.files[i]``: ``data_start``, ``header_crc32``, ``tensors: {name: [offset,
+length, crc32]}``) its header and each tensor, and the shards' weight map (``dense.index``); every other
+file copied from the checkpoint (config, generation config, tokenizer, chat template: ``aux_files``) by
+size and CRC-32. The per-tensor fields and ``dense.index`` were added within version 1 as optional
+fields: a store written before them is still read (its dense files are then checked whole, which
+refuses damage but cannot name the tensor; re-compress it for that), so no version bump was needed.
 
 Data file: a 4096-byte header (``MAGIC_DATA``, format version u32, store id 16 bytes, layer i32, zero
 padding), then extents. Each expert is one contiguous extent starting on a 4 KiB boundary::
@@ -33,6 +43,7 @@ import msgpack
 
 from ..codec.encoded import EncodedTensor, crc32
 from ..errors import FormatVersionError, StoreCorruptError
+from .schema import ALIGN, DATA_HEADER_SIZE, check_body
 
 __all__ = [
     "ALIGN",
@@ -60,8 +71,6 @@ MAGIC_DATA = b"ZMOEXPRT"
 INDEX_NAME = "zipmoe-index.msgpack"
 PARTIAL_DIR = ".zipmoe-partial"
 DENSE_VARIANT = "zipmoe-dense"  # transformers variant: model.zipmoe-dense.safetensors
-ALIGN = 4096
-DATA_HEADER_SIZE = 4096
 _HEADER_STRUCT = struct.Struct("<8sI16si")
 
 
@@ -81,6 +90,8 @@ def parse_data_header(buf: bytes, path: str) -> tuple[int, bytes, int]:
     magic, version, store_id, layer = _HEADER_STRUCT.unpack_from(buf)
     if magic != MAGIC_DATA:
         raise StoreCorruptError(f"{path}: not a zipmoe expert data file (bad magic)")
+    if len(buf) >= DATA_HEADER_SIZE and any(buf[_HEADER_STRUCT.size : DATA_HEADER_SIZE]):
+        raise StoreCorruptError(f"{path}: the header's padding is not zero (its bytes were altered)")
     return version, store_id, layer
 
 
@@ -314,6 +325,11 @@ def loads_index(data: bytes, path: str) -> StoreIndex:
     if not isinstance(body, bytes) or crc32(body) != outer.get("body_crc32"):
         raise StoreCorruptError(f"{path}: the store index fails its checksum; re-create the store")
     try:
-        return StoreIndex.unpack(msgpack.unpackb(body, raw=False))
-    except Exception as e:
+        d = msgpack.unpackb(body, raw=False)
+    except Exception:
+        raise StoreCorruptError(f"{path}: the store index body is not msgpack; re-create the store") from None
+    check_body(d, path)  # every field's type and range, every path confined: nothing unchecked is used
+    try:
+        return StoreIndex.unpack(d)
+    except Exception as e:  # pragma: no cover - check_body admits only what unpack can build
         raise StoreCorruptError(f"{path}: the store index is malformed ({e})") from None

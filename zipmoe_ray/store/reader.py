@@ -1,9 +1,12 @@
 """Reading a store: ``open_store(path)`` and the :class:`Store` object.
 
-Opening checks the index (magic, format version, checksum) and every data file (present, not truncated,
-header naming this store and layer) before any weight is returned, so a damaged or mismatched store fails
-at open, not halfway through a generation. Every chunk is checked against its CRC-32 before it is
-decoded (``verify=False`` skips that only for callers that checked already).
+Opening checks the index (magic, format version, checksum, then every field against the schema: types,
+ranges, offsets inside their files, paths confined to the store), every data file (present, inside the
+store directory, not truncated, header naming this store and layer), and the CRC-32 of every small file
+the model and tokenizer are read from (config, tokenizer, generation config), so a damaged or mismatched
+store fails at open, not halfway through a generation. The non-expert weights are checked tensor by
+tensor by :meth:`Store.check_dense` before the executor loads them, and every expert chunk against its
+CRC-32 before it is decoded (``verify=False`` skips that only for callers that checked already).
 """
 
 from __future__ import annotations
@@ -21,17 +24,15 @@ import torch
 from ..codec import decode_many, layout_for
 from ..codec.encoded import EncodedTensor
 from ..errors import ChecksumError, StoreCorruptError, StoreError
+from .files import check_data_files, check_dense, check_small_files, check_uncovered, confined
 from .format import (
-    DATA_HEADER_SIZE,
     DENSE_VARIANT,
-    FORMAT_VERSION,
     INDEX_NAME,
     PARTIAL_DIR,
     ExpertRecord,
     StoreIndex,
     align_up,
     loads_index,
-    parse_data_header,
 )
 from .io import BandwidthLimiter, ExtentReader, ReadOptions, aligned_empty
 
@@ -47,26 +48,36 @@ def open_store(
     *,
     read_options: ReadOptions | None = None,
     limiter: BandwidthLimiter | None = None,
+    check_files: bool = True,
 ) -> Store:
     """Open a store directory written by ``zipmoe compress``.
 
     ``read_options`` chooses page-cache bypass and an emulated bandwidth cap (see io.ReadOptions); readers
     given the same ``limiter`` share one emulated device. Raises StoreError (incomplete or not a store),
-    FormatVersionError, StoreCorruptError (damaged index, truncated or foreign data file).
+    FormatVersionError, StoreCorruptError (damaged or malformed index, truncated or foreign data file, a
+    path outside the store, a file the model would read that the index does not cover), ChecksumError
+    (a damaged config or tokenizer file; with ``check_files=False`` those are left to the caller).
 
     Example:
         >>> store = open_store("tiny-qwen.zmoe")  # doctest: +SKIP
         >>> tensors = store.read_expert(*store.experts()[0])  # doctest: +SKIP
     """
-    return Store(path, read_options=read_options, limiter=limiter)
+    return Store(path, read_options=read_options, limiter=limiter, check_files=check_files)
 
 
 class Store:
     """A complete store. Cheap to pickle: it reopens its files in the receiving process."""
 
     def __init__(
-        self, path, *, read_options: ReadOptions | None = None, limiter: BandwidthLimiter | None = None
+        self,
+        path,
+        *,
+        read_options: ReadOptions | None = None,
+        limiter: BandwidthLimiter | None = None,
+        check_files: bool = True,
     ):
+        """``check_files=False`` skips the CRC-32 of config, tokenizer and other small files and the check
+        for uncovered ones (``zipmoe verify`` reports those itself instead of refusing to open)."""
         self.path = Path(path).expanduser()
         self.read_options = read_options or ReadOptions()
         self._limiter = limiter
@@ -86,7 +97,11 @@ class Store:
             )
         self.index: StoreIndex = loads_index(index_path.read_bytes(), str(index_path))
         self._records = {(e.layer, e.expert): e for e in self.index.experts}
-        self._check_files()
+        self._root = os.path.realpath(self.path)
+        check_data_files(self.index, self.file_path)
+        if check_files:
+            check_small_files(self.index, self.file_path)
+            check_uncovered(self.path, self.index)
         self.reader = ExtentReader(str(self.path), self.read_options, limiter)
 
     # -- pickling: the reader holds file descriptors, so it is rebuilt on the other side
@@ -96,35 +111,16 @@ class Store:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"], read_options=state["read_options"])
 
-    def _check_files(self) -> None:
-        for layer in self.index.layers:
-            p = self.path / layer["file"]
-            try:
-                size = p.stat().st_size
-            except FileNotFoundError:
-                raise StoreCorruptError(
-                    f"{p}: missing (layer {layer['layer']}); the store is incomplete, re-create it"
-                ) from None
-            with open(p, "rb") as f:
-                version, store_id, hdr_layer = parse_data_header(f.read(DATA_HEADER_SIZE), str(p))
-            if version != FORMAT_VERSION or store_id != self.index.store_id or hdr_layer != layer["layer"]:
-                raise StoreCorruptError(
-                    f"{p}: belongs to another store or layer (header says layer {hdr_layer}, version {version}); "
-                    "data files cannot be mixed between stores"
-                )
-            if size < layer["file_size"]:
-                first = next(
-                    (
-                        e
-                        for e in self.index.experts
-                        if e.layer == layer["layer"] and e.offset + e.length > size
-                    ),
-                    None,
-                )
-                what = f"; {first.label()} and the experts after it are lost" if first else ""
-                raise StoreCorruptError(
-                    f"{p}: truncated ({size} of {layer['file_size']} bytes){what}; re-create the store"
-                )
+    def file_path(self, rel: str) -> Path:
+        """The path of a file the index names, after checking that it resolves (symlinks too) inside the
+        store directory; raises StoreCorruptError otherwise."""
+        return confined(self.path, self._root, rel)
+
+    def check_dense(self) -> None:
+        """Check the non-expert weights against the index, tensor by tensor, before anything loads them.
+        Blocks (reads them once: the page cache then serves the load). Raises ChecksumError naming the file
+        and tensor, StoreCorruptError for a missing or truncated file."""
+        check_dense(self.path, self.index, self.file_path)
 
     # -- what is in the store
     @property
@@ -148,7 +144,10 @@ class Store:
         return self.index.codec["level"]
 
     def config(self) -> dict[str, Any]:
-        return json.loads((self.path / "config.json").read_text())
+        try:
+            return json.loads(self.file_path("config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise StoreCorruptError(f"{self.path}: config.json cannot be read ({e})") from None
 
     def experts(self) -> list[tuple[int, int]]:
         """Every ``(layer, expert)`` key, sorted."""
@@ -182,7 +181,7 @@ class Store:
         return sum(e.length for e in self.index.experts)
 
     def dense_files(self) -> list[Path]:
-        return [self.path / f["name"] for f in self.index.dense["files"]]
+        return [self.file_path(f["name"]) for f in self.index.dense["files"]]
 
     @property
     def dense_variant(self) -> str:

@@ -13,7 +13,9 @@ from ..codec import layout_for
 from ..codec.encoded import crc32
 from ..errors import StoreMismatchError, ZipMoEError
 from .checkpoint import Checkpoint
+from .dense import check_dense_file
 from .durable import file_crc32
+from .files import check_uncovered
 from .reader import Store, open_store
 from .writer import Progress, _NoProgress
 
@@ -66,18 +68,24 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def verify_store(
-    store_dir: str | os.PathLike, against: str | os.PathLike | None = None, progress: Progress | None = None
+    store_dir: str | os.PathLike,
+    against: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    *,
+    decode: bool = True,
 ) -> VerifyReport:
     """Check a store; returns a report whose ``failures`` name the layer, expert and tensor of each problem.
 
     Without ``against``: the index, every data file header, every chunk's CRC-32, zero padding, that every
-    tensor decodes and that its decoded bits have the CRC-32 recorded from the original tensor, and the
-    CRC-32 of the dense and auxiliary files. With ``against`` (the checkpoint directory): also its
-    fingerprint and every tensor, expert and dense, bit for bit. Raises only for a store that cannot be
-    opened at all (StoreError and subclasses) or a checkpoint that cannot be read.
+    tensor decodes and that its decoded bits have the CRC-32 recorded from the original tensor, the dense
+    weights tensor by tensor and the CRC-32 of the auxiliary files. ``decode=False`` checks every byte's
+    checksum but decodes nothing (what ``--verify`` runs before serving). With ``against`` (the checkpoint
+    directory): also its fingerprint and every tensor, expert and dense, bit for bit. Blocks (reads the
+    whole store). Raises only for a store that cannot be opened at all (StoreError and subclasses) or a
+    checkpoint that cannot be read.
     """
     progress = progress or _NoProgress()
-    store: Store = open_store(store_dir)
+    store: Store = open_store(store_dir, check_files=False)
     report = VerifyReport(str(store.path), str(against) if against else None)
     ckpt = None
     if against is not None:
@@ -117,7 +125,7 @@ def verify_store(
             except ZipMoEError as e:
                 report.fail(str(e))
                 bad = True
-        if bad:
+        if bad or not decode:
             progress.advance(rec.original_bytes, len(rec.tensors))
             continue
         try:
@@ -148,9 +156,25 @@ def verify_store(
                 ):
                     report.fail(f"{rec.label(t.name)}: differs from the checkpoint")
         progress.advance(rec.original_bytes, len(rec.tensors))
-    for kind, files in (("dense weights", store.index.dense["files"]), ("file", store.index.aux_files)):
+    for f in store.index.dense["files"]:
+        try:
+            check_dense_file(store.file_path(f["name"]), f)
+        except ZipMoEError as e:
+            report.fail(f"dense weights {f['name']}: {e}" if not str(e).startswith("dense") else str(e))
+    aux = list(store.index.aux_files)
+    if "index" in store.index.dense:
+        aux.append(store.index.dense["index"])
+    try:
+        check_uncovered(store.path, store.index)
+    except ZipMoEError as e:
+        report.fail(str(e))
+    for kind, files in (("file", aux),):
         for f in files:
-            p = store.path / f["name"]
+            try:
+                p = store.file_path(f["name"])
+            except ZipMoEError as e:
+                report.fail(str(e))
+                continue
             if not p.is_file():
                 report.fail(f"{kind} {f['name']}: missing")
             elif p.stat().st_size != f["size"]:

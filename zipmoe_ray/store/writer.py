@@ -2,8 +2,12 @@
 
 Durability: every data file is written under a temporary name, fsynced and renamed; a journal in
 ``.zipmoe-partial/`` records each finished layer; the index, whose presence alone marks a store complete,
-is written last, also atomically. An interrupted run leaves no index, and the next run with the same
-checkpoint and settings resumes after the last finished layer (other settings: it starts over).
+is written last, also atomically. An interrupted or failed run leaves no index, and the same command
+resumes it: every finished layer and the dense weights are re-checked against their checksums (kept
+when whole, compressed again when not) and what was kept is reported; other settings or another
+checkpoint start over. A run finding the very store it would make does nothing. ``--overwrite`` writes
+the new store beside the old one and swaps them at the end (lifecycle.py); one run at a time writes a
+store (a lock file beside it names the holder's pid).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,20 +29,12 @@ from .._version import __version__
 from ..codec import get_codec
 from ..errors import ConfigError, StoreError, ZipMoEError
 from .checkpoint import Checkpoint, CheckpointExpert
-from .dense import dense_bytes, st_dtype, write_dense
-from .durable import disk_full_guard, file_crc32, fsync_dir, temp_name, write_atomic
-from .extents import EXPERTS_DIR, layer_file, write_layer
-from .format import (
-    DENSE_VARIANT,
-    FORMAT_VERSION,
-    INDEX_NAME,
-    PARTIAL_DIR,
-    ExpertRecord,
-    StoreIndex,
-    dumps_index,
-    loads_index,
-)
+from .dense import check_dense_file, dense_bytes, st_dtype, write_dense
+from .durable import disk_full_guard, file_crc32, temp_name, write_atomic
+from .extents import EXPERTS_DIR, check_layer, write_layer
+from .format import FORMAT_VERSION, INDEX_NAME, PARTIAL_DIR, ExpertRecord, StoreIndex, dumps_index
 from .journal import Journal
+from .lifecycle import StoreLock, clean_store_files, complete_index, finish_swap, staging_dir, swap_in
 
 __all__ = ["CompressOptions", "Progress", "compress"]
 
@@ -70,11 +67,15 @@ class CompressOptions:
 
 
 class Progress(Protocol):
-    """What compress reports while it works (the CLI draws it as a progress bar)."""
+    """What compress reports while it works (the CLI draws it as a progress bar). It may also have a
+    ``note(message)`` method: what a resume kept and redid, a swap finished (else those are logged)."""
 
     def start(self, total_bytes: int, total_tensors: int) -> None: ...
 
     def advance(self, nbytes: int, ntensors: int) -> None: ...
+
+
+Note = Callable[[str], None]
 
 
 class _NoProgress:
@@ -85,55 +86,80 @@ class _NoProgress:
         pass
 
 
-def _clean_store_files(store: Path) -> None:
-    shutil.rmtree(store / EXPERTS_DIR, ignore_errors=True)
-    shutil.rmtree(store / PARTIAL_DIR, ignore_errors=True)
-    for p in store.glob(f"*{DENSE_VARIANT}*"):
-        p.unlink(missing_ok=True)
+def _matches(index: StoreIndex, ckpt: Checkpoint, opts: CompressOptions) -> bool:
+    """Whether a complete store is what compressing ``ckpt`` with ``opts`` would make."""
+    key = opts.manifest_key()
+    return index.source.get("fingerprint") == ckpt.fingerprint and {k: index.codec.get(k) for k in key} == key
 
 
-def _prepare(store: Path, ckpt: Checkpoint, opts: CompressOptions) -> tuple[Journal, bytes]:
-    """Create or reuse ``store``; returns the journal and the store id (new, or the resumed run's)."""
+def _target(
+    store: Path, ckpt: Checkpoint, opts: CompressOptions, note: Note
+) -> tuple[Path, StoreIndex | None]:
+    """The directory to write into (``store``, or beside it for ``--overwrite`` of a complete store), or
+    the index of a complete store that already is what this run would make (nothing to do)."""
     if store.exists() and not store.is_dir():
         raise StoreError(f"{store}: exists and is not a directory; choose a directory for the store")
-    store.mkdir(parents=True, exist_ok=True)
-    journal = Journal(store)
-    index = store / INDEX_NAME
-    fresh = False
-    if index.exists():
-        if not opts.overwrite:
-            raise StoreError(
-                f"{store}: already holds a complete store; pass --overwrite to replace it, or choose another directory"
-            )
-        try:
-            old_files = [f["name"] for f in loads_index(index.read_bytes(), str(index)).aux_files]
-        except ZipMoEError:
-            old_files = []
-        index.unlink()  # from here on the directory no longer claims to hold a complete store
-        fsync_dir(store)
-        _clean_store_files(store)
-        for name in old_files:
-            (store / name).unlink(missing_ok=True)
-        fresh = True
+    finish_swap(store, note)
+    staging = staging_dir(store)
+    has_index = (store / INDEX_NAME).exists()
+    index = complete_index(store) if has_index else None
+    if has_index and opts.overwrite:
+        return staging, None
+    if staging.exists():  # an --overwrite that was stopped, and is not what this run does
+        shutil.rmtree(staging, ignore_errors=True)
+        note(f"removed an unfinished replacement of {store} (from an earlier --overwrite)")
+    if not has_index:
+        return store, None
+    if index is not None and _matches(index, ckpt, opts):
+        shutil.rmtree(store / PARTIAL_DIR, ignore_errors=True)
+        return store, index
+    what = "a damaged store" if index is None else "a complete store of another checkpoint or other settings"
+    raise StoreError(
+        f"{store}: already holds {what}; pass --overwrite to replace it (the old store is kept until the new "
+        "one is complete), or choose another directory"
+    )
+
+
+def _begin(
+    target: Path, ckpt: Checkpoint, opts: CompressOptions, own: bool, note: Note
+) -> tuple[Journal, bytes, bool]:
+    """Create or reuse ``target``; returns the journal, the store id (new, or the resumed run's) and
+    whether this resumes an interrupted run.
+    ``own``: the directory is this module's (a staging directory), so whatever is in it may go."""
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the store directory {target}: {e.strerror}") from None
+    journal = Journal(target)
     want = {"format_version": FORMAT_VERSION, "fingerprint": ckpt.fingerprint, **opts.manifest_key()}
     old = journal.manifest()
+    if old is not None and {k: old.get(k) for k in want} == want and isinstance(old.get("store_id"), bytes):
+        for tmp in (target / EXPERTS_DIR).glob("*.tmp"):
+            tmp.unlink()
+        return journal, old["store_id"], True
     if old is not None:
-        if {k: old.get(k) for k in want} == want:
-            log.info("resuming an interrupted compression in %s", store)
-            for tmp in (store / EXPERTS_DIR).glob("*.tmp"):
-                tmp.unlink()
-            return journal, old["store_id"]
-        log.warning(
-            "%s holds an interrupted compression of another checkpoint or settings; starting over", store
+        note(
+            f"{target} holds an interrupted compression of another checkpoint or other settings; starting over"
         )
-        _clean_store_files(store)
-    elif not fresh and any(store.iterdir()):
+        clean_store_files(target)
+    others = [p for p in target.iterdir() if p.name != PARTIAL_DIR]
+    if others and own:
+        clean_store_files(target)
+        for p in target.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    elif others and old is None:
         raise StoreError(
-            f"{store}: is not empty and holds no zipmoe store; choose a new or empty directory for the store"
+            f"{target}: is not empty and holds no zipmoe store; choose a new or empty directory for the store"
         )
+    shutil.rmtree(target / PARTIAL_DIR, ignore_errors=True)  # a journal begun but never written
     store_id = uuid.uuid4().bytes
     journal.begin({**want, "store_id": store_id})
-    return journal, store_id
+    return journal, store_id, False
+
+
+def _note(progress) -> Note:
+    fn = getattr(progress, "note", None)
+    return fn if callable(fn) else (lambda message: log.info("%s", message))
 
 
 def _source_bytes(src: CheckpointExpert) -> int:
@@ -169,10 +195,32 @@ def compress(
     """
     opts = options or CompressOptions()
     progress = progress or _NoProgress()
+    note = _note(progress)
     ckpt = Checkpoint(model_dir)
-    experts = ckpt.experts  # validates names, dtypes and completeness before anything is written
+    ckpt.experts  # noqa: B018  validates names, dtypes and completeness before anything is written
+    ckpt.check_servable()
     store = Path(store_dir).expanduser()
-    journal, store_id = _prepare(store, ckpt, opts)
+    with StoreLock(store):
+        target, done = _target(store, ckpt, opts, note)
+        if done is not None:
+            note(f"{store} already holds this store (same checkpoint and settings): nothing to do")
+            ckpt.close()
+            return done
+        index = _write(target, ckpt, opts, progress, note, own=target != store)
+        if target != store:
+            swap_in(store, target, note)
+    ckpt.close()
+    log.info("store complete: %s (%d experts)", store, len(index.experts))
+    return index
+
+
+def _write(
+    target: Path, ckpt: Checkpoint, opts: CompressOptions, progress, note: Note, own: bool
+) -> StoreIndex:
+    """Compress into ``target``, resuming what its journal records (each finished piece re-checked)."""
+    experts = ckpt.experts
+    journal, store_id, resumed = _begin(target, ckpt, opts, own, note)
+    store = target
     by_layer: dict[int, list[CheckpointExpert]] = {}
     for e in experts:
         by_layer.setdefault(e.layer, []).append(e)
@@ -180,23 +228,41 @@ def compress(
     expert_bytes = sum(_source_bytes(e) for e in experts)
     progress.start(expert_bytes + dense_bytes(ckpt), total_tensors)
     layers_out = []
+    kept, redone = [], []
     with ThreadPoolExecutor(opts.effective_workers, thread_name_prefix="zipmoe-compress") as pool:
         for layer, group in sorted(by_layer.items()):
             done = journal.load(f"layer-{layer:04d}")
-            data = store / layer_file(layer)
-            if done is not None and data.is_file() and data.stat().st_size == done["file_size"]:
-                log.info("layer %d already compressed, skipping", layer)
+            problem = check_layer(store, done, store_id) if isinstance(done, dict) else "not finished"
+            if done is not None and problem is None:
+                kept.append(layer)
                 progress.advance(sum(_source_bytes(e) for e in group), sum(len(e.tensors) for e in group))
             else:
+                if done is not None:
+                    redone.append(f"layer {layer} ({problem})")
                 done = write_layer(store, ckpt, layer, group, opts, store_id, pool, progress)
                 journal.record(f"layer-{layer:04d}", done)
             layers_out.append(done)
     dense = journal.load("dense")
-    if dense is None or not all((store / f["name"]).is_file() for f in dense["files"]):
+    dense_ok = isinstance(dense, dict) and _dense_intact(store, dense)
+    if dense_ok:
+        progress.advance(dense["bytes"], dense["num_tensors"])
+    else:
+        if dense is not None:
+            redone.append("the dense weights")
         dense = write_dense(store, ckpt, progress)
         journal.record("dense", dense)
-    else:
-        progress.advance(dense["bytes"], dense["num_tensors"])
+    if resumed:
+        parts = [f"kept {len(kept)} of {len(by_layer)} finished layers"]
+        if dense_ok:
+            parts.append("the dense weights")
+        msg = (
+            f"resumed the interrupted compression in {store}: "
+            + " and ".join(parts)
+            + " (checksums verified)"
+        )
+        if redone:
+            msg += f"; compressed again what failed its check: {', '.join(redone)}"
+        note(msg)
     aux = _copy_aux(store, ckpt)
     index = StoreIndex(
         store_id=store_id,
@@ -218,6 +284,17 @@ def compress(
     )
     write_atomic(store / INDEX_NAME, dumps_index(index))
     journal.remove()
-    ckpt.close()
-    log.info("store complete: %s (%d experts)", store, len(index.experts))
     return index
+
+
+def _dense_intact(store: Path, dense: dict) -> bool:
+    """Whether the dense weights the journal records as written are on disk, whole (checked, not trusted)."""
+    try:
+        for f in dense["files"]:
+            check_dense_file(store / f["name"], f)
+        idx = dense.get("index")
+        if idx is not None and file_crc32(store / idx["name"]) != idx["crc32"]:
+            return False
+    except (ZipMoEError, OSError, KeyError, TypeError, ValueError):
+        return False
+    return True

@@ -2,6 +2,7 @@
 
     {"format": "zipmoe-count-trace/1",
      "model": {"num_layers": L, "num_experts": E, "top_k": k, "expert_bytes": B},
+     "fingerprint": "<hex>",   (optional: the checkpoint of the store a converted trace was recorded on)
      "counts": [[[tokens routed to each of the E experts] for each layer] for each prompt]}
 
 Layers are positions 0..L-1 (a recorded trace's layer ids, in order). A count trace has no step order, so
@@ -37,6 +38,7 @@ COUNT_FORMAT = "zipmoe-count-trace/1"
 class CountTrace:
     model: dict[str, Any]  # num_layers, num_experts, top_k, expert_bytes
     counts: list[list[list[int]]]  # [prompt][layer][expert]
+    fingerprint: str = ""  # checkpoint it was recorded on ("" when unknown: synthetic, other tools)
 
     def __post_init__(self):
         for key in ("num_layers", "num_experts", "top_k", "expert_bytes"):
@@ -77,7 +79,11 @@ class CountTrace:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": COUNT_FORMAT, "model": self.model, "counts": self.counts}
+        out: dict[str, Any] = {"format": COUNT_FORMAT, "model": self.model}
+        if self.fingerprint:
+            out["fingerprint"] = self.fingerprint
+        out["counts"] = self.counts
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_json()))
@@ -87,7 +93,12 @@ class CountTrace:
         if d.get("format") != COUNT_FORMAT:
             raise ConfigError(f"{where}: format {d.get('format')!r}, expected {COUNT_FORMAT}")
         try:
-            return cls(dict(d["model"]), [[[int(c) for c in row] for row in p] for p in d["counts"]])
+            fp = d.get("fingerprint", "")
+            if not isinstance(fp, str):
+                raise TypeError(f"fingerprint must be a string, got {type(fp).__name__}")
+            return cls(
+                dict(d["model"]), [[[int(c) for c in row] for row in p] for p in d["counts"]], fingerprint=fp
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where}: malformed ({e})") from None
 
@@ -111,7 +122,7 @@ class CountTrace:
             "top_k": trace.model["top_k"],
             "expert_bytes": trace.model["expert_bytes"],
         }
-        return cls(model, [by_req[r] for r in sorted(by_req)])
+        return cls(model, [by_req[r] for r in sorted(by_req)], fingerprint=trace.fingerprint)
 
     def steps(self, batch: int = 1, seed: int = 0) -> Iterator[list[list[tuple[int, int]]]]:
         """Draw decode steps (see the module docstring): yields, per step, [layer] -> [(expert, tokens)].

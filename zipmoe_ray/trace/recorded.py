@@ -5,7 +5,13 @@ File format ``zipmoe-trace/1`` (JSON Lines, one object per line, appendable):
 * first line, the header::
 
     {"format": "zipmoe-trace/1", "model": {"model_type": ..., "layers": [layer ids], "num_experts": E,
-     "top_k": k, "expert_bytes": B}, "store": path}
+     "top_k": k, "expert_bytes": B}, "store": path, "fingerprint": "<hex>", "store_id": "<hex>",
+     "budget": bytes}
+
+  ``fingerprint`` is the checkpoint the store was compressed from (what the routing depends on: a trace
+  holds for every store of that checkpoint), ``store_id`` and ``budget`` the store and budget it was
+  recorded with (all absent in traces written before they were recorded). Appending to a trace of
+  another checkpoint is refused, and so is planning a store from one.
 
 * then one line per forward step of a generation::
 
@@ -55,21 +61,56 @@ class TraceStep:
 class RecordedTrace:
     model: dict[str, Any]
     steps: list[TraceStep] = field(default_factory=list)
+    fingerprint: str = ""  # the checkpoint the store was made from ("" for traces that predate it)
+    store_id: str = ""  # hex id of the store it was recorded on
+    budget: int | None = None  # the engine's memory budget while recording
 
     @property
     def layers(self) -> list[int]:
         return list(self.model["layers"])
 
+    def check_appendable(self, path: str | os.PathLike) -> None:
+        """Refuse ``path`` when it holds a trace of another model, format or store, or cannot be written;
+        blocks on nothing, writes nothing."""
+        from ..store.durable import check_writable
+
+        p = Path(path)
+        check_writable(p, "trace")
+        try:
+            if not (p.exists() and p.stat().st_size > 0):
+                return
+            with p.open() as f:
+                head = json.loads(f.readline())
+        except OSError as e:
+            raise ConfigError(f"cannot use the trace file {p}: {e.strerror or e}") from None
+        except ValueError:
+            raise ConfigError(
+                f"{p} is not a {FORMAT} trace (its first line is not JSON); choose a new file"
+            ) from None
+        if not isinstance(head, dict) or head.get("format") != FORMAT or head.get("model") != self.model:
+            raise ConfigError(f"{p} holds a trace of another model or format; choose a new trace file")
+        theirs = head.get("fingerprint") or ""
+        if self.fingerprint and theirs and theirs != self.fingerprint:
+            raise ConfigError(
+                f"{p} holds a trace recorded on a store of another checkpoint (fingerprint {theirs[:12]}..., "
+                f"this one {self.fingerprint[:12]}...); choose a new trace file"
+            )
+
     def write_header(self, path: str | os.PathLike, store: str = "") -> None:
         p = Path(path)
+        self.check_appendable(p)
         if p.exists() and p.stat().st_size > 0:
-            head = json.loads(p.open().readline())
-            if head.get("format") != FORMAT or head.get("model") != self.model:
-                raise ConfigError(f"{p} holds a trace of another model or format; choose a new trace file")
             return
+        head: dict[str, Any] = {"format": FORMAT, "model": self.model, "store": store}
+        if self.fingerprint:
+            head["fingerprint"] = self.fingerprint
+        if self.store_id:
+            head["store_id"] = self.store_id
+        if self.budget is not None:
+            head["budget"] = self.budget
         p.parent.mkdir(parents=True, exist_ok=True)
         with p.open("w") as f:
-            f.write(json.dumps({"format": FORMAT, "model": self.model, "store": store}) + "\n")
+            f.write(json.dumps(head) + "\n")
 
     @staticmethod
     def append(path: str | os.PathLike, steps: list[TraceStep]) -> None:
@@ -91,9 +132,20 @@ def load_recorded(path: str | os.PathLike) -> RecordedTrace:
         head = json.loads(lines[0])
     except ValueError:
         raise ConfigError(f"{p}: line 1 is not JSON; expected a {FORMAT} header") from None
-    if head.get("format") != FORMAT:
-        raise ConfigError(f"{p}: format {head.get('format')!r}, expected {FORMAT}")
-    trace = RecordedTrace(head["model"])
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        got = head.get("format") if isinstance(head, dict) else None
+        raise ConfigError(f"{p}: format {got!r}, expected {FORMAT}")
+    if not isinstance(head.get("model"), dict) or not all(
+        isinstance(head.get(k, ""), str) for k in ("fingerprint", "store_id")
+    ):
+        raise ConfigError(f"{p}: line 1 is not a {FORMAT} header (model, fingerprint, store_id)")
+    budget = head.get("budget")
+    trace = RecordedTrace(
+        head["model"],
+        fingerprint=head.get("fingerprint", ""),
+        store_id=head.get("store_id", ""),
+        budget=budget if isinstance(budget, int) and not isinstance(budget, bool) else None,
+    )
     for i, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -108,6 +160,6 @@ def load_recorded(path: str | os.PathLike) -> RecordedTrace:
                     {int(k): [(int(e), int(t)) for e, t in v] for k, v in d["layers"].items()},
                 )
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{p}: line {i} is not a trace step ({e})") from None
     return trace
