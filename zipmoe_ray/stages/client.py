@@ -76,6 +76,7 @@ class ExpertClient:
         self._in_use: dict[Key, Any] = {}
         self._prefetch: dict[int, Any] = {}  # layer -> the scheduler's pending answer to a prefetch
         self._prefetched: dict[Key, Delivery] = {}  # arrived, not yet used or released
+        self._guess: tuple[int, list[int], list[int]] | None = None  # the next layer's prediction, unsent
         self.stats = ClientStats()
         self.events: list[tuple] | None = [] if timeline else None  # EngineConfig.timeline
         self.trace: list | None = None  # recorded steps while a traced generation runs
@@ -98,10 +99,17 @@ class ExpertClient:
         return key in self.full or key in self._full_pending
 
     def predict(self, layer: int, experts: list[int], tokens: list[int]) -> None:
-        """``layer`` is predicted to route to ``experts`` (``tokens`` each): start fetching those not held
-        or already on their way. Does not block."""
-        if not self.prefetching or layer in self._prefetch:
+        """``layer`` is predicted to route to ``experts`` (``tokens`` each). Noted only: the fetches go out
+        right after the current layer's own request (``_ahead``), so that they queue behind it on the
+        lanes. Does not block."""
+        if self.prefetching and layer not in self._prefetch:
+            self._guess = (layer, experts, tokens)
+
+    def _ahead(self) -> None:
+        """Start fetching the noted prediction's experts that are not held or already on their way."""
+        if self._guess is None:
             return
+        (layer, experts, tokens), self._guess = self._guess, None
         picks = [
             (e, t)
             for e, t in zip(experts, tokens)
@@ -171,6 +179,7 @@ class ExpertClient:
         self._unused(layer)
         if not misses:
             self._hit_notes.extend((layer, e, t) for e, t in hits)
+            self._ahead()
             for e, _ in hits:
                 yield e, self._full_weights((layer, e))
             if early:
@@ -178,6 +187,7 @@ class ExpertClient:
             self._event("layer_done", layer)
             return
         resp = self._request(layer, misses, hits)
+        self._ahead()
         for e, _ in hits:
             yield e, self._full_weights((layer, e))
         tokens_of = dict(zip(experts, tokens))
@@ -300,6 +310,7 @@ class ExpertClient:
     def finish(self) -> None:
         """The generation is over: release what was prefetched for layers it did not reach. Does not block
         but for prefetch answers still on their way."""
+        self._guess = None
         for layer in list(self._prefetch):
             self._arrived(layer)
         for layer in {k[0] for k in self._prefetched}:
@@ -325,7 +336,9 @@ class ExpertClient:
                 "wasted": s.prefetch_wasted,
                 "precision": s.prefetch_used / s.predicted if s.predicted else None,
                 "recall": s.prefetch_used / s.needed if s.needed else None,  # of the fetches a layer needed
-            },
+            }
+            if self.prefetching
+            else None,
         }
 
     def reset_stats(self) -> None:

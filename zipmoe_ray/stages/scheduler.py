@@ -49,6 +49,7 @@ class SchedulerConfig:
     reserve_experts: int | None = (
         None  # experts in flight at once (staging reserve); None = the model's top-k
     )
+    prefetch_experts: int = 0  # experts' staging set aside, beyond the reserve, for the next layer's prefetch
 
 
 @dataclass
@@ -89,6 +90,13 @@ class Scheduler(Placement):
                 f"memory budget {config.budget:,} B is too small: {inflight} active experts need "
                 f"{self.reserve:,} B of buffers in flight; give at least {self.reserve:,} B"
             )
+        # one expert's worst staging: what a prefetch always leaves free for an unpredicted miss
+        self._one = minimum_budget(self.sizes, 1)
+        ahead = minimum_budget(self.sizes, config.prefetch_experts)
+        if config.budget - self.reserve < 2 * ahead:  # a budget that small keeps its bytes for the cache
+            ahead = 0
+        self.ahead = ahead  # staging prefetches may hold (beyond the one-layer reserve requests rely on)
+        self.reserve += ahead
         split = config.split
         if self.raw_codec and (split.compressed or split.sm):
             split = SplitRule(full=1.0, compressed=0.0, sm=0.0)  # a raw store has only the FULL form
@@ -196,18 +204,20 @@ class Scheduler(Placement):
         """Start fetching ``picks`` ((expert, tokens) predicted for ``layer``, none of them held in FULL form
         by the executor) ahead of the layer's routing. Nothing is counted as used until a later ``request``
         or ``step`` names the expert in ``used``; what is never used is ``released`` like any fetch, its
-        admission decided by the ordinary rules. Only what fits the budget's free staging is fetched, and
-        nothing already in flight. Returns handles at once, like ``request``."""
+        admission decided by the ordinary rules. Only what fits the staging set aside for prefetch
+        (``SchedulerConfig.prefetch_experts``; none on a budget too small to spare it) is fetched, so that
+        a request never finds its reserve taken, and nothing already in flight. Returns handles at once, like ``request``."""
         with self._lock:
             self._release(released)
             wave, staging = [], 0
+            room = self.ahead - sum(f.staging for f in self._flights.values() if f.prefetched and not f.used)
             for e, tokens in sorted(picks, key=lambda p: (-p[1], p[0])):
                 key = (layer, e)
                 form = self.cache.form(key)
                 if key in self._flights or form == Form.FULL:
                     continue
                 need = sum(self._staging(key, form))
-                if not self.cache.can_reserve(staging + need):
+                if staging + need > room or not self.cache.can_reserve(staging + need + self._one):
                     break
                 wave.append((key, form, tokens))
                 staging += need
