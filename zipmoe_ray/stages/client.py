@@ -334,7 +334,7 @@ class ExpertClient:
                 "predicted": s.predicted,
                 "used": s.prefetch_used,
                 "wasted": s.prefetch_wasted,
-                "precision": s.prefetch_used / s.predicted if s.predicted else None,
+                "precision": s.prefetch_used / s.predicted if s.predicted else None,  # of those asked for
                 "recall": s.prefetch_used / s.needed if s.needed else None,  # of the fetches a layer needed
             }
             if self.prefetching

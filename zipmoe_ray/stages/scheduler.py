@@ -90,8 +90,6 @@ class Scheduler(Placement):
                 f"memory budget {config.budget:,} B is too small: {inflight} active experts need "
                 f"{self.reserve:,} B of buffers in flight; give at least {self.reserve:,} B"
             )
-        # one expert's worst staging: what a prefetch always leaves free for an unpredicted miss
-        self._one = minimum_budget(self.sizes, 1)
         ahead = minimum_budget(self.sizes, config.prefetch_experts)
         if config.budget - self.reserve < 2 * ahead:  # a budget that small keeps its bytes for the cache
             ahead = 0
@@ -217,7 +215,7 @@ class Scheduler(Placement):
                 if key in self._flights or form == Form.FULL:
                     continue
                 need = sum(self._staging(key, form))
-                if staging + need > room or not self.cache.can_reserve(staging + need + self._one):
+                if staging + need > room or not self.cache.can_reserve(staging + need):
                     break
                 wave.append((key, form, tokens))
                 staging += need
@@ -289,9 +287,12 @@ class Scheduler(Placement):
             pending.append((key, form, tokens))
         pending.sort(key=lambda p: (-p[2], p[0]))
         wave, deferred, staging = [], [], 0
+        # the first fetch always fits the reserve, unless prefetched experts of this layer hold it: those
+        # are handed out now, and what does not fit comes in a next wave once they are released
+        holding = any(self._flights.get((layer, d.expert)) is not None for d in served)
         for key, form, tokens in pending:
             need = sum(self._staging(key, form))
-            if deferred or (wave and not self.cache.can_reserve(staging + need)):
+            if deferred or ((wave or holding) and not self.cache.can_reserve(staging + need)):
                 deferred.append((key[1], tokens))
                 continue
             wave.append((key, form, tokens))
