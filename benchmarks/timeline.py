@@ -39,3 +39,19 @@ def breakdown(events: list[tuple]) -> dict[str, float]:
         "expert_compute_ms": 1e3 * (moe - request - wait) / n,
         "outside_moe_layers_ms": 1e3 * (total - moe) / n,
     }
+
+
+BREAKDOWN_KEYS = {  # breakdown_ms's key: breakdown's
+    "round_trips": "scheduler_round_trips_ms",
+    "waiting_for_experts": "waiting_for_experts_ms",
+    "expert_compute": "expert_compute_ms",
+    "outside_moe": "outside_moe_layers_ms",
+}
+
+
+def breakdown_ms(events: list[tuple]) -> dict[str, float] | None:
+    """:func:`breakdown` as the benchmarks' JSON reports it (``breakdown_ms``): milliseconds per generated
+    token in ``round_trips``, ``waiting_for_experts``, ``expert_compute`` and ``outside_moe``; they add up to
+    the timeline's token time. None when fewer than two steps were recorded."""
+    where = breakdown(events)
+    return {k: where[v] for k, v in BREAKDOWN_KEYS.items()} if where else None

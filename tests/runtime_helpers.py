@@ -54,11 +54,18 @@ def start_ray(num_cpus: int = 2, **system_config):
     """One Ray cluster on loopback for a test module (the caller shuts it down)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            _system_config=system_config or None,
-        )
+    for attempt in range(3):  # on a busy machine the GCS can miss ray.init's start-up wait: try again
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                _system_config=system_config or None,
+            )
+        except RuntimeError as e:
+            if "GCS" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()  # stops what this attempt started
     return ray

@@ -36,9 +36,9 @@ def stream_batch(
     if limits is not None and len(limits) != len(ids):
         raise ConfigError(f"{len(limits)} max_new_tokens for {len(ids)} prompts: give one per prompt")
     most = max(limits) if limits else int(max_new_tokens)
-    check_sampling(
-        most, **{k: sampling.get(k) for k in ("do_sample", "seed", "temperature", "top_p", "top_k")}
-    )
+    given = {k: sampling.get(k) for k in ("seed", "temperature", "top_p", "top_k")}
+    do_sample = sampling.get("do_sample")
+    check_sampling(most, do_sample=False if do_sample is None else do_sample, **given)
     engine.text.check_length(ids, most)
     req = GenerateRequest(
         ids,

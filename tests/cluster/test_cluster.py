@@ -140,6 +140,8 @@ def test_a_restarted_expert_host_rejoins_without_restarting_the_engine(cluster, 
         "20%",
         "--kill-host-after",
         "3",
+        "--node-timeout",  # Ray restarts the host within seconds, longer on a busy machine: wait for it
+        "60",
         on_line=lines.append,
     )
     assert "KILLED" in lines

@@ -23,7 +23,7 @@ class _FlakyNodeTransport:
         self.asked: list[list[int]] = []
         self.failed: list[str] = []
 
-    def request(self, layer, misses, hits, released):
+    def request(self, layer, misses, hits, released, used):
         self.asked.append([e for e, _ in misses])
         if len(self.asked) == 1:
             return LayerResponse(layer, [Delivery(0, None, "words", False, "full", node="b")], [], misses[1:])
@@ -129,5 +129,49 @@ def test_a_small_budget_fetches_in_waves_and_still_delivers_everything(store):
             client.done(1, e)
         assert sorted(seen) == experts and client.stats.waves >= 1
         assert sched.cache.peak <= sched.cache.budget
+    finally:
+        runner.shutdown()
+
+
+def test_predicted_experts_arrive_bit_exact_without_a_request_and_wrong_guesses_are_released(
+    tiny_models, tmp_path
+):
+    from zipmoe_ray.backends.local import LocalRunner, LocalTransport
+    from zipmoe_ray.cache.layout import ModelLayout
+    from zipmoe_ray.runtime.budget import minimum_budget
+    from zipmoe_ray.stages.client import ExpertClient
+    from zipmoe_ray.stages.decompressor import Decompressor
+    from zipmoe_ray.stages.loader import IOLoader
+    from zipmoe_ray.stages.scheduler import Scheduler, SchedulerConfig
+    from zipmoe_ray.store import CompressOptions, compress
+
+    compress(tiny_models["qwen2_moe"], tmp_path / "s", CompressOptions(shards=2))
+    s = open_store(tmp_path / "s")
+    layout = ModelLayout.of_store(s)
+    budget = 3 * minimum_budget(layout.sizes, s.top_k) + layout.expert_bytes // 8
+    runner = LocalRunner(
+        IOLoader(str(tmp_path / "s"), copy_parts=True), [Decompressor(str(tmp_path / "s"), 0)]
+    )
+    sched = Scheduler(str(tmp_path / "s"), SchedulerConfig(budget=budget, prefetch_experts=s.top_k), runner)
+    client = ExpertClient(LocalTransport(sched), s)
+    try:
+        client.predict(1, [2, 5], [1, 1])  # noted while layer 0 computes; sent after layer 0's request
+        for e, _ in client.fetch(0, [0], [1]):
+            client.done(0, e)
+        assert client.stats.predicted == 2 and client.stats.requests == 1
+        got = {}
+        for e, w in client.fetch(1, [2], [1]):  # 2 was predicted, 5 was a wrong guess
+            got[e] = w
+            client.done(1, e)
+        assert client.stats.requests == 1  # layer 1 made no request: its only expert was on its way
+        gate_up, down = _reference(tmp_path / "s", 1, 2)
+        assert torch.equal(got[2].first, gate_up) and torch.equal(got[2].second, down)
+        client.end_step()
+        client.finish()
+        rep = client.report()["prefetch"]
+        assert rep["used"] == 1 and rep["wasted"] == 1 and rep["recall"] == 0.5 and rep["precision"] == 0.5
+        st = sched.stats()
+        assert st["prefetch_used"] == 1 and st["prefetch_wasted_bytes"] > 0
+        assert sched.cache.staging == 0 and sched.cache.peak <= budget
     finally:
         runner.shutdown()

@@ -96,6 +96,7 @@ class ClusterBackend(RayBackend):
             dtype=cfg.dtype,
             torch_threads=cfg.torch_threads,
             timeline=cfg.timeline,
+            prefetch=cfg.prefetch,
             transport=transport,
             **here,
         )

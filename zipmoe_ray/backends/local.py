@@ -104,11 +104,20 @@ class LocalTransport:
     def __init__(self, scheduler):
         self.scheduler = scheduler
 
-    def request(self, layer, misses, hits, released):
-        return self.scheduler.request(layer, misses, hits, released)
+    def request(self, layer, misses, hits, released, used):
+        return self.scheduler.request(layer, misses, hits, released, used)
 
-    def step(self, hits, released) -> None:
-        self.scheduler.step(hits, released)
+    def prefetch(self, layer, picks, released):
+        return self.scheduler.prefetch(layer, picks, released)  # in this process: answered at once
+
+    def resolve(self, pending):
+        return pending
+
+    def release(self, released, used) -> None:
+        self.scheduler.release(released, used)
+
+    def step(self, hits, released, used) -> None:
+        self.scheduler.step(hits, released, used)
 
     def wait_any(self, handles: list, timeout: float | None = None) -> list:
         done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
@@ -164,6 +173,7 @@ class LocalBackend(Backend):
             cfg.dtype,
             cfg.torch_threads,
             cfg.timeline,
+            cfg.prefetch,
         )
         self.device = str(self.executor.device)
         self.reset_stats()

@@ -216,6 +216,7 @@ class RayBackend(Backend):
                 dtype=cfg.dtype,
                 torch_threads=cfg.torch_threads,
                 timeline=cfg.timeline,
+                prefetch=cfg.prefetch,
                 **self._place,
             )
             self._owned += [self.scheduler, self.executor]

@@ -134,6 +134,7 @@ def start_executor(
     dtype: str = "auto",
     torch_threads: int | None = None,
     timeline: bool = False,
+    prefetch: bool = True,
     resources: dict[str, float] | None = None,
     transport: RayTransport | None = None,
     **ray_options,
@@ -143,7 +144,7 @@ def start_executor(
     cls = actor_classes()["Executor"]
     ray_options["runtime_env"] = seeing_gpus(ray_options.get("runtime_env"))
     return cls.options(**_opts(resources, **ray_options)).remote(
-        store_path, transport or RayTransport(scheduler), device, dtype, torch_threads, timeline
+        store_path, transport or RayTransport(scheduler), device, dtype, torch_threads, timeline, prefetch
     )
 
 

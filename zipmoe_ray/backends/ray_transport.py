@@ -80,16 +80,25 @@ class RayTransport:
         self.hosts = dict(hosts or {})
         self.node_timeout = node_timeout
 
-    def request(self, layer, misses, hits, released):
+    def request(self, layer, misses, hits, released, used):
+        return self.resolve(self.scheduler.request.remote(layer, misses, hits, released, used))
+
+    def prefetch(self, layer, picks, released):
+        return self.scheduler.prefetch.remote(layer, picks, released)  # ordered before the next request
+
+    def resolve(self, pending):
         import ray
 
         try:
-            return ray.get(self.scheduler.request.remote(layer, misses, hits, released))
+            return ray.get(pending)
         except ray.exceptions.RayTaskError as e:
             raise unwrap(e) from None
 
-    def step(self, hits, released) -> None:
-        self.scheduler.step.remote(hits, released)  # fire and forget: ordered before the next request
+    def release(self, released, used) -> None:
+        self.scheduler.release.remote(released, used)  # fire and forget
+
+    def step(self, hits, released, used) -> None:
+        self.scheduler.step.remote(hits, released, used)  # fire and forget: ordered before the next request
 
     def wait_any(self, handles: list, timeout: float | None = None) -> list:
         import ray

@@ -30,7 +30,14 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EXPERTS_IMPLEMENTATION", "ExpertSource", "ExpertWeights", "SwitchExperts", "register"]
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "ExpertSource",
+    "ExpertWeights",
+    "NextRouter",
+    "SwitchExperts",
+    "register",
+]
 
 EXPERTS_IMPLEMENTATION = "zipmoe"
 
@@ -103,12 +110,34 @@ class ExpertSource(Protocol):
         """The layer finished computing with ``expert``: its transient buffers may be released."""
         ...
 
+    def predict(self, layer: int, experts: list[int], tokens: list[int]) -> None:
+        """MoE layer ``layer`` is predicted to route to ``experts``: worth fetching ahead (no effect on any
+        result)."""
+        ...
+
+
+class NextRouter:
+    """Predicts the next MoE layer's experts: that layer's own router applied to this layer's MoE input
+    (the residual stream changes little in one layer). Pure: computes only a prediction."""
+
+    def __init__(self, router: torch.nn.Module, layer: int):
+        self.router = router
+        self.layer = layer
+
+    def __call__(self, source: ExpertSource, hidden_states: torch.Tensor) -> None:
+        _, _, index = self.router(hidden_states)  # every TopKRouter returns (logits, weights, indices)
+        experts, counts = torch.unique(index.reshape(-1), return_counts=True)
+        source.predict(self.layer, experts.tolist(), counts.tolist())
+
 
 def zipmoe_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     source: ExpertSource = self._zipmoe_source
     layer: int = self._zipmoe_layer
+    nxt = getattr(self, "_zipmoe_next", None)
+    if nxt is not None:  # ask for the next layer's experts before computing this one's
+        nxt(source, hidden_states)
     if getattr(self, "has_bias", False):
         raise NotImplementedError("zipmoe does not serve experts with biases")
     num_top_k = top_k_index.size(-1)

@@ -36,7 +36,7 @@ class PlanChoice:
 
 
 def scheduler_config(
-    config, budget: int, device: str | None, pieces_in_place: bool = False
+    config, budget: int, device: str | None, pieces_in_place: bool = False, top_k: int = 0
 ) -> SchedulerConfig:
     """The scheduler's settings from an EngineConfig, a budget in bytes and the executor's device (None:
     not known here, the stages were placed elsewhere: planned as for a CPU). ``pieces_in_place``: the
@@ -54,6 +54,9 @@ def scheduler_config(
         # accelerator, or the lanes share the executor's memory (the local backend decodes them in place);
         # a CPU executor behind Ray would have to copy the pieces together (docs/architecture.md).
         decode_parts=None if (accel or pieces_in_place) else 1,
+        # the next layer's predicted experts are fetched while this one's are still in use: staging for
+        # a second layer (the scheduler drops it when the budget is too small to spare it)
+        prefetch_experts=top_k if config.prefetch else 0,
     )
 
 

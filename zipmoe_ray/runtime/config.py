@@ -151,6 +151,15 @@ class EngineConfig:
     )
     dtype: str = "auto"  # non-expert weights' dtype as stored; Python API only
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources pinning all stages
+    prefetch: bool = field(
+        default=True,
+        metadata=_cli(
+            "do not fetch a MoE layer's predicted experts while the layer before it computes (every fetch "
+            "then waits for its layer's routing)",
+            flag="--no-prefetch",
+            kind="negated",
+        ),
+    )
     verify: bool = field(
         default=False,
         metadata=_cli(

@@ -61,4 +61,23 @@ def engine_stats(
         "backend": backend,
         "generation_s": generation_s,
         "nodes": lanes.nodes,
+        "prefetch": prefetch_stats(executor.get("prefetch"), sched),
+    }
+
+
+def prefetch_stats(client: dict | None, sched: dict) -> dict[str, Any] | None:
+    """Cross-layer prefetch, per run: experts predicted (and asked for ahead of their layer's routing),
+    issued (fetched ahead: what the staging set aside allowed), used (the layer routed to them), ``recall``
+    (of the experts layers needed from outside the executor's full copies, the share that was on its way
+    before the layer routed), ``precision`` (of those issued, the share used), bytes read ahead and bytes
+    read that were never used. None without prefetch."""
+    if not client:
+        return None
+    issued = sched.get("prefetch_issued", 0)  # what the scheduler started (the staging set aside allowed)
+    return {
+        **client,
+        "issued": issued,
+        "precision": client["used"] / issued if issued else None,
+        "bytes_read": sched.get("prefetch_bytes_read", 0),
+        "wasted_bytes": sched.get("prefetch_wasted_bytes", 0),
     }

@@ -4,14 +4,21 @@ It holds the FULL form (experts recombined on the compute device), asks the sche
 with one request per MoE layer, and hands each expert to the layer as soon as its handle resolves. What it
 finished with is reported back with the next request (or at the end of the step) so that staging is
 released and popularity updated without extra calls.
+
+Prefetch (the control path off the critical path): while a layer computes, the model's next router applied
+to this layer's input predicts the next layer's experts (``predict``); the client asks the scheduler to
+start fetching those it does not hold, without waiting for the answer. When the next layer routes, the
+predicted experts it really uses are already on their way: the client takes their handles from that
+answer (by then arrived) and asks only for the rest, so a layer whose experts were all predicted makes no
+blocking call at all. Uses of prefetched experts ride along with the next request or step; predictions
+that were wrong are released like any fetch (the scheduler's ordinary admission rules decide what stays).
+The routing and the computation never depend on a prediction.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,21 +27,13 @@ import numpy as np
 import torch
 
 from ..cache import Key
-from ..codec import layout_for
 from ..models.experts_impl import ExpertWeights
 from .protocol import Delivery
+from .weights import WeightBuilder
 
 __all__ = ["ExpertClient"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _LayerShape:
-    shapes: list[tuple[int, ...]]
-    roles: list[str]
-    numel: int
-    split: int  # elements of the first weight (gate_up or wi)
 
 
 @dataclass
@@ -45,32 +44,40 @@ class ClientStats:
     waves: int = 0
     wait_s: float = 0.0  # time the layer computation waited for an expert
     remote: dict[str, int] = field(default_factory=dict)  # experts computed on other nodes
+    predicted: int = 0  # experts asked for ahead of their layer's routing
+    prefetch_used: int = 0  # of those, the ones the layer really routed to
+    prefetch_wasted: int = 0  # and the ones it did not
+    needed: int = 0  # experts routed to that were not held in FULL form (predicted or not)
 
 
 class ExpertClient:
-    """Implements models.experts_impl.ExpertSource for the executor."""
+    """Implements models.experts_impl.ExpertSource for the executor. Not thread-safe: one generation at a
+    time (the executor holds its lock)."""
 
-    def __init__(self, transport, store, device: str | torch.device = "cpu", timeline: bool = False):
+    def __init__(
+        self,
+        transport,
+        store,
+        device: str | torch.device = "cpu",
+        timeline: bool = False,
+        prefetch: bool = True,
+    ):
         self.transport = transport
         # how long a layer waits on another node before asking whether it still lives (clusters only)
         self.node_timeout = getattr(transport, "node_timeout", None)  # only read with remote experts
-        self.device = torch.device(device)
-        dtypes = {t.dtype for r in store.index.experts for t in r.tensors}
-        self.layout = layout_for(dtypes.pop())
-        self.shapes: dict[int, _LayerShape] = {}
-        for r in store.index.experts:
-            if r.layer in self.shapes:
-                continue
-            shapes = [t.shape for t in r.tensors]
-            roles = [t.role for t in r.tensors]
-            split = sum(t.numel for t in r.tensors[:-1])
-            self.shapes[r.layer] = _LayerShape(shapes, roles, r.numel, split)
+        self.builder = WeightBuilder(store, device)
+        self.device = self.builder.device
+        self.prefetching = prefetch
         self.full: dict[Key, ExpertWeights] = {}
+        self._full_pending: dict[Key, Delivery] = {}  # kept FULL by the scheduler, arrived unused (prefetch)
         self._hit_notes: list[tuple[int, int, int]] = []
         self._released: list[Key] = []
+        self._used: list[tuple[int, int, int]] = []  # prefetched experts used, for the next report
         self._in_use: dict[Key, Any] = {}
+        self._prefetch: dict[int, Any] = {}  # layer -> the scheduler's pending answer to a prefetch
+        self._prefetched: dict[Key, Delivery] = {}  # arrived, not yet used or released
+        self._guess: tuple[int, list[int], list[int]] | None = None  # the next layer's prediction, unsent
         self.stats = ClientStats()
-        self._lock = threading.Lock()
         self.events: list[tuple] | None = [] if timeline else None  # EngineConfig.timeline
         self.trace: list | None = None  # recorded steps while a traced generation runs
         self._trace_step: dict[int, list[tuple[int, int]]] = {}
@@ -87,91 +94,140 @@ class ExpertClient:
         if self.events is not None:
             self.events.append((time.time(), kind, layer, expert, extra))
 
-    # -- building weights ----------------------------------------------------------------------------
-    def _weights(self, layer: int, kind: str, value: np.ndarray) -> ExpertWeights:
-        shape = self.shapes[layer]
-        with warnings.catch_warnings():  # object-store arrays are read-only; the weights are only read
-            warnings.simplefilter("ignore", UserWarning)
-            if kind == "planes":
-                n = shape.numel
-                exp = torch.from_numpy(value[:n]).to(self.device)
-                raw = torch.from_numpy(value[n:]).to(self.device)
-                flat = torch.empty(n, dtype=self.layout.torch_dtype, device=self.device)
-                pos = rpos = 0
-                for s in shape.shapes:
-                    k = int(np.prod(s))
-                    r = k * self.layout.raw_width
-                    flat[pos : pos + k] = self.layout.merge_torch(exp[pos : pos + k], raw[rpos : rpos + r])
-                    pos, rpos = pos + k, rpos + r
-            else:
-                words = np.asarray(value)
-                if kind == "raw":
-                    words = words[: shape.numel * self.layout.itemsize].view(self.layout.word)
-                signed = {2: torch.int16, 4: torch.int32}[self.layout.itemsize]
-                flat = torch.from_numpy(words.view(np.dtype(f"i{self.layout.itemsize}"))).view(signed)
-                flat = flat.view(self.layout.torch_dtype)
-                if self.device.type != "cpu":
-                    flat = flat.to(self.device, non_blocking=False)
-        first_shape, second_shape = self._fused_shapes(shape)
-        return ExpertWeights(flat[: shape.split].view(first_shape), flat[shape.split :].view(second_shape))
+    # -- prefetch ------------------------------------------------------------------------------------------
+    def _held(self, key: Key) -> bool:
+        return key in self.full or key in self._full_pending
 
-    @staticmethod
-    def _fused_shapes(shape: _LayerShape) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        if shape.roles == ["gate", "up", "down"]:
-            g = shape.shapes[0]
-            return (2 * g[0], *g[1:]), shape.shapes[2]
-        return shape.shapes[0], shape.shapes[1]
+    def predict(self, layer: int, experts: list[int], tokens: list[int]) -> None:
+        """``layer`` is predicted to route to ``experts`` (``tokens`` each). Noted only: the fetches go out
+        right after the current layer's own request (``_ahead``), so that they queue behind it on the
+        lanes. Does not block."""
+        if self.prefetching and layer not in self._prefetch:
+            self._guess = (layer, experts, tokens)
+
+    def _ahead(self) -> None:
+        """Start fetching the noted prediction's experts that are not held or already on their way."""
+        if self._guess is None:
+            return
+        (layer, experts, tokens), self._guess = self._guess, None
+        picks = [
+            (e, t)
+            for e, t in zip(experts, tokens)
+            if not self._held((layer, e)) and (layer, e) not in self._prefetched
+        ]
+        if not picks:
+            return
+        released, self._released = self._released, []
+        self._event("prefetch", layer, len(picks))
+        self._prefetch[layer] = self.transport.prefetch(layer, picks, released)
+        self.stats.predicted += len(picks)
+
+    def _arrived(self, layer: int) -> None:
+        """Take the scheduler's answer to ``layer``'s prefetch, if one is pending."""
+        pending = self._prefetch.pop(layer, None)
+        if pending is None:
+            return
+        resp = self.transport.resolve(pending)
+        self._drop(resp.drop_full)
+        for d in resp.deliveries:
+            self._prefetched[(layer, d.expert)] = d
+
+    def _unused(self, layer: int) -> None:
+        """Release ``layer``'s prefetched experts that it did not route to."""
+        for key in [k for k in self._prefetched if k[0] == layer]:
+            d = self._prefetched.pop(key)
+            self.stats.prefetch_wasted += 1
+            if d.keep:  # the scheduler holds it as FULL here: build it when first used
+                self._full_pending[key] = d
+            self._released.append(key)
+
+    def _drop(self, keys) -> None:
+        for key in keys:
+            key = tuple(key)
+            self.full.pop(key, None)
+            self._full_pending.pop(key, None)
 
     # -- the ExpertSource protocol -------------------------------------------------------------------------
+    def _full_weights(self, key: Key) -> ExpertWeights:
+        w = self.full.get(key)
+        if w is None:  # kept FULL from a prefetch it was not used in: built now
+            d = self._full_pending.pop(key)
+            w = self.full[key] = self._build(
+                key[0], d, [self.transport.get(h) for h in d.parts or [d.handle]]
+            )
+        return w
+
     def fetch(
         self, layer: int, experts: list[int], tokens: list[int], inputs=None
     ) -> Iterator[tuple[int, ExpertWeights | torch.Tensor]]:
-        hits = [(e, t) for e, t in zip(experts, tokens) if (layer, e) in self.full]
-        misses = [(e, t) for e, t in zip(experts, tokens) if (layer, e) not in self.full]
+        self._arrived(layer)
+        hits = [(e, t) for e, t in zip(experts, tokens) if self._held((layer, e))]
+        ahead = [(e, t) for e, t in zip(experts, tokens) if (layer, e) in self._prefetched]
+        misses = [
+            (e, t)
+            for e, t in zip(experts, tokens)
+            if not self._held((layer, e)) and (layer, e) not in self._prefetched
+        ]
         self.stats.full_hits += len(hits)
         self._event("layer", layer, len(experts), len(hits))
         if self.trace is not None:
             self._trace_step[layer] = list(zip(experts, tokens))
+        early = [self._prefetched.pop((layer, e)) for e, _ in ahead]
+        self.stats.needed += len(ahead) + len(misses)
+        self._used += [(layer, e, t) for e, t in ahead]
+        self.stats.prefetch_used += len(ahead)
+        self._unused(layer)
         if not misses:
             self._hit_notes.extend((layer, e, t) for e, t in hits)
+            self._ahead()
             for e, _ in hits:
-                yield e, self.full[(layer, e)]
+                yield e, self._full_weights((layer, e))
+            if early:
+                yield from self._consume(layer, early, inputs)
             self._event("layer_done", layer)
             return
         resp = self._request(layer, misses, hits)
+        self._ahead()
         for e, _ in hits:
-            w = self.full.get((layer, e))
-            if w is not None:
-                yield e, w
+            yield e, self._full_weights((layer, e))
         tokens_of = dict(zip(experts, tokens))
+        deliveries = early + resp.deliveries
         while True:
-            redo = yield from self._consume(layer, resp, inputs)
+            redo = yield from self._consume(layer, deliveries, inputs)
             if redo:  # a node failed: its experts now have other homes; the deferred ones still wait
                 resp = self._request(layer, [(e, tokens_of[e]) for e in redo] + list(resp.deferred), [])
-                continue
-            if not resp.deferred:
+            elif resp.deferred:
+                resp = self._request(layer, resp.deferred, [])
+                self.stats.waves += 1
+            else:
                 break
-            resp = self._request(layer, resp.deferred, [])
-            self.stats.waves += 1
+            deliveries = resp.deliveries
         self._event("layer_done", layer)
 
     def _request(self, layer, misses, hits):
         released, self._released = self._released, []
+        used, self._used = self._used, []
         self.stats.requests += 1
         self._event("request", layer, len(misses))
-        resp = self.transport.request(layer, misses, hits, released)
+        resp = self.transport.request(layer, misses, hits, released, used)
         self._event("response", layer)
-        for key in resp.drop_full:
-            self.full.pop(tuple(key), None)
+        self._drop(resp.drop_full)
         return resp
 
-    def _consume(self, layer: int, resp, inputs=None):
+    def _build(self, layer: int, d: Delivery, values: list) -> ExpertWeights:
+        if len(values) == 1 and not d.parts:
+            return self.builder.weights(layer, d.kind, values[0])
+        if all(v is values[0] for v in values) and isinstance(values[0], np.ndarray):
+            return self.builder.weights(layer, d.kind, values[0])  # decoded in place by every lane
+        return self.builder.assemble(layer, d.kind, values)
+
+    def _consume(self, layer: int, deliveries: list[Delivery], inputs=None):
         """Yield each delivered expert when ready; returns the experts to request again because their node
         failed (its computation errored or did not answer within ``node_timeout``)."""
         pending: dict[Any, Delivery] = {}
         remaining: dict[int, int] = {}
         remote: dict[Any, str] = {}
-        for d in resp.deliveries:
+        for d in deliveries:
             if d.node is not None:  # send the hidden states to the expert's node
                 x, w = inputs(d.expert)
                 if d.parts:  # remote nodes decode whole experts (remote_node_config): never pieces
@@ -211,17 +267,9 @@ class ExpertClient:
                 remaining[d.expert] -= 1
                 if remaining[d.expert]:
                     continue  # other pieces of this expert are still being decoded
-                if d.parts:
-                    values = [self.transport.get(x) for x in d.parts]  # raises before anything is used
-                    self._event("ready", layer, d.expert, d.form)
-                    if all(v is values[0] for v in values) and isinstance(values[0], np.ndarray):
-                        w = self._weights(layer, d.kind, values[0])  # decoded in place by every lane
-                    else:
-                        w = self._assemble(layer, d.kind, values)
-                else:
-                    value = self.transport.get(h)
-                    self._event("ready", layer, d.expert, d.form)
-                    w = self._weights(layer, d.kind, value)
+                values = [self.transport.get(x) for x in d.parts or [h]]  # raises before anything is used
+                self._event("ready", layer, d.expert, d.form)
+                w = self._build(layer, d, values)
                 key = (layer, d.expert)
                 self.stats.fetched[d.form] = self.stats.fetched.get(d.form, 0) + 1
                 if d.keep:
@@ -237,27 +285,6 @@ class ExpertClient:
                 failed = set()
         return redo
 
-    def _assemble(self, layer: int, kind: str, pieces: list[list[tuple]]) -> ExpertWeights:
-        """One expert's weights from the pieces decoded by several lanes (see Decompressor.decode)."""
-        shape = self.shapes[layer]
-        flat = torch.empty(shape.numel, dtype=self.layout.torch_dtype, device=self.device)
-        signed = {2: torch.int16, 4: torch.int32}[self.layout.itemsize]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            for piece in pieces:
-                for entry in piece:
-                    off = entry[0]
-                    if kind == "planes":
-                        exp = torch.from_numpy(entry[1]).to(self.device)
-                        raw = torch.from_numpy(entry[2]).to(self.device)
-                        flat[off : off + exp.numel()] = self.layout.merge_torch(exp, raw)
-                    else:
-                        words = np.asarray(entry[1])
-                        src = torch.from_numpy(words.view(np.dtype(f"i{self.layout.itemsize}"))).view(signed)
-                        flat[off : off + src.numel()] = src.view(self.layout.torch_dtype).to(self.device)
-        first_shape, second_shape = self._fused_shapes(shape)
-        return ExpertWeights(flat[: shape.split].view(first_shape), flat[shape.split :].view(second_shape))
-
     def done(self, layer: int, expert: int) -> None:
         self._event("computed", layer, expert)
         key = (layer, expert)
@@ -265,7 +292,8 @@ class ExpertClient:
             self._released.append(key)
 
     def end_step(self) -> None:
-        """One generation step is over: report FULL hits and released experts, age popularity."""
+        """One generation step is over: report FULL hits, used prefetches and released experts, age
+        popularity. Does not block."""
         self._event("step", -1)
         if self.trace is not None:
             from ..trace.recorded import TraceStep
@@ -276,17 +304,41 @@ class ExpertClient:
             self._trace_step = {}
         hits, self._hit_notes = self._hit_notes, []
         released, self._released = self._released, []
-        self.transport.step(hits, released)
+        used, self._used = self._used, []
+        self.transport.step(hits, released, used)
+
+    def finish(self) -> None:
+        """The generation is over: release what was prefetched for layers it did not reach. Does not block
+        but for prefetch answers still on their way."""
+        self._guess = None
+        for layer in list(self._prefetch):
+            self._arrived(layer)
+        for layer in {k[0] for k in self._prefetched}:
+            self._unused(layer)
+        if self._released or self._used:
+            released, self._released = self._released, []
+            used, self._used = self._used, []
+            self.transport.release(released, used)
 
     def report(self) -> dict:
+        s = self.stats
         return {
-            "full_hits": self.stats.full_hits,
-            "fetched_by_form": dict(self.stats.fetched),
-            "requests": self.stats.requests,
-            "waves": self.stats.waves,
-            "executor_wait_s": self.stats.wait_s,
-            "remote_computes": dict(self.stats.remote),
-            "full_experts_held": len(self.full),
+            "full_hits": s.full_hits,
+            "fetched_by_form": dict(s.fetched),
+            "requests": s.requests,
+            "waves": s.waves,
+            "executor_wait_s": s.wait_s,
+            "remote_computes": dict(s.remote),
+            "full_experts_held": len(self.full) + len(self._full_pending),
+            "prefetch": {
+                "predicted": s.predicted,
+                "used": s.prefetch_used,
+                "wasted": s.prefetch_wasted,
+                "precision": s.prefetch_used / s.predicted if s.predicted else None,  # of those asked for
+                "recall": s.prefetch_used / s.needed if s.needed else None,  # of the fetches a layer needed
+            }
+            if self.prefetching
+            else None,
         }
 
     def reset_stats(self) -> None:

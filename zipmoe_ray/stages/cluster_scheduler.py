@@ -85,20 +85,27 @@ class ClusterScheduler:
             by.setdefault(self.home[(layer, e)], []).append((e, t))
         return by
 
-    def request(self, layer: int, misses, hits=(), released=()) -> LayerResponse:
+    def _by_home(self, keyed, key_of) -> dict[str, list]:
+        by: dict[str, list] = {}
+        for item in keyed:
+            by.setdefault(self.home[key_of(item)], []).append(item)
+        return by
+
+    def request(self, layer: int, misses, hits=(), released=(), used=()) -> LayerResponse:
         """As Scheduler.request, across nodes; deliveries of experts homed elsewhere carry their node."""
         with self._lock:
-            rel: dict[str, list] = {}
-            for key in released:
-                rel.setdefault(self.home[tuple(key)], []).append(key)
+            rel = self._by_home(released, tuple)
+            use = self._by_home(used, lambda u: (u[0], u[1]))
             by = self._split(layer, misses)
             out = LayerResponse(layer, [])
             hits_by = self._split(layer, hits)
             for name in self.alive:
-                if name not in by and name not in rel and name not in hits_by:
+                if name not in by and name not in rel and name not in hits_by and name not in use:
                     continue
                 sched = self.nodes[name]
-                resp = sched.request(layer, by.get(name, []), hits_by.get(name, []), rel.get(name, []))
+                resp = sched.request(
+                    layer, by.get(name, []), hits_by.get(name, []), rel.get(name, []), use.get(name, [])
+                )
                 for d in resp.deliveries:
                     if name != self.executor_node:
                         d.node, d.keep = name, False
@@ -108,16 +115,32 @@ class ClusterScheduler:
                 out.deferred += resp.deferred
             return out
 
-    def step(self, hits=(), released=()) -> None:
+    def prefetch(self, layer: int, picks, released=()) -> LayerResponse:
+        """As Scheduler.prefetch for the experts homed on the executor's node (the others are computed
+        where they live, on request); releases go to every node."""
         with self._lock:
-            hits_by: dict[str, list] = {}
-            for layer, e, t in hits:
-                hits_by.setdefault(self.home[(layer, e)], []).append((layer, e, t))
-            rel: dict[str, list] = {}
-            for key in released:
-                rel.setdefault(self.home[tuple(key)], []).append(key)
+            rel = self._by_home(released, tuple)
             for name in self.alive:
-                self.nodes[name].step(hits_by.get(name, []), rel.get(name, []))
+                if name != self.executor_node and name in rel:
+                    self.nodes[name].release(rel[name])
+            mine = [(e, t) for e, t in picks if self.home[(layer, e)] == self.executor_node]
+            return self.nodes[self.executor_node].prefetch(layer, mine, rel.get(self.executor_node, []))
+
+    def release(self, released=(), used=()) -> None:
+        with self._lock:
+            rel = self._by_home(released, tuple)
+            use = self._by_home(used, lambda u: (u[0], u[1]))
+            for name in self.alive:
+                if name in rel or name in use:
+                    self.nodes[name].release(rel.get(name, []), use.get(name, []))
+
+    def step(self, hits=(), released=(), used=()) -> None:
+        with self._lock:
+            hits_by = self._by_home(hits, lambda h: (h[0], h[1]))
+            rel = self._by_home(released, tuple)
+            use = self._by_home(used, lambda u: (u[0], u[1]))
+            for name in self.alive:
+                self.nodes[name].step(hits_by.get(name, []), rel.get(name, []), use.get(name, []))
 
     def node_failed(self, name: str) -> list[str]:
         """Take ``name`` out: its experts get homes on the nodes left. Returns the nodes still alive."""

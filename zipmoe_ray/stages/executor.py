@@ -128,15 +128,17 @@ class Executor:
         dtype: str = "auto",
         torch_threads: int | None = None,
         timeline: bool = False,
+        prefetch: bool = True,
     ):
-        """``timeline``: record every MoE layer's events (see :meth:`timeline`)."""
+        """``timeline``: record every MoE layer's events (see :meth:`timeline`); ``prefetch``: each MoE
+        layer has the next one's predicted experts fetched ahead (stages/client.py)."""
         from transformers import GenerationConfig  # noqa: F401  (import early: fail fast if missing)
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         self.device = device or default_device()
         self.store = open_store(store_path)
         self.spec = get_arch(self.store.model_type)
-        self.client = ExpertClient(transport, self.store, self.device, timeline)
+        self.client = ExpertClient(transport, self.store, self.device, timeline, prefetch)
         t0 = time.perf_counter()
         self.model, self.moe_layers = load_model(self.store, self.client, device=self.device, dtype=dtype)
         self.load_s = time.perf_counter() - t0
@@ -199,6 +201,7 @@ class Executor:
                 e.partial_token_ids = [self._trim(r[start:]) for r in rows]
                 raise
             finally:
+                self.client.finish()
                 trace = self.client.stop_trace() if req.trace_request is not None else None
                 if req.batch_id is not None:
                     with self._cancel_lock:

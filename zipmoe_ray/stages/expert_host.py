@@ -21,7 +21,7 @@ import torch
 from ..models.experts_impl import chunk_gate, gated_rows, switch_rows
 from ..models.registry import get_arch
 from ..store import open_store
-from .client import ExpertClient
+from .weights import WeightBuilder
 
 __all__ = ["ExpertHost"]
 
@@ -43,7 +43,7 @@ class ExpertHost:
         from .executor import default_device
 
         self.device = torch.device(device or default_device())
-        self.builder = ExpertClient(None, self.store, self.device)
+        self.builder = WeightBuilder(self.store, self.device)
         config = self.store.config()
         self.gated = get_arch(self.store.model_type).family == "causal"
         act = config.get("hidden_act") if self.gated else config.get("dense_act_fn", "relu")
@@ -61,7 +61,7 @@ class ExpertHost:
         ``value``: the expert's decoded weights, one array (remote nodes decode in one piece:
         ``remote_node_config`` sets ``decode_parts=1``), resolved by Ray on this node without a copy."""
         t0 = time.monotonic()
-        weights = self.builder._weights(layer, kind, np.asarray(value))
+        weights = self.builder.weights(layer, kind, np.asarray(value))
         x, w = x.to(self.device), w.to(self.device)
         if self.gated:
             out = gated_rows(x, weights, w, self.gate)

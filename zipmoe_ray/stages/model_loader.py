@@ -9,12 +9,13 @@ to its device; each MoE layer's experts then read their weights through the Expe
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
 
 from ..errors import ConfigError, StoreError
-from ..models.experts_impl import EXPERTS_IMPLEMENTATION, ExpertSource, SwitchExperts, register
+from ..models.experts_impl import EXPERTS_IMPLEMENTATION, ExpertSource, NextRouter, SwitchExperts, register
 from ..models.hf import quiet_transformers
 from ..models.registry import get_arch
 from ..store import Store
@@ -59,6 +60,16 @@ def load_model(store: Store, source: ExpertSource, *, device: str = "cpu", dtype
             act = module.experts["expert_0"].act
             module.experts = SwitchExperts(layer, module.router.num_experts, act, source)
             modules[layer] = module.experts
+    if spec.family == "causal":  # each MoE layer predicts the next one's experts (ExpertClient.predict)
+        routers = {
+            spec.layer_of(name + ".", config): m
+            for name, m in model.named_modules()
+            if name.endswith(".gate") and type(m).__name__.endswith("Router") and hasattr(m, "top_k")
+        }
+        order = sorted(modules)
+        for a, b in itertools.pairwise(order):
+            if b in routers:
+                modules[a]._zipmoe_next = NextRouter(routers[b], b)
     if sorted(modules) != store.layers():
         raise StoreError(
             f"{store.path}: the model has MoE layers {sorted(modules)} but the store holds layers {store.layers()}; "

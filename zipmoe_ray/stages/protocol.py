@@ -86,13 +86,28 @@ class Transport(Protocol):
 
     node_timeout: float | None  # seconds to wait on another node before checking it lives (None: no nodes)
 
-    def request(self, layer: int, misses: list, hits: list, released: list) -> LayerResponse:
+    def request(self, layer: int, misses: list, hits: list, released: list, used: list) -> LayerResponse:
         """Fetch ``misses`` ((expert, tokens) not held in FULL form) of ``layer``; ``hits`` are FULL hits
-        served meanwhile, ``released`` experts the executor finished with. Returns handles at once."""
+        served meanwhile, ``released`` experts the executor finished with, ``used`` prefetched experts it
+        used ((layer, expert, tokens)). Blocks for the scheduler's answer: handles, at once."""
         ...
 
-    def step(self, hits: list, released: list) -> None:
-        """End of a generation step: FULL hits served without a request, released experts; does not block."""
+    def prefetch(self, layer: int, picks: list, released: list) -> Any:
+        """Have the scheduler start fetching ``picks`` ((expert, tokens) predicted for ``layer``); does not
+        block: returns a pending answer for :meth:`resolve`."""
+        ...
+
+    def resolve(self, pending: Any) -> LayerResponse:
+        """The scheduler's answer to a :meth:`prefetch` (blocks until it is there: normally it already is)."""
+        ...
+
+    def release(self, released: list, used: list) -> None:
+        """Between steps: experts finished with, used prefetched experts; does not block."""
+        ...
+
+    def step(self, hits: list, released: list, used: list) -> None:
+        """End of a generation step: FULL hits served without a request, released experts, used prefetched
+        experts; does not block."""
         ...
 
     def wait_any(self, handles: list, timeout: float | None = None) -> list:

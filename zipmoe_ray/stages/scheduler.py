@@ -25,8 +25,9 @@ from ..cache import ExpertCache, Form, Key, ModelLayout, Popularity, SplitRule
 from ..cache.popularity import DEFAULT_DECAY, DEFAULT_POPULARITY
 from ..errors import BudgetError
 from ..runtime.budget import minimum_budget
-from ..schedule import CostModel, Task, pieces_for, plan_layer
+from ..schedule import CostModel
 from ..store import open_store
+from .placement import Placement
 from .protocol import Delivery, LayerResponse, TaskRunner
 
 __all__ = ["Scheduler", "SchedulerConfig"]
@@ -48,15 +49,19 @@ class SchedulerConfig:
     reserve_experts: int | None = (
         None  # experts in flight at once (staging reserve); None = the model's top-k
     )
+    prefetch_experts: int = 0  # experts' staging set aside, beyond the reserve, for the next layer's prefetch
 
 
 @dataclass
 class _Flight:
     staging: int
     form: Form
+    delivery: Delivery | None = None  # the handles handed out (a second request for the key gets the same)
+    prefetched: bool = False  # fetched ahead of its layer's routing
+    used: bool = False  # and since used by the executor
 
 
-class Scheduler:
+class Scheduler(Placement):
     """Plain class; thread-safe. The Ray backend wraps it in an actor, the local backend calls it directly."""
 
     def __init__(
@@ -85,6 +90,11 @@ class Scheduler:
                 f"memory budget {config.budget:,} B is too small: {inflight} active experts need "
                 f"{self.reserve:,} B of buffers in flight; give at least {self.reserve:,} B"
             )
+        ahead = minimum_budget(self.sizes, config.prefetch_experts)
+        if config.budget - self.reserve < 2 * ahead:  # a budget that small keeps its bytes for the cache
+            ahead = 0
+        self.ahead = ahead  # staging prefetches may hold (beyond the one-layer reserve requests rely on)
+        self.reserve += ahead
         split = config.split
         if self.raw_codec and (split.compressed or split.sm):
             split = SplitRule(full=1.0, compressed=0.0, sm=0.0)  # a raw store has only the FULL form
@@ -113,6 +123,10 @@ class Scheduler:
             "planned_cpu_s": 0.0,
             "planned_makespan_s": 0.0,
             "background_tasks": 0,
+            "prefetch_issued": 0,  # experts fetched ahead of their layer's routing
+            "prefetch_used": 0,  # of those, the ones the executor used
+            "prefetch_bytes_read": 0,  # bytes read for prefetched experts (used or not)
+            "prefetch_wasted_bytes": 0,  # bytes read for prefetched experts never used
         }
         self._t0 = time.monotonic()
 
@@ -134,6 +148,8 @@ class Scheduler:
             flight = self._flights.pop(key, None)
             if flight is None:
                 continue
+            if flight.prefetched and not flight.used:
+                self.counters["prefetch_wasted_bytes"] += self.sizes[key].read(flight.form)
             self.cache.release(flight.staging)
             self.cache.unpin(key)
 
@@ -143,16 +159,76 @@ class Scheduler:
             form = self.cache.touch(key, tokens)
             self.counters["hits"][Form.FULL.label if form == Form.FULL else form.label] += 1
 
-    def step(self, hits: list[tuple[int, int, int]] = (), released: list[Key] = ()) -> None:
-        """End of a generation step: FULL hits the executor served alone ((layer, expert, tokens)), experts
-        it finished with; ages popularity by one step."""
+    def release(self, released: list[Key] = (), used: list[tuple[int, int, int]] = ()) -> None:
+        """Between steps: prefetched experts the executor used, experts it finished with. Does not block."""
         with self._lock:
+            self._used(used)
+            self._release(released)
+
+    def _used(self, used) -> None:
+        """Prefetched experts the executor really used ((layer, expert, tokens)): their use counts now, as a
+        hit in the form they were fetched from (a miss if from disk)."""
+        for layer, e, tokens in used:
+            key = (layer, e)
+            flight = self._flights.get(key)
+            self.cache.touch(key, tokens)
+            form = flight.form if flight is not None else Form.DISK
+            if flight is not None:
+                flight.used = True
+            if form == Form.DISK:
+                self.counters["misses"] += 1
+            else:
+                self.counters["hits"][form.label] += 1
+            self.counters["prefetch_used"] += 1
+
+    def step(
+        self,
+        hits: list[tuple[int, int, int]] = (),
+        released: list[Key] = (),
+        used: list[tuple[int, int, int]] = (),
+    ) -> None:
+        """End of a generation step: FULL hits the executor served alone ((layer, expert, tokens)), experts
+        it finished with, prefetched experts it used; ages popularity by one step. Does not block."""
+        with self._lock:
+            self._used(used)
             self._release(released)
             for layer, e, tokens in hits:
                 self.cache.touch((layer, e), tokens)
                 self.counters["hits"]["full"] += 1
             self.cache.step()
             self.counters["steps"] += 1
+
+    def prefetch(self, layer: int, picks: list[tuple[int, int]], released: list[Key] = ()) -> LayerResponse:
+        """Start fetching ``picks`` ((expert, tokens) predicted for ``layer``, none of them held in FULL form
+        by the executor) ahead of the layer's routing. Nothing is counted as used until a later ``request``
+        or ``step`` names the expert in ``used``; what is never used is ``released`` like any fetch, its
+        admission decided by the ordinary rules. Only what fits the staging set aside for prefetch
+        (``SchedulerConfig.prefetch_experts``; none on a budget too small to spare it) is fetched, so that
+        a request never finds its reserve taken, and nothing already in flight. Returns handles at once, like ``request``."""
+        with self._lock:
+            self._release(released)
+            wave, staging = [], 0
+            room = self.ahead - sum(f.staging for f in self._flights.values() if f.prefetched and not f.used)
+            for e, tokens in sorted(picks, key=lambda p: (-p[1], p[0])):
+                key = (layer, e)
+                form = self.cache.form(key)
+                if key in self._flights or form == Form.FULL:
+                    continue
+                need = sum(self._staging(key, form))
+                if staging + need > room or not self.cache.can_reserve(staging + need):
+                    break
+                wave.append((key, form, tokens))
+                staging += need
+            for key, form, _ in wave:
+                need = sum(self._staging(key, form))
+                self.cache.reserve(need)
+                self.cache.pin(key)
+                self._flights[key] = _Flight(need, form, prefetched=True)
+            self.counters["prefetch_issued"] += len(wave)
+            self.counters["prefetch_bytes_read"] += sum(self.sizes[k].read(f) for k, f, _ in wave)
+            deliveries = self._dispatch(wave) if wave else []
+            drops, self._drops = self._drops, []
+            return LayerResponse(layer, deliveries, drops, [])
 
     # -- one layer ------------------------------------------------------------------------------------------
     def _staging(self, key: Key, src: Form) -> tuple[int, int]:
@@ -168,11 +244,14 @@ class Scheduler:
         misses: list[tuple[int, int]],
         hits: list[tuple[int, int]] = (),
         released: list[Key] = (),
+        used: list[tuple[int, int, int]] = (),
     ) -> LayerResponse:
-        """Fetch ``misses`` ((expert, tokens) the executor does not hold in full) of ``layer``. Non-blocking:
-        returns handles to results that complete in plan order."""
+        """Fetch ``misses`` ((expert, tokens) the executor does not hold in full) of ``layer``; ``used``:
+        prefetched experts it used since its last report (see prefetch). Non-blocking: returns handles to
+        results that complete in plan order."""
         with self._lock:
             self.counters["requests"] += 1
+            self._used(used)
             self._release(released)
             self._hits(layer, hits)
             for e, _ in hits:
@@ -197,15 +276,23 @@ class Scheduler:
                 self.counters["hits"]["full"] += 1  # held here in full form: hand out the object, no task
                 served.append(Delivery(e, self.cache.entries[key].payload, self._kind(), False, "full"))
                 continue
+            flight = self._flights.get(key)
+            if flight is not None and flight.delivery is not None:  # on its way already (prefetched)
+                self._used([(layer, e, tokens)])
+                served.append(flight.delivery)
+                continue
             if form == Form.FULL:  # the executor lost its copy (e.g. restarted): fetch it again
                 self.cache.drop(key)
                 form = Form.DISK
             pending.append((key, form, tokens))
         pending.sort(key=lambda p: (-p[2], p[0]))
         wave, deferred, staging = [], [], 0
+        # the first fetch always fits the reserve, unless prefetched experts of this layer hold it: those
+        # are handed out now, and what does not fit comes in a next wave once they are released
+        holding = any(self._flights.get((layer, d.expert)) is not None for d in served)
         for key, form, tokens in pending:
             need = sum(self._staging(key, form))
-            if deferred or (wave and not self.cache.can_reserve(staging + need)):
+            if deferred or ((wave or holding) and not self.cache.can_reserve(staging + need)):
                 deferred.append((key[1], tokens))
                 continue
             wave.append((key, form, tokens))
@@ -226,128 +313,6 @@ class Scheduler:
         deliveries = served + self._dispatch(wave)
         drops, self._drops = self._drops, []
         return LayerResponse(layer, deliveries, drops, deferred)
-
-    def _dispatch(self, wave) -> list[Delivery]:
-        costs, sizes, entries = self.costs, self.sizes, self.cache.entries
-        planes = self.config.recombine_on_device
-        workers = self.runner.workers
-        decodes = 0 if self.raw_codec else len(wave)
-        parts = pieces_for(
-            decodes,
-            min(workers, self.config.decode_parts or workers),
-            min((sizes[k].shards for k, _, _ in wave), default=1),
-        )
-        tasks = []
-        for key, form, tokens in wave:
-            s = sizes[key]
-            tasks.append(
-                Task(key, costs.io_time(s, form), costs.cpu_time(s, form, planes), tokens, form, parts)
-            )
-        lanes = sorted(range(workers), key=self._lane_load.__getitem__)  # least loaded first
-        plan = plan_layer(tasks, workers, lanes)
-        busy = plan.cpu_busy
-        c = self.counters
-        c["planned_io_s"] += plan.io_busy
-        c["planned_cpu_s"] += sum(busy)
-        c["planned_makespan_s"] += plan.makespan
-        for lane, b in enumerate(busy):
-            self._lane_load[lane] += b
-        regions: dict[Key, tuple[Any, Any]] = {}  # (E region, SM region) handles per expert
-        for t in tasks:  # what is already in memory
-            if t.tag == Form.COMPRESSED:
-                regions[t.key] = entries[t.key].payload
-            elif t.tag == Form.SM:
-                regions[t.key] = (None, entries[t.key].payload)
-        runner = self.runner
-        for t in plan.io_order:  # reads, in plan order
-            c["bytes_read_planned"] += sizes[t.key].read(t.tag)
-            if self.raw_codec:
-                regions[t.key] = (None, runner.read(t.key, "all"))
-            elif t.tag == Form.SM:
-                regions[t.key] = (runner.read(t.key, "exp"), regions[t.key][1])
-            else:
-                regions[t.key] = runner.read_split(t.key)
-        outputs: dict[Key, list[Any]] = {}
-        for lane, pieces in enumerate(plan.lanes):  # decodes, per lane in plan order
-            if not pieces:
-                continue
-            jobs = [
-                (p.key, *regions[p.key], planes, (p.index, p.count) if p.count > 1 else None) for p in pieces
-            ]
-            for p, h in zip(pieces, runner.decode_lane(lane, jobs)):
-                outputs.setdefault(p.key, [None] * p.count)[p.index] = h
-        kind = self._kind()
-        deliveries = []
-        for t in tasks:
-            handles = [regions[t.key][1]] if self.raw_codec else outputs[t.key]
-            one = len(handles) == 1
-            final = self._admit(t.key, t.tag, regions[t.key], handles[0] if one else None)
-            deliveries.append(
-                Delivery(
-                    t.key[1], handles[0], kind, final == Form.FULL, t.tag.label, None if one else handles
-                )
-            )
-        return deliveries
-
-    def _kind(self) -> str:
-        """What a fetched expert's output is (and a kept full payload therefore holds): see Delivery."""
-        return "raw" if self.raw_codec else ("planes" if self.config.recombine_on_device else "words")
-
-    def _least_loaded_lane(self) -> int:
-        return min(range(len(self._lane_load)), key=self._lane_load.__getitem__)
-
-    def _admit(self, key: Key, src: Form, parts: tuple[Any, Any], output: Any) -> Form:
-        """Place a just-fetched expert in the best form it earns now (see ExpertCache.admit), turn the
-        staging that became cached bytes into held bytes, and materialise the victims' new forms. Host
-        forms are sets of region objects (COMPRESSED = E + SM, SM = SM), so no bytes are copied here."""
-        allowed = (Form.FULL,) if self.raw_codec else (Form.FULL, Form.COMPRESSED, Form.SM)
-        target = self.cache.choose(key, allowed)
-        if target == src or target == Form.DISK:
-            return src
-        s = self.sizes[key]
-        read_bytes, out_bytes = self._staging(key, src)
-        if target == Form.FULL:
-            moved = out_bytes
-            payload = (
-                output if self.config.keep_full_payload and not self.config.recombine_on_device else None
-            )
-        elif target == Form.COMPRESSED:
-            moved = read_bytes  # the regions just read are kept
-            payload = parts
-        else:  # SM, from a disk read: keep its SM region
-            moved = s.sm
-            payload = parts[1]
-        flight = self._flights.get(key)
-        if moved and flight is not None:
-            self.cache.release(moved)
-            flight.staging -= moved
-        final, demotions = self.cache.admit(key, target, payload)
-        for d in demotions:
-            self._demote(d)
-        if final != target and moved and flight is not None:
-            self.cache.reserve(moved)  # it stays transient after all
-            flight.staging += moved
-        return final
-
-    def _demote(self, d) -> None:
-        """Give a victim its new, cheaper form: COMPRESSED -> SM drops the E region; FULL re-splits its
-        weights on a decode lane (SM) and re-reads only the E region (COMPRESSED); no host copy otherwise."""
-        if d.src == Form.FULL:
-            self._drops.append(d.key)
-        if d.dst == Form.DISK:
-            return
-        if d.src == Form.COMPRESSED:  # -> SM
-            self.cache.set_payload(d.key, d.payload[1])
-            return
-        self.counters["background_tasks"] += 1
-        lane = self._least_loaded_lane()
-        words = d.payload  # FULL weights (CPU executors keep a handle), or None
-        sm = (
-            self.runner.derive(lane, d.key, words, "raw")
-            if words is not None
-            else self.runner.read(d.key, "raw")
-        )
-        self.cache.set_payload(d.key, sm if d.dst == Form.SM else (self.runner.read(d.key, "exp"), sm))
 
     # -- reporting ---------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
