@@ -8,12 +8,13 @@ import dataclasses
 import pytest
 
 import zipmoe_ray.sim.simulator as simulator
+import zipmoe_ray.stages.placement as placement
 import zipmoe_ray.stages.scheduler as scheduler
 from zipmoe_ray.plan import BUILTIN_PROFILES, Workload
 from zipmoe_ray.sim import SIM_POLICIES, simulate
 from zipmoe_ray.trace import synth
 
-from .reference_sim import RefCache, RefRunner, ref_executor_layer, ref_plan_layer
+from ..reference_sim import RefCache, RefRunner, ref_executor_layer, ref_plan_layer
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +31,7 @@ def results(w, budget, profile, monkeypatch=None):
     if monkeypatch is not None:
         monkeypatch.setattr(simulator.SimRunner, "on_profile", classmethod(_ref_on_profile))
         monkeypatch.setattr(scheduler, "ExpertCache", RefCache)
-        monkeypatch.setattr(scheduler, "plan_layer", ref_plan_layer)
+        monkeypatch.setattr(placement, "plan_layer", ref_plan_layer)
         monkeypatch.setattr(simulator, "executor_layer", ref_executor_layer)
     out = {}
     for policy in SIM_POLICIES:
