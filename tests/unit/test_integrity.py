@@ -18,15 +18,9 @@ from zipmoe_ray.errors import ChecksumError, StoreCorruptError
 from zipmoe_ray.store.format import INDEX_NAME
 from zipmoe_ray.store.verify import verify_store
 
+from ..damage_helpers import flip
+
 DENSE = "model.zipmoe-dense.safetensors"
-
-
-def flip(path: Path, offset: int, mask: int = 0x40) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ mask]))
 
 
 @pytest.fixture
