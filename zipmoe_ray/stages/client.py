@@ -35,6 +35,14 @@ __all__ = ["ExpertClient"]
 
 log = logging.getLogger(__name__)
 
+# A wrong guess costs its read on the I/O lane; a right one saves at most that read's wait: prefetch pays
+# only while more than half of what it fetches is used. Below that the client stops sending predictions,
+# but for one in PROBE_EVERY, which keeps the running precision measured (the routing may become
+# predictable: another prompt, another phase).
+MIN_PRECISION = 0.5
+PROBE_EVERY = 8
+PRECISION_MEMORY = 0.95  # weight of the past in the running precision, per prefetched expert
+
 
 @dataclass
 class ClientStats:
@@ -48,6 +56,7 @@ class ClientStats:
     prefetch_used: int = 0  # of those, the ones the layer really routed to
     prefetch_wasted: int = 0  # and the ones it did not
     needed: int = 0  # experts routed to that were not held in FULL form (predicted or not)
+    gated: int = 0  # predictions not sent: the running precision was below MIN_PRECISION
 
 
 class ExpertClient:
@@ -77,6 +86,8 @@ class ExpertClient:
         self._prefetch: dict[int, Any] = {}  # layer -> the scheduler's pending answer to a prefetch
         self._prefetched: dict[Key, Delivery] = {}  # arrived, not yet used or released
         self._guess: tuple[int, list[int], list[int]] | None = None  # the next layer's prediction, unsent
+        self.precision = 1.0  # running share of prefetched experts that were used (optimistic start)
+        self._held_back = 0  # predictions gated since the last probe
         self.stats = ClientStats()
         self.events: list[tuple] | None = [] if timeline else None  # EngineConfig.timeline
         self.trace: list | None = None  # recorded steps while a traced generation runs
@@ -117,6 +128,11 @@ class ExpertClient:
         ]
         if not picks:
             return
+        if self.precision < MIN_PRECISION:
+            self._held_back += 1
+            if self._held_back % PROBE_EVERY:
+                self.stats.gated += len(picks)
+                return
         released, self._released = self._released, []
         self._event("prefetch", layer, len(picks))
         self._prefetch[layer] = self.transport.prefetch(layer, picks, released)
@@ -132,11 +148,15 @@ class ExpertClient:
         for d in resp.deliveries:
             self._prefetched[(layer, d.expert)] = d
 
+    def _scored(self, used: bool) -> None:
+        self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * used
+
     def _unused(self, layer: int) -> None:
         """Release ``layer``'s prefetched experts that it did not route to."""
         for key in [k for k in self._prefetched if k[0] == layer]:
             d = self._prefetched.pop(key)
             self.stats.prefetch_wasted += 1
+            self._scored(False)
             if d.keep:  # the scheduler holds it as FULL here: build it when first used
                 self._full_pending[key] = d
             self._released.append(key)
@@ -176,6 +196,8 @@ class ExpertClient:
         self.stats.needed += len(ahead) + len(misses)
         self._used += [(layer, e, t) for e, t in ahead]
         self.stats.prefetch_used += len(ahead)
+        for _ in ahead:
+            self._scored(True)
         self._unused(layer)
         if not misses:
             self._hit_notes.extend((layer, e, t) for e, t in hits)
@@ -336,6 +358,8 @@ class ExpertClient:
                 "wasted": s.prefetch_wasted,
                 "precision": s.prefetch_used / s.predicted if s.predicted else None,  # of those asked for
                 "recall": s.prefetch_used / s.needed if s.needed else None,  # of the fetches a layer needed
+                "gated": s.gated,
+                "running_precision": self.precision,
             }
             if self.prefetching
             else None,
