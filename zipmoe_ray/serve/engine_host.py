@@ -57,7 +57,7 @@ class EngineHost:
                     f"{self.config.store_dir}: no usable tokenizer ({e}); a server needs one"
                 ) from None
             if self.engine is None:
-                from ..engine import ZipMoEEngine
+                from .. import ZipMoEEngine  # the public API, as any application serving a store uses it
 
                 self.engine = ZipMoEEngine(self.config.store_dir, **self.config.engine)
             if self._closing:
