@@ -110,7 +110,7 @@ class ZipMoEEngine:
         # the device the executor will use decides how the scheduler hands it experts; stages pinned
         # elsewhere (resources, or the caller's) pick their own
         device = cfg.device or (None if (stages is not None or cfg.resources) else default_device())
-        base = scheduler_config(cfg, self.budget, device, backend.pieces_in_place, self.store.top_k)
+        base = scheduler_config(cfg, self.budget, device, backend.pieces_in_place)
         if stages is None:
             if plan is None and cfg.split is None and cfg.policy == "zipmoe":
                 check_trace_next_to_store(self.store_dir, self.store)

@@ -18,16 +18,16 @@ def store(tiny_stores):
     return tiny_stores["qwen2_moe"]
 
 
-def _sched(store, budget=None, ahead=0):
+def _sched(store, budget=None, prefetch=True):
     s = open_store(store)
     sizes = expert_sizes(s)
     budget = budget or sum(x.full for x in sizes.values())
     runner = FakeRunner()
-    return Scheduler(str(store), SchedulerConfig(budget=budget, prefetch_experts=ahead), runner), runner, s
+    return Scheduler(str(store), SchedulerConfig(budget=budget, prefetch=prefetch), runner), runner, s
 
 
 def test_a_used_prefetch_is_counted_once_and_its_request_gets_the_same_handles(store):
-    sched, runner, _ = _sched(store, ahead=2)
+    sched, runner, _ = _sched(store)
     ahead = sched.prefetch(1, [(2, 1), (3, 1)])
     assert sorted(d.expert for d in ahead.deliveries) == [2, 3]
     calls = len(runner.calls)
@@ -43,12 +43,12 @@ def test_a_used_prefetch_is_counted_once_and_its_request_gets_the_same_handles(s
 
 
 def test_used_reported_with_the_step_counts_as_the_access(store):
-    sched, _, _ = _sched(store, ahead=1)
+    sched, _, _ = _sched(store)
     sched.prefetch(0, [(4, 2)])
     sched.step(used=[(0, 4, 2)], released=[(0, 4)])
     st = sched.stats()
     assert st["prefetch_used"] == 1 and st["misses"] == 1 and st["prefetch_wasted_bytes"] == 0
-    plain, _, _ = _sched(store)  # the same use without prefetch: the same popularity
+    plain, _, _ = _sched(store, prefetch=False)  # the same use without prefetch: the same popularity
     plain.request(0, [(4, 2)])
     plain.step(released=[(0, 4)])
     assert sched.cache.popularity.score((0, 4)) == plain.cache.popularity.score((0, 4)) > 0
@@ -59,7 +59,7 @@ def test_prefetch_never_takes_a_requests_staging(store):
     s = open_store(store)
     sizes = expert_sizes(s)
     need = minimum_budget(sizes, s.top_k)
-    sched, _, _ = _sched(store, budget=need, ahead=s.top_k)  # only the reserve: nothing to spare
+    sched, _, _ = _sched(store, budget=need)  # only the reserve: nothing to spare
     assert sched.prefetch(0, [(e, 1) for e in range(s.num_experts)]).deliveries == []
     resp = sched.request(0, [(0, 1)])
     assert [d.expert for d in resp.deliveries] == [0]
@@ -72,7 +72,7 @@ def test_prefetch_stays_in_the_staging_set_aside_for_it(store):
     one = minimum_budget(sizes, 1)
     reserve = minimum_budget(sizes, s.top_k)
     budget = reserve + 2 * minimum_budget(sizes, s.top_k) + 10 * one
-    sched, _, _ = _sched(store, budget=budget, ahead=s.top_k)
+    sched, _, _ = _sched(store, budget=budget)
     assert sched.reserve == 2 * reserve  # a second layer's staging set aside for prefetch
     in_use = sched.request(0, [(e, 1) for e in range(s.top_k)])
     ahead = sched.prefetch(1, [(e, 1) for e in range(s.num_experts)])  # a wild guess: everything
@@ -89,5 +89,5 @@ def test_prefetch_stays_in_the_staging_set_aside_for_it(store):
 def test_a_small_budget_keeps_its_bytes_for_the_cache(store):
     s = open_store(store)
     need = minimum_budget(expert_sizes(s), s.top_k)
-    sched, _, _ = _sched(store, budget=need + need // 2, ahead=s.top_k)
+    sched, _, _ = _sched(store, budget=need + need // 2)
     assert sched.reserve == need

@@ -110,6 +110,10 @@ class ExpertSource(Protocol):
         """The layer finished computing with ``expert``: its transient buffers may be released."""
         ...
 
+    def wants_prediction(self, layer: int) -> bool:
+        """Whether a prediction of MoE layer ``layer``'s experts is worth computing now."""
+        ...
+
     def predict(self, layer: int, experts: list[int], tokens: list[int]) -> None:
         """MoE layer ``layer`` is predicted to route to ``experts``: worth fetching ahead (no effect on any
         result)."""
@@ -125,6 +129,8 @@ class NextRouter:
         self.layer = layer
 
     def __call__(self, source: ExpertSource, hidden_states: torch.Tensor) -> None:
+        if not source.wants_prediction(self.layer):  # prefetch off, or its predictions keep missing
+            return
         _, _, index = self.router(hidden_states)  # every TopKRouter returns (logits, weights, indices)
         experts, counts = torch.unique(index.reshape(-1), return_counts=True)
         source.predict(self.layer, experts.tolist(), counts.tolist())

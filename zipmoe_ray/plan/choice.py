@@ -36,7 +36,7 @@ class PlanChoice:
 
 
 def scheduler_config(
-    config, budget: int, device: str | None, pieces_in_place: bool = False, top_k: int = 0
+    config, budget: int, device: str | None, pieces_in_place: bool = False
 ) -> SchedulerConfig:
     """The scheduler's settings from an EngineConfig, a budget in bytes and the executor's device (None:
     not known here, the stages were placed elsewhere: planned as for a CPU). ``pieces_in_place``: the
@@ -56,7 +56,7 @@ def scheduler_config(
         decode_parts=None if (accel or pieces_in_place) else 1,
         # the next layer's predicted experts are fetched while this one's are still in use: staging for
         # a second layer (the scheduler drops it when the budget is too small to spare it)
-        prefetch_experts=top_k if config.prefetch else 0,
+        prefetch=config.prefetch,
     )
 
 

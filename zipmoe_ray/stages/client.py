@@ -56,7 +56,7 @@ class ClientStats:
     prefetch_used: int = 0  # of those, the ones the layer really routed to
     prefetch_wasted: int = 0  # and the ones it did not
     needed: int = 0  # experts routed to that were not held in FULL form (predicted or not)
-    gated: int = 0  # predictions not sent: the running precision was below MIN_PRECISION
+    gated: int = 0  # layers not predicted: the running precision was below MIN_PRECISION
 
 
 class ExpertClient:
@@ -109,12 +109,24 @@ class ExpertClient:
     def _held(self, key: Key) -> bool:
         return key in self.full or key in self._full_pending
 
+    def wants_prediction(self, layer: int) -> bool:
+        """Whether the next router should predict ``layer``: prefetch is on and what it fetched was mostly
+        used, or this is one of the probes that keep the running precision measured while it was not."""
+        if not self.prefetching or layer in self._prefetch:
+            return False
+        if self.precision >= MIN_PRECISION:
+            return True
+        self._held_back += 1
+        if self._held_back % PROBE_EVERY:
+            self.stats.gated += 1
+            return False
+        return True
+
     def predict(self, layer: int, experts: list[int], tokens: list[int]) -> None:
         """``layer`` is predicted to route to ``experts`` (``tokens`` each). Noted only: the fetches go out
         right after the current layer's own request (``_ahead``), so that they queue behind it on the
         lanes. Does not block."""
-        if self.prefetching and layer not in self._prefetch:
-            self._guess = (layer, experts, tokens)
+        self._guess = (layer, experts, tokens)
 
     def _ahead(self) -> None:
         """Start fetching the noted prediction's experts that are not held or already on their way."""
@@ -128,11 +140,6 @@ class ExpertClient:
         ]
         if not picks:
             return
-        if self.precision < MIN_PRECISION:
-            self._held_back += 1
-            if self._held_back % PROBE_EVERY:
-                self.stats.gated += len(picks)
-                return
         released, self._released = self._released, []
         self._event("prefetch", layer, len(picks))
         self._prefetch[layer] = self.transport.prefetch(layer, picks, released)
@@ -356,7 +363,6 @@ class ExpertClient:
                 "predicted": s.predicted,
                 "used": s.prefetch_used,
                 "wasted": s.prefetch_wasted,
-                "precision": s.prefetch_used / s.predicted if s.predicted else None,  # of those asked for
                 "recall": s.prefetch_used / s.needed if s.needed else None,  # of the fetches a layer needed
                 "gated": s.gated,
                 "running_precision": self.precision,

@@ -49,7 +49,7 @@ class SchedulerConfig:
     reserve_experts: int | None = (
         None  # experts in flight at once (staging reserve); None = the model's top-k
     )
-    prefetch_experts: int = 0  # experts' staging set aside, beyond the reserve, for the next layer's prefetch
+    prefetch: bool = False  # set a second layer's staging (top-k experts) aside for the next layer's prefetch
 
 
 @dataclass
@@ -90,7 +90,7 @@ class Scheduler(Placement):
                 f"memory budget {config.budget:,} B is too small: {inflight} active experts need "
                 f"{self.reserve:,} B of buffers in flight; give at least {self.reserve:,} B"
             )
-        ahead = minimum_budget(self.sizes, config.prefetch_experts)
+        ahead = minimum_budget(self.sizes, self.top_k) if config.prefetch else 0
         if config.budget - self.reserve < 2 * ahead:  # a budget that small keeps its bytes for the cache
             ahead = 0
         self.ahead = ahead  # staging prefetches may hold (beyond the one-layer reserve requests rely on)
@@ -203,7 +203,7 @@ class Scheduler(Placement):
         by the executor) ahead of the layer's routing. Nothing is counted as used until a later ``request``
         or ``step`` names the expert in ``used``; what is never used is ``released`` like any fetch, its
         admission decided by the ordinary rules. Only what fits the staging set aside for prefetch
-        (``SchedulerConfig.prefetch_experts``; none on a budget too small to spare it) is fetched, so that
+        (``SchedulerConfig.prefetch``; none on a budget too small to spare it) is fetched, so that
         a request never finds its reserve taken, and nothing already in flight. Returns handles at once, like ``request``."""
         with self._lock:
             self._release(released)
