@@ -12,7 +12,7 @@ from pathlib import Path
 import zipmoe_ray
 
 LAYERS = [
-    {"_version", "errors", "env"},  # no dependencies
+    {"_version", "_lazy", "errors", "env"},  # no dependencies
     {"codec", "models"},  # bit planes; model families and their transformers glue
     {"store"},  # the on-disk format, reading and writing
     {"cache", "schedule", "trace"},  # cache forms and accounting; the layer scheduler; routing traces
@@ -113,3 +113,17 @@ def test_no_import_cycle():
         if v not in index:
             visit(v)
     assert not cycles, cycles
+
+
+def test_planning_and_simulating_do_not_import_torch():
+    """The simulator, the planner and the CLI's parser never touch a tensor; importing torch cost them a
+    second or more of every `zipmoe simulate` and `zipmoe plan` (the store and codec export lazily)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, zipmoe_ray.cli.main, zipmoe_ray.sim, zipmoe_ray.plan, zipmoe_ray.stages.scheduler; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", "something on the simulate path imports torch again"

@@ -3,15 +3,34 @@
     encode(tensor, codec="zstd", level=None, shards=None) -> EncodedTensor
     decode(encoded) -> torch.Tensor   # bit-identical
 
-See planes.py for how each dtype is split and backends.py for the entropy stage.
+See planes.py for how each dtype is split and backends.py for the entropy stage. The names are loaded on
+first use (see zipmoe_ray._lazy): most modules here import torch, the encoded form and checksums do not.
 """
 
-from .backends import CODECS, get_codec
-from .core import auto_shards, decode, decode_many, decode_shards, decompress_exponents, encode
-from .encoded import EncodedTensor, crc32
-from .planes import LAYOUTS, PlaneLayout, layout_for
-from .stats import bound_ratio, entropy_bits, exponent_histogram
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+_WHERE = {
+    "CODECS": ".backends",
+    "get_codec": ".backends",
+    "auto_shards": ".encoded",
+    "decode": ".core",
+    "decode_many": ".core",
+    "decode_shards": ".core",
+    "decompress_exponents": ".core",
+    "encode": ".core",
+    "EncodedTensor": ".encoded",
+    "crc32": ".encoded",
+    "LAYOUTS": ".planes",
+    "PlaneLayout": ".planes",
+    "layout_for": ".planes",
+    "bound_ratio": ".stats",
+    "entropy_bits": ".stats",
+    "exponent_histogram": ".stats",
+}
 __all__ = [
     "CODECS",
     "LAYOUTS",
@@ -30,3 +49,11 @@ __all__ = [
     "get_codec",
     "layout_for",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+
+if TYPE_CHECKING:
+    from .backends import CODECS, get_codec
+    from .core import decode, decode_many, decode_shards, decompress_exponents, encode
+    from .encoded import EncodedTensor, auto_shards, crc32
+    from .planes import LAYOUTS, PlaneLayout, layout_for
+    from .stats import bound_ratio, entropy_bits, exponent_histogram

@@ -20,7 +20,7 @@ import torch
 from .. import env
 from ..errors import ConfigError, StoreCorruptError
 from .backends import get_codec
-from .encoded import EncodedTensor, crc32
+from .encoded import AUTO_SHARD_BYTES, MAX_AUTO_SHARDS, EncodedTensor, auto_shards, crc32
 from .planes import layout_for
 
 __all__ = [
@@ -36,8 +36,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-AUTO_SHARD_BYTES = 256 * 1024  # with shards=None, about this many exponent bytes per shard...
-MAX_AUTO_SHARDS = 8  # ...and at most this many shards per tensor
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -53,13 +51,6 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 def default_threads() -> int:
     return env.get_int("ZIPMOE_CODEC_THREADS") or os.cpu_count() or 1
-
-
-def auto_shards(numel: int) -> int:
-    """Shard count used when ``shards=None``: one per ~256 KiB of exponent bytes, 1 to 8."""
-    if numel <= 0:
-        return 0
-    return max(1, min(MAX_AUTO_SHARDS, -(-numel // AUTO_SHARD_BYTES)))
 
 
 def _check_threads(threads: int | None) -> int:

@@ -9,7 +9,26 @@ import numpy as np
 
 from ..errors import ChecksumError
 
-__all__ = ["Buffer", "EncodedTensor", "buffer_nbytes", "crc32"]
+__all__ = [
+    "AUTO_SHARD_BYTES",
+    "MAX_AUTO_SHARDS",
+    "Buffer",
+    "EncodedTensor",
+    "auto_shards",
+    "buffer_nbytes",
+    "crc32",
+]
+
+AUTO_SHARD_BYTES = 256 * 1024  # with shards=None, about this many exponent bytes per shard...
+MAX_AUTO_SHARDS = 8  # ...and at most this many shards per tensor
+
+
+def auto_shards(numel: int) -> int:
+    """Shard count used when ``shards=None``: one per ~256 KiB of exponent bytes, 1 to 8."""
+    if numel <= 0:
+        return 0
+    return max(1, min(MAX_AUTO_SHARDS, -(-numel // AUTO_SHARD_BYTES)))
+
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
 

@@ -26,7 +26,6 @@ from ..cache.popularity import DEFAULT_DECAY, DEFAULT_POPULARITY
 from ..errors import BudgetError
 from ..runtime.budget import minimum_budget
 from ..schedule import CostModel
-from ..store import open_store
 from .placement import Placement
 from .protocol import Delivery, LayerResponse, TaskRunner
 
@@ -72,11 +71,12 @@ class Scheduler(Placement):
         costs: CostModel | None = None,
     ):
         """``store_path``: a store directory, or a ModelLayout (the simulator's model, with no store)."""
-        layout = (
-            store_path
-            if isinstance(store_path, ModelLayout)
-            else ModelLayout.of_store(open_store(store_path))
-        )
+        if isinstance(store_path, ModelLayout):
+            layout = store_path
+        else:  # imported here: the store's reader pulls in torch, which the simulator never needs
+            from ..store import open_store
+
+            layout = ModelLayout.of_store(open_store(store_path))
         self.config = config
         self.runner = runner
         self.costs = costs or CostModel.nominal()

@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 from ..codec.backends import CODECS
-from ..codec.planes import LAYOUTS
 from ..errors import StoreCorruptError
 
 __all__ = ["check_body", "safe_relpath"]
@@ -106,6 +105,8 @@ def _tensor(t: Any, where: str, codec: str) -> tuple[int, list[tuple[int, int]],
     where = f"{where} ({_str(t['name'], f'{where} name')[:200]})"
     _str(t["role"], f"{where} role")
     dtype = _str(t["dtype"], f"{where} dtype")
+    from ..codec.planes import LAYOUTS  # here: it imports torch, which only reading a store needs
+
     if dtype not in LAYOUTS:
         raise _Bad(f"{where} dtype {dtype!r} is not one of {', '.join(LAYOUTS)}")
     shape = _list(t["shape"], f"{where} shape")
