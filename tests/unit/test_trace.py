@@ -32,6 +32,26 @@ def test_batch_steps_activate_more_experts():
     assert b4 > 2 * b1
 
 
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_steps_are_the_same_whatever_the_chunk_and_keep_every_token(monkeypatch, batch):
+    """Steps are made a chunk of prompt groups at a time; one group per chunk gives the same steps, in the
+    same order, and every token of the trace is in them (the last group short when prompts % batch)."""
+    import zipmoe_ray.trace.counts as counts
+
+    counts_ = [[[0] * 12 for _ in range(3)], *synth(**SHAPE, prompts=7, tokens=9, skew=0.5, seed=1).counts]
+    t = CountTrace(synth(**SHAPE, prompts=1, tokens=1).model, counts_)  # a prompt with no tokens first
+    whole = list(t.steps(batch=batch, seed=4))
+    monkeypatch.setattr(counts, "_CHUNK_CELLS", 1)
+    assert list(t.steps(batch=batch, seed=4)) == whole
+    drawn = [[0] * 12 for _ in range(3)]
+    for step in whole:
+        for layer, picks in enumerate(step):
+            assert [e for e, _ in picks] == sorted({e for e, _ in picks})  # by expert, each once
+            for e, tok in picks:
+                drawn[layer][e] += tok
+    assert drawn == t.totals()
+
+
 def test_count_trace_json_round_trip_and_errors(tmp_path):
     t = synth(**SHAPE, prompts=1, tokens=5)
     t.save(tmp_path / "t.json")
@@ -54,3 +74,14 @@ def test_traces_load_without_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "3"
+
+
+def test_a_recorded_step_routing_to_an_expert_the_model_lacks_is_refused(tmp_path):
+    from zipmoe_ray.trace import load_recorded
+
+    head = {"format": "zipmoe-trace/1", "model": {"layers": [0, 1], "num_experts": 4, "top_k": 2}}
+    step = {"request": 0, "step": 0, "kind": "decode", "layers": {"1": [[1, 1], [4, 1]]}}
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps(head) + "\n" + json.dumps(step) + "\n")
+    with pytest.raises(ConfigError, match="line 2 routes to expert 4, but the model has 4"):
+        load_recorded(p)

@@ -8,7 +8,6 @@ number of experts active per step (top-k at batch 1, more at larger batches).
 from __future__ import annotations
 
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 
 from ..cache.forms import ExpertSizes, Key
@@ -49,14 +48,16 @@ class Workload:
 
     def _estimate_access(self) -> None:
         n = max(1, len(self.steps))
-        per_layer = [Counter() for _ in self.layers]
+        seen = [[0] * self.num_experts for _ in self.layers]  # steps each expert is active in, per layer
         for step in self.steps:
-            for seen, picks in zip(per_layer, step):
-                seen.update(e for e, _ in picks)
+            for row, picks in zip(seen, step):
+                for e, _ in picks:
+                    row[e] += 1
         self.access = {k: 0.0 for k in self.sizes}
-        for layer, seen in zip(self.layers, per_layer):
-            for e, c in seen.items():
-                self.access[(layer, e)] = c / n
+        for layer, row in zip(self.layers, seen):
+            for e, c in enumerate(row):
+                if c:
+                    self.access[(layer, e)] = c / n
 
     @property
     def expert_bytes(self) -> int:

@@ -15,7 +15,6 @@ exactly and popularity (which expert, not only its rank) is kept; the order is r
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -137,7 +136,7 @@ class CountTrace:
         rng = np.random.default_rng(seed)
         k = self.top_k
         left = np.array(self.counts, dtype=np.int64)  # [prompt, layer, expert]
-        P, L, _ = left.shape
+        _, L, _ = left.shape
         rounds = []  # per round: [prompt, layer, expert] drawn (0/1), and which prompts still had tokens
         while True:
             live = left > 0
@@ -152,17 +151,39 @@ class CountTrace:
             drawn &= live  # a row with fewer than k experts left draws only those
             left -= drawn
             rounds.append((drawn.astype(np.int8), alive))
-        bounds = np.arange(L + 1)
-        for start in range(0, P, batch):
-            members = slice(start, start + batch)
-            for drawn, alive in rounds:
-                if not alive[members].any():
-                    continue
-                step = drawn[start] if batch == 1 else drawn[members].sum(axis=0)  # [layer, expert]
-                layers, experts = np.nonzero(step)
-                pairs = list(zip(experts.tolist(), step[layers, experts].tolist()))
-                cuts = np.searchsorted(layers, bounds).tolist()
-                yield [pairs[a:b] for a, b in itertools.pairwise(cuts)]
+        if rounds:
+            yield from _steps_of(rounds, batch, L)
+
+
+_CHUNK_CELLS = 1 << 25  # (step, layer, expert) cells turned into steps at once: bounds the memory it takes
+
+
+def _steps_of(rounds, batch: int, layers: int) -> Iterator[list[list[tuple[int, int]]]]:
+    """The steps of drawn ``rounds`` ([prompt, layer, expert] 0/1 per round, and which prompts were live),
+    prompt group by prompt group and round by round: per step and layer, (expert, tokens) by expert. Whole
+    groups at a time in array operations (one ``nonzero`` and one slice per layer of a step), not a few
+    array calls per step, which were most of what loading a 1000-prompt trace cost."""
+    drawn = np.stack([d for d, _ in rounds], axis=1)  # [prompt, round, layer, expert]
+    alive = np.stack([a for _, a in rounds], axis=1)  # [prompt, round]
+    P, R, L, E = drawn.shape
+    groups = -(-P // batch)
+    per_chunk = max(1, _CHUNK_CELLS // max(1, batch * R * L * E))
+    for g0 in range(0, groups, per_chunk):
+        a, b = g0 * batch, min(P, (g0 + per_chunk) * batch)
+        d, live = drawn[a:b], alive[a:b]
+        if batch > 1:  # a group's step: its members' tokens summed; live while any member is
+            pad = -(b - a) % batch
+            if pad:
+                d = np.concatenate([d, np.zeros((pad, R, L, E), d.dtype)])
+                live = np.concatenate([live, np.zeros((pad, R), bool)])
+            d = d.reshape(-1, batch, R, L, E).sum(axis=1)
+            live = live.reshape(-1, batch, R).any(axis=1)
+        step = d[live]  # [step, layer, expert]: groups in order, each its live rounds in order
+        s, lay, e = np.nonzero(step)
+        pairs = list(zip(e.tolist(), step[s, lay, e].tolist()))
+        cuts = np.searchsorted(s * L + lay, np.arange(len(step) * L + 1)).tolist()
+        for i in range(0, len(step) * L, L):
+            yield [pairs[cuts[j] : cuts[j + 1]] for j in range(i, i + L)]
 
 
 def synth(

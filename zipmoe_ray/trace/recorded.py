@@ -146,20 +146,26 @@ def load_recorded(path: str | os.PathLike) -> RecordedTrace:
         store_id=head.get("store_id", ""),
         budget=budget if isinstance(budget, int) and not isinstance(budget, bool) else None,
     )
+    experts = head["model"].get("num_experts")
     for i, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         try:
             d = json.loads(line)
-            trace.steps.append(
-                TraceStep(
-                    int(d["request"]),
-                    int(d["step"]),
-                    d["kind"],
-                    int(d.get("batch", 1)),
-                    {int(k): [(int(e), int(t)) for e, t in v] for k, v in d["layers"].items()},
-                )
+            step = TraceStep(
+                int(d["request"]),
+                int(d["step"]),
+                d["kind"],
+                int(d.get("batch", 1)),
+                {int(k): [(int(e), int(t)) for e, t in v] for k, v in d["layers"].items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{p}: line {i} is not a trace step ({e})") from None
+        if isinstance(experts, int):
+            bad = [e for picks in step.layers.values() for e, _ in picks if not 0 <= e < experts]
+            if bad:
+                raise ConfigError(
+                    f"{p}: line {i} routes to expert {bad[0]}, but the model has {experts} (0..{experts - 1})"
+                )
+        trace.steps.append(step)
     return trace
