@@ -5,10 +5,12 @@ exactly the same results. Each mirrors the function it stands for line by line, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from zipmoe_ray.cache.forms import Form
 from zipmoe_ray.schedule import layer_schedule as ls
 from zipmoe_ray.sim.runner import SimRunner
+from zipmoe_ray.stages.protocol import Delivery
 
 from .reference_cache import ScanningCache
 
@@ -109,6 +111,66 @@ def ref_plan_layer(tasks, workers, lanes=None):
         plan.start[key], plan.finish[key] = begin, end
         plan.lane_of[key] = prefer[rank] if rank >= 0 else -1
     return plan
+
+
+def ref_dispatch(self, wave):
+    """Placement._dispatch as first written: a LayerPlan of objects (ref_plan_layer), costs asked per task."""
+    costs, sizes, entries = self.costs, self.sizes, self.cache.entries
+    planes = self.config.recombine_on_device
+    workers = self.runner.workers
+    decodes = 0 if self.raw_codec else len(wave)
+    parts = ls.pieces_for(
+        decodes,
+        min(workers, self.config.decode_parts or workers),
+        min((sizes[k].shards for k, _, _ in wave), default=1),
+    )
+    tasks = []
+    for key, form, tokens in wave:
+        s = sizes[key]
+        tasks.append(
+            ls.Task(key, costs.io_time(s, form), costs.cpu_time(s, form, planes), tokens, form, parts)
+        )
+    lanes = sorted(range(workers), key=self._lane_load.__getitem__)  # least loaded first
+    plan = ref_plan_layer(tasks, workers, lanes)
+    busy = plan.cpu_busy
+    c = self.counters
+    c["planned_io_s"] += plan.io_busy
+    c["planned_cpu_s"] += sum(busy)
+    c["planned_makespan_s"] += plan.makespan
+    for lane, b in enumerate(busy):
+        self._lane_load[lane] += b
+    regions: dict[Any, tuple[Any, Any]] = {}  # (E region, SM region) handles per expert
+    for t in tasks:  # what is already in memory
+        if t.tag == Form.COMPRESSED:
+            regions[t.key] = entries[t.key].payload
+        elif t.tag == Form.SM:
+            regions[t.key] = (None, entries[t.key].payload)
+    runner = self.runner
+    for t in plan.io_order:  # reads, in plan order
+        c["bytes_read_planned"] += sizes[t.key].read(t.tag)
+        if self.raw_codec:
+            regions[t.key] = (None, runner.read(t.key, "all"))
+        elif t.tag == Form.SM:
+            regions[t.key] = (runner.read(t.key, "exp"), regions[t.key][1])
+        else:
+            regions[t.key] = runner.read_split(t.key)
+    outputs: dict[Any, list[Any]] = {}
+    for lane, pieces in enumerate(plan.lanes):  # decodes, per lane in plan order
+        if not pieces:
+            continue
+        jobs = [(p.key, *regions[p.key], planes, (p.index, p.count) if p.count > 1 else None) for p in pieces]
+        for p, h in zip(pieces, runner.decode_lane(lane, jobs)):
+            outputs.setdefault(p.key, [None] * p.count)[p.index] = h
+    kind = self._kind()
+    deliveries = []
+    for t in tasks:
+        handles = [regions[t.key][1]] if self.raw_codec else outputs[t.key]
+        one = len(handles) == 1
+        final = self._admit(t.key, t.tag, regions[t.key], handles[0] if one else None)
+        d = Delivery(t.key[1], handles[0], kind, final == Form.FULL, t.tag.label, None if one else handles)
+        self._flights[t.key].delivery = d
+        deliveries.append(d)
+    return deliveries
 
 
 def ref_executor_layer(sched, runner, layer, picks, t, sizes, exec_bps, overhead, released, notes):

@@ -1,4 +1,4 @@
-"""The simulator's fast paths (sim runner, cache, layer plan, executor model) against plain reference
+"""The simulator's fast paths (sim runner, cache, layer plan and dispatch, executor model) against plain reference
 versions of each (tests/reference_sim.py): every figure of every policy's result must be identical."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from zipmoe_ray.plan import BUILTIN_PROFILES, Workload
 from zipmoe_ray.sim import SIM_POLICIES, simulate
 from zipmoe_ray.trace import synth
 
-from ..reference_sim import RefCache, RefRunner, ref_executor_layer, ref_plan_layer
+from ..reference_sim import RefCache, RefRunner, ref_dispatch, ref_executor_layer
 
 pytestmark = pytest.mark.unit
 
@@ -31,7 +31,7 @@ def results(w, budget, profile, monkeypatch=None):
     if monkeypatch is not None:
         monkeypatch.setattr(simulator.SimRunner, "on_profile", classmethod(_ref_on_profile))
         monkeypatch.setattr(scheduler, "ExpertCache", RefCache)
-        monkeypatch.setattr(placement, "plan_layer", ref_plan_layer)
+        monkeypatch.setattr(placement.Placement, "_dispatch", ref_dispatch)
         monkeypatch.setattr(simulator, "executor_layer", ref_executor_layer)
     out = {}
     for policy in SIM_POLICIES:

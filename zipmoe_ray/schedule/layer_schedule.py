@@ -39,7 +39,16 @@ import heapq
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["LayerPlan", "Piece", "Task", "makespan_of", "pieces_for", "plan_layer"]
+__all__ = [
+    "LayerPlan",
+    "Outline",
+    "Piece",
+    "Task",
+    "makespan_of",
+    "outline_layer",
+    "pieces_for",
+    "plan_layer",
+]
 
 
 class Task(NamedTuple):
@@ -125,23 +134,57 @@ def pieces_for(decodes: int, workers: int, shards: int = 1) -> int:
     return best_n
 
 
-def plan_layer(tasks: list[Task], workers: int, lanes: list[int] | None = None) -> LayerPlan:
-    """Plan one layer (see the module docstring). Deterministic; O(p log p) in pieces, and O(p) for a
-    layer shaped like one planned before (same costs, tokens, pieces and order of keys: the plan is kept
-    in terms of task positions and lane ranks). ``lanes``: the lanes in order of preference when several
-    are free (default 0..workers-1; the scheduler passes the least loaded first, so that over a run every
-    lane gets its share)."""
-    if workers < 1:
-        raise ValueError("workers must be >= 1")
-    if lanes is not None and len(lanes) != workers:
-        raise ValueError(f"lanes must order all {workers} lanes, got {len(lanes)}")
+class Outline(NamedTuple):
+    """A layer's plan in task positions, shared by every layer of the same shape (see ``outline_layer``):
+    what the scheduler's hot path dispatches from, without making a LayerPlan's objects. Read only."""
+
+    io: list[int]  # task positions in read order
+    lanes: list[
+        list[tuple[int, int, int, tuple[int, int] | None]]
+    ]  # per lane rank: (task, piece, count, part)
+    io_busy: float
+    rank_busy: list[float]  # decode seconds per lane rank
+    makespan: float
+
+
+def outline_layer(tasks: list[Task], workers: int) -> Outline:
+    """The plan of ``tasks`` (see the module docstring) in positions, lanes by rank: rank r is the r-th of the
+    caller's lanes in order of preference. O(p) for a layer shaped like one planned before (same costs,
+    tokens, pieces and order of keys); ``plan_layer`` gives the same plan as objects. ``part`` is
+    ``(piece, count)``, or None for a whole expert."""
+    return _outline(_shape(tasks, workers))
+
+
+def _shape(tasks: list[Task], workers: int) -> tuple:
+    """What a layer's plan depends on: the lanes, and per task its costs, tokens, pieces and key rank."""
     n = len(tasks)
     order = sorted(range(n), key=lambda i: tasks[i].key)
     ranks = [0] * n
     for r, i in enumerate(order):
         ranks[i] = r
-    shape = (workers, tuple((t.io, t.cpu, t.tokens, t.parts, r) for t, r in zip(tasks, ranks)))
-    io_idx, io_ends, lane_plan, spans, io_busy, rank_busy = _planned(shape)
+    return workers, tuple((t.io, t.cpu, t.tokens, t.parts, r) for t, r in zip(tasks, ranks))
+
+
+@functools.lru_cache(maxsize=4096)
+def _outline(shape) -> Outline:
+    io_idx, _, lane_plan, spans, io_busy, rank_busy = _planned(shape)
+    lanes = [
+        [(i, index, count, (index, count) if count > 1 else None) for i, index, count in e] for e in lane_plan
+    ]
+    return Outline(io_idx, lanes, io_busy, rank_busy, max((end for _, end, _ in spans), default=0.0))
+
+
+def plan_layer(tasks: list[Task], workers: int, lanes: list[int] | None = None) -> LayerPlan:
+    """Plan one layer (see the module docstring) as objects: the read order, each lane's pieces, and when each
+    task starts and finishes. Deterministic; O(p log p) in pieces, and O(p) for a layer shaped like one
+    planned before (see ``outline_layer``, the same plan in positions). ``lanes``: the lanes in order of
+    preference when several are free (default 0..workers-1; the scheduler passes the least loaded first, so
+    that over a run every lane gets its share)."""
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
+    if lanes is not None and len(lanes) != workers:
+        raise ValueError(f"lanes must order all {workers} lanes, got {len(lanes)}")
+    io_idx, io_ends, lane_plan, spans, io_busy, rank_busy = _planned(_shape(tasks, workers))
     prefer = lanes if lanes is not None else list(range(workers))
     made = [_pieces_of(t, max(1, min(t.parts, workers))) if t.cpu > 0 else () for t in tasks]
     by_lane: list = [None] * workers

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..cache import Form, Key
-from ..schedule import Task, pieces_for, plan_layer
+from ..schedule import Task, outline_layer, pieces_for
 from .protocol import Delivery
 
 __all__ = ["Placement"]
@@ -17,66 +17,90 @@ class Placement:
     """Mixed into Scheduler: uses its cache, sizes, costs, config, runner, counters and flights."""
 
     def _dispatch(self, wave) -> list[Delivery]:
-        costs, sizes, entries = self.costs, self.sizes, self.cache.entries
+        sizes, entries = self.sizes, self.cache.entries
         planes = self.config.recombine_on_device
-        workers = self.runner.workers
-        decodes = 0 if self.raw_codec else len(wave)
+        runner = self.runner
+        workers = runner.workers
+        raw = self.raw_codec
         parts = pieces_for(
-            decodes,
+            0 if raw else len(wave),
             min(workers, self.config.decode_parts or workers),
             min((sizes[k].shards for k, _, _ in wave), default=1),
         )
-        tasks = []
-        for key, form, tokens in wave:
-            s = sizes[key]
-            tasks.append(
-                Task(key, costs.io_time(s, form), costs.cpu_time(s, form, planes), tokens, form, parts)
-            )
+        times = self._task_times()
+        tasks = [Task(key, *times(key, form), tokens, form, parts) for key, form, tokens in wave]
         lanes = sorted(range(workers), key=self._lane_load.__getitem__)  # least loaded first
-        plan = plan_layer(tasks, workers, lanes)
-        busy = plan.cpu_busy
+        plan = outline_layer(tasks, workers)  # lane ranks: lanes[rank] is the lane
+        busy = [0] * workers
+        by_lane: list = [()] * workers
+        for rank, b in enumerate(plan.rank_busy):
+            busy[lanes[rank]] = b
+            by_lane[lanes[rank]] = plan.lanes[rank]
         c = self.counters
         c["planned_io_s"] += plan.io_busy
         c["planned_cpu_s"] += sum(busy)
         c["planned_makespan_s"] += plan.makespan
         for lane, b in enumerate(busy):
             self._lane_load[lane] += b
-        regions: dict[Key, tuple[Any, Any]] = {}  # (E region, SM region) handles per expert
-        for t in tasks:  # what is already in memory
+        regions: list[Any] = [None] * len(tasks)  # (E region, SM region) handles per task
+        for i, t in enumerate(tasks):  # what is already in memory
             if t.tag == Form.COMPRESSED:
-                regions[t.key] = entries[t.key].payload
+                regions[i] = entries[t.key].payload
             elif t.tag == Form.SM:
-                regions[t.key] = (None, entries[t.key].payload)
-        runner = self.runner
-        for t in plan.io_order:  # reads, in plan order
+                regions[i] = (None, entries[t.key].payload)
+        for i in plan.io:  # reads, in plan order
+            t = tasks[i]
             c["bytes_read_planned"] += sizes[t.key].read(t.tag)
-            if self.raw_codec:
-                regions[t.key] = (None, runner.read(t.key, "all"))
+            if raw:
+                regions[i] = (None, runner.read(t.key, "all"))
             elif t.tag == Form.SM:
-                regions[t.key] = (runner.read(t.key, "exp"), regions[t.key][1])
+                regions[i] = (runner.read(t.key, "exp"), regions[i][1])
             else:
-                regions[t.key] = runner.read_split(t.key)
-        outputs: dict[Key, list[Any]] = {}
-        for lane, pieces in enumerate(plan.lanes):  # decodes, per lane in plan order
-            if not pieces:
+                regions[i] = runner.read_split(t.key)
+        outputs: list[Any] = [None] * len(tasks)  # per task: its decoded handle (raw: its read)
+        pieces: list[Any] = [None] * len(tasks)  # per task cut into pieces: their handles
+        for lane, planned in enumerate(by_lane):  # decodes, per lane in plan order
+            if not planned:
                 continue
-            jobs = [
-                (p.key, *regions[p.key], planes, (p.index, p.count) if p.count > 1 else None) for p in pieces
-            ]
-            for p, h in zip(pieces, runner.decode_lane(lane, jobs)):
-                outputs.setdefault(p.key, [None] * p.count)[p.index] = h
+            jobs = [(tasks[i].key, *regions[i], planes, part) for i, _, _, part in planned]
+            for (i, index, count, _), h in zip(planned, runner.decode_lane(lane, jobs)):
+                if count == 1:
+                    outputs[i] = h
+                else:
+                    if pieces[i] is None:
+                        pieces[i] = [None] * count
+                    pieces[i][index] = h
         kind = self._kind()
         deliveries = []
-        for t in tasks:
-            handles = [regions[t.key][1]] if self.raw_codec else outputs[t.key]
-            one = len(handles) == 1
-            final = self._admit(t.key, t.tag, regions[t.key], handles[0] if one else None)
+        for i, t in enumerate(tasks):
+            cut = pieces[i]
+            out = regions[i][1] if raw else outputs[i]
+            final = self._admit(t.key, t.tag, regions[i], out)
             d = Delivery(
-                t.key[1], handles[0], kind, final == Form.FULL, t.tag.label, None if one else handles
+                t.key[1], cut[0] if cut is not None else out, kind, final == Form.FULL, t.tag.label, cut
             )
             self._flights[t.key].delivery = d
             deliveries.append(d)
         return deliveries
+
+    def _task_times(self):
+        """(I/O seconds, decode seconds) of fetching an expert from a form, remembered per (key, form) for
+        the costs in use (a new CostModel starts afresh): two cost-model calls per fetch were a tenth of
+        dispatching a layer."""
+        costs, planes = self.costs, self.config.recombine_on_device
+        memo = self.__dict__.get("_times")
+        if memo is None or memo[0] is not costs:
+            memo = self._times = (costs, {})
+        known, sizes = memo[1], self.sizes
+
+        def times(key, form):
+            got = known.get((key, form))
+            if got is None:
+                s = sizes[key]
+                got = known[(key, form)] = (costs.io_time(s, form), costs.cpu_time(s, form, planes))
+            return got
+
+        return times
 
     def _kind(self) -> str:
         """What a fetched expert's output is (and a kept full payload therefore holds): see Delivery."""
