@@ -90,3 +90,20 @@ def test_more_devices_hold_more_and_send_hidden_states_not_experts():
     assert [d["experts_homed"] for d in two.per_device] == [len(w.sizes) // 2] * 2
     with pytest.raises(ConfigError, match="devices"):
         simulate_cluster(w, 0, per, ORIN, hidden_size=2048)
+
+
+def test_planner_trials_beside_the_replay_choose_the_same_plan(monkeypatch):
+    """Half the planner's trial replays run in a forked child on long workloads: the scores, and so the
+    plan, are exactly those of running them one after another."""
+    import zipmoe_ray.sim.simulator as simulator
+    from zipmoe_ray.runtime.budget import minimum_budget
+
+    w = workload(1.0, prompts=4)
+    profile = BUILTIN_PROFILES["orin-agx-64gb"]
+    args = (w, int(0.3 * w.expert_bytes), profile, minimum_budget(w.sizes, w.top_k))
+    monkeypatch.setattr(simulator, "BACKGROUND_TRIAL_PAIRS", 10**12)
+    inline = simulator.choose_plan(*args)
+    monkeypatch.setattr(simulator, "BACKGROUND_TRIAL_PAIRS", 0)
+    forked = simulator.choose_plan(*args)
+    assert forked.candidates == inline.candidates and forked.chosen == inline.chosen
+    assert forked.forms == inline.forms and forked.decay == inline.decay

@@ -277,9 +277,10 @@ def make_plan(
 ) -> Plan:
     """Choose the forms of every expert for ``budget`` bytes (``reserve`` of them kept for staging).
 
-    ``evaluator(forms) -> seconds`` (optional) re-scores the ``EVALUATE_TOP`` best candidates of the static
-    model and the single-form caches with a more faithful model (the simulator passes a short replay of
-    the workload through the dynamic cache), and the plan is chosen on those scores."""
+    ``evaluator({name: forms}) -> {name: seconds}`` (optional) re-scores the ``EVALUATE_TOP`` best candidates
+    of the static model and the single-form caches with a more faithful model (the simulator passes short
+    replays of the workload through the dynamic cache, several at once where a core is free), and the plan
+    is chosen on those scores."""
     if budget < reserve:
         raise BudgetError(f"budget {budget:,} B is below the staging reserve {reserve:,} B")
     cache = budget - reserve
@@ -301,7 +302,7 @@ def make_plan(
     if evaluator is not None:
         ranked = sorted((n for n in scores if n.startswith("planned")), key=scores.__getitem__)[:EVALUATE_TOP]
         shortlist = [*ranked, *(n for n in scores if n.endswith("-only"))]
-        scores = {name: evaluator(cands[name]) for name in shortlist}
+        scores = evaluator({name: cands[name] for name in shortlist})
     chosen = min(scores, key=lambda n: (scores[n], not n.startswith("planned")))
     return Plan(
         budget=budget,

@@ -79,6 +79,7 @@ def _raw_sizes(sizes: dict) -> dict:
 
 WARM_STEPS = 1000  # steps replayed unmeasured before a warm-started measurement: enough to fill any cache
 BACKGROUND_BOUND_PAIRS = 100_000  # (step, layer) pairs from which the lower bounds run beside the replay
+BACKGROUND_TRIAL_PAIRS = 10_000  # (step, layer) pairs of the planner's trials from which half run beside
 EVALUATE_STEPS = 120  # steps of the workload the planner's candidates are replayed on
 DECAYS = (DEFAULT_DECAY, 0.999)  # popularity memories the plan chooses between (short: locality; long: IRM)
 
@@ -107,6 +108,18 @@ def choose_plan(workload, budget, profile, reserve):
         trial = Plan(budget, reserve, forms, 0.0, "trial", access=workload.access, decay=decay)
         return simulate(head, budget, profile, "zipmoe", plan=trial, bound=False).tpot_s
 
+    def evaluate_all(candidates: dict) -> dict:
+        """Each candidate's replay; the second half in a forked child beside the first when the replays
+        are long enough to pay for it (each is independent and deterministic: the same scores)."""
+        names = list(candidates)
+        if len(head.steps) * len(head.layers) * len(names) < BACKGROUND_TRIAL_PAIRS:
+            return {n: evaluate(candidates[n]) for n in names}
+        mine, theirs = names[: (len(names) + 1) // 2], names[(len(names) + 1) // 2 :]
+        pending = background.start(lambda: {n: evaluate(candidates[n]) for n in theirs})
+        scores = {n: evaluate(candidates[n]) for n in mine}
+        scores.update(pending.result())
+        return {n: scores[n] for n in names}
+
     costs = profile.costs()
     plan = make_plan(
         workload,
@@ -116,7 +129,7 @@ def choose_plan(workload, budget, profile, reserve):
         reserve=reserve,
         on_device=profile.recombine_on_device,
         device=profile.name,
-        evaluator=evaluate,
+        evaluator=evaluate_all,
     )
     scores = {DEFAULT_DECAY: plan.expected_makespan_s}
     for decay in DECAYS[1:]:
