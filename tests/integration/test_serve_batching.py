@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("fastapi")
 
 from zipmoe_ray import ZipMoEEngine
-from zipmoe_ray.serve.batcher import Batcher, Job, Sampling
+from zipmoe_ray.serve.batcher import WAIT_ROUNDS, Batcher, Job, Sampling
 from zipmoe_ray.serve.config import ServeConfig
 from zipmoe_ray.serve.errors import ApiError
 from zipmoe_ray.serve.metrics import ServeMetrics
@@ -137,6 +137,19 @@ def test_queue_full_is_429_and_a_cancelled_request_never_runs(engine):
     b.close()
     assert first.events == [] and j1.ended and m.cancelled._value.get() == 1
     assert second.finished()[0][4][2] == 1  # ran alone: the cancelled request left the queue
+
+
+def test_an_idle_batcher_waits_for_a_burst_until_it_pauses_and_no_longer_than_its_bound(engine):
+    b = Batcher(engine, 8, 8, ServeMetrics(8), _decode(engine), start=False, wait_s=0.05)
+    jobs = [_job(BATCH4[0], 4, _Collect()) for _ in range(3)]
+    for job, at in zip(jobs, (100.0, 100.03, 100.06)):  # gaps shorter than wait_s, spread longer
+        job.arrived = at
+        b.submit(job)
+    assert b._gather_deadline() == pytest.approx(100.11)  # the last arrival + wait_s, not the first's
+    for i, job in enumerate(jobs):  # a steady trickle: bounded from the first arrival
+        job.arrived = 100.0 + 0.4 * i
+    assert b._gather_deadline() == pytest.approx(100.0 + WAIT_ROUNDS * 0.05)
+    b.close()
 
 
 def test_cancelling_a_running_request_stops_its_rows(engine):

@@ -46,7 +46,8 @@ def add_serve_command(sub) -> None:
         "--batch-wait",
         type=float,
         default=d["batch_wait"].default,
-        help="seconds an idle server waits for more requests to batch with the first (default %(default)s)",
+        help="an idle server starts once no request has arrived for this many seconds, at most 10x that "
+        "after the first (default %(default)s)",
     )
     p.add_argument(
         "--dashboard",

@@ -35,6 +35,8 @@ __all__ = ["Batcher", "Job", "Sampling"]
 
 log = logging.getLogger(__name__)
 
+WAIT_ROUNDS = 10  # an idle batcher waits at most this many ``wait_s`` for a burst of requests to arrive
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -95,7 +97,7 @@ class Batcher:
         wait_s: float = 0.0,
     ):
         self.engine = engine
-        self.wait_s = wait_s  # how long an idle batcher waits for more requests before it starts
+        self.wait_s = wait_s  # an idle batcher starts once no request has arrived for this long (bounded)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics
@@ -187,10 +189,10 @@ class Batcher:
             with self._cond:
                 while not self._queue and not self._closed:
                     self._cond.wait()
-                # idle until now: give requests sent together a moment to arrive together
-                deadline = self._queue[0].arrived + self.wait_s if self._queue else 0.0
-                while not self._closed and self._queued_rows() < self.max_batch:
-                    left = deadline - time.perf_counter()
+                # requests sent together arrive spread over tens of ms: wait until
+                # none has come for wait_s (at most WAIT_ROUNDS x wait_s from the first)
+                while not self._closed and self._queue and self._queued_rows() < self.max_batch:
+                    left = self._gather_deadline() - time.perf_counter()
                     if left <= 0:
                         break
                     self._cond.wait(left)
@@ -216,6 +218,11 @@ class Batcher:
                 with self._cond:
                     self._running = []
                     self.metrics.running.set(0)
+
+    def _gather_deadline(self) -> float:
+        """When an idle batcher stops waiting for more requests: ``wait_s`` after the latest arrival, but
+        no later than ``WAIT_ROUNDS * wait_s`` after the oldest (a steady trickle does not hold it back)."""
+        return min(self._queue[-1].arrived + self.wait_s, self._queue[0].arrived + WAIT_ROUNDS * self.wait_s)
 
     def _queued_rows(self) -> int:
         return sum(len(j.prompts) for j in self._queue)

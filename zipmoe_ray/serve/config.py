@@ -31,7 +31,7 @@ class ServeConfig:
     model_name: str | None = None  # the name clients ask for (--model-name); None: the store's directory name
     max_batch: int = 8  # most sequences in one generation (--max-batch); 1 serves requests one at a time
     max_queue: int = 32  # most requests waiting for a generation before 429 (--max-queue)
-    batch_wait: float = 0.02  # seconds an idle server waits for more requests to batch with (--batch-wait)
+    batch_wait: float = 0.05  # an idle server starts once no request came for this long (--batch-wait)
     api_key: str | None = None  # clients must send `Authorization: Bearer KEY` (--api-key)
     host: str = "127.0.0.1"  # where the HTTP proxy listens (--host)
     port: int = 8000  # (--port)
