@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("fastapi")
 
 from zipmoe_ray import ZipMoEEngine
-from zipmoe_ray.serve.batcher import WAIT_ROUNDS, Batcher, Job, Sampling
-from zipmoe_ray.serve.config import ServeConfig
+from zipmoe_ray.serve.batcher import Batcher, Job, Sampling
+from zipmoe_ray.serve.config import BATCH_WAIT_ROUNDS, ServeConfig
 from zipmoe_ray.serve.errors import ApiError
 from zipmoe_ray.serve.metrics import ServeMetrics
 from zipmoe_ray.serve.protocol import ChatRequest, CompletionRequest, parse_body
@@ -148,7 +148,7 @@ def test_an_idle_batcher_waits_for_a_burst_until_it_pauses_and_no_longer_than_it
     assert b._gather_deadline() == pytest.approx(100.11)  # the last arrival + wait_s, not the first's
     for i, job in enumerate(jobs):  # a steady trickle: bounded from the first arrival
         job.arrived = 100.0 + 0.4 * i
-    assert b._gather_deadline() == pytest.approx(100.0 + WAIT_ROUNDS * 0.05)
+    assert b._gather_deadline() == pytest.approx(100.0 + BATCH_WAIT_ROUNDS * 0.05)
     b.close()
 
 

@@ -12,7 +12,7 @@ __all__ = ["add_serve_command"]
 
 
 def add_serve_command(sub) -> None:
-    from ..serve.config import ServeConfig
+    from ..serve.config import BATCH_WAIT_ROUNDS, ServeConfig
 
     d = ServeConfig.__dataclass_fields__
     p = sub.add_parser(
@@ -46,8 +46,8 @@ def add_serve_command(sub) -> None:
         "--batch-wait",
         type=float,
         default=d["batch_wait"].default,
-        help="an idle server starts once no request has arrived for this many seconds, at most 10x that "
-        "after the first (default %(default)s)",
+        help="an idle server starts once no request has arrived for this many seconds, at most "
+        f"{BATCH_WAIT_ROUNDS}x that after the first (default %(default)s)",
     )
     p.add_argument(
         "--dashboard",

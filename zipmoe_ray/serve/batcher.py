@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import BATCH_WAIT_ROUNDS
 from .errors import ApiError
 from .metrics import ServeMetrics
 from .text import RowText
@@ -34,8 +35,6 @@ from .text import RowText
 __all__ = ["Batcher", "Job", "Sampling"]
 
 log = logging.getLogger(__name__)
-
-WAIT_ROUNDS = 10  # an idle batcher waits at most this many ``wait_s`` for a burst of requests to arrive
 
 
 @dataclass(frozen=True)
@@ -189,8 +188,8 @@ class Batcher:
             with self._cond:
                 while not self._queue and not self._closed:
                     self._cond.wait()
-                # requests sent together arrive spread over tens of ms: wait until
-                # none has come for wait_s (at most WAIT_ROUNDS x wait_s from the first)
+                # requests sent together arrive spread over tens of ms: wait until none has come for
+                # wait_s; requests queued behind a generation longer than the bound start at once
                 while not self._closed and self._queue and self._queued_rows() < self.max_batch:
                     left = self._gather_deadline() - time.perf_counter()
                     if left <= 0:
@@ -221,8 +220,10 @@ class Batcher:
 
     def _gather_deadline(self) -> float:
         """When an idle batcher stops waiting for more requests: ``wait_s`` after the latest arrival, but
-        no later than ``WAIT_ROUNDS * wait_s`` after the oldest (a steady trickle does not hold it back)."""
-        return min(self._queue[-1].arrived + self.wait_s, self._queue[0].arrived + WAIT_ROUNDS * self.wait_s)
+        no later than ``BATCH_WAIT_ROUNDS * wait_s`` after the oldest (a steady trickle does not hold it back)."""
+        return min(
+            self._queue[-1].arrived + self.wait_s, self._queue[0].arrived + BATCH_WAIT_ROUNDS * self.wait_s
+        )
 
     def _queued_rows(self) -> int:
         return sum(len(j.prompts) for j in self._queue)

@@ -9,7 +9,9 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["ServeConfig", "is_loopback"]
+__all__ = ["BATCH_WAIT_ROUNDS", "ServeConfig", "is_loopback"]
+
+BATCH_WAIT_ROUNDS = 10  # an idle server gathers a burst for at most this many --batch-wait from its first
 
 
 def is_loopback(host: str) -> bool:
