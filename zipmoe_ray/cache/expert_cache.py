@@ -275,6 +275,37 @@ class ExpertCache:
             self.counters.admissions[form] += 1
             return form, demotions
 
+    def resize(self, capacity: dict[Form, int]) -> list[Demotion]:
+        """Give the forms new capacities (an online re-plan of the split). Every form over its new capacity
+        sheds its coldest unpinned members, each to the next cheaper form with room (else disk), as
+        admissions do; pinned experts stay until released, and the form takes nothing new until it is back
+        under its capacity. Returns the demotions made, which the Scheduler materialises."""
+        with self._lock:
+            new = {f: int(capacity.get(f, 0)) for f in CACHED_FORMS}
+            if sum(new.values()) > self.budget:
+                raise BudgetError("form capacities exceed the memory budget")
+            self.capacity = new
+            demotions: list[Demotion] = []
+            entries = self.entries
+            for form in CACHED_FORMS:
+                if self.used[form] <= new[form]:
+                    continue
+                order = self._members[form]
+                shed, over = [], self.used[form] - new[form]
+                try:
+                    for _, k in order.coldest(float("inf"), lambda k: entries[k].pins > 0):
+                        shed.append(k)
+                        over -= entries[k].sizes.held(form)
+                        if over <= 0:
+                            break
+                finally:
+                    order.restore()
+                for k in shed:
+                    self._place_down(
+                        k, form, demotions, 3
+                    )  # no further victims: cheaper forms take what fits
+            return demotions
+
     def drop(self, key: Key) -> None:
         """Send ``key`` to disk (e.g. its payload was lost with a failed node)."""
         with self._lock:

@@ -1,0 +1,144 @@
+"""Online re-planning of the split (schedule/split_tuner.py, ExpertCache.resize, Scheduler.set_split):
+candidates timed in turn on decode steps, the faster kept, like compared with like, budgets kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from zipmoe_ray.cache import ExpertCache, ExpertSizes, Form, Popularity, SplitRule
+from zipmoe_ray.cache.layout import expert_sizes
+from zipmoe_ray.schedule.split_tuner import MARGIN, SplitTuner
+from zipmoe_ray.stages.scheduler import Scheduler, SchedulerConfig
+from zipmoe_ray.store import open_store
+
+PLAN = SplitRule(0.2, 0.3, 0.5)
+FULL = SplitRule(1.0, 0.0, 0.0)
+
+
+def drive(tuner, cost, steps, rows=1):
+    """Feed ``steps`` decode steps whose time is ``cost[name in use]``; returns the switches (step, name)."""
+    out = []
+    for i in range(steps):
+        if tuner.observe(cost[tuner.name], rows) is not None:
+            out.append((i, tuner.name))
+    return out
+
+
+def test_the_faster_candidate_is_kept_after_each_is_timed_past_its_settling_steps():
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=100, settle=3, window=6)
+    switches = drive(t, {"plan": 0.5, "full-only": 0.3}, 30)
+    # the plan is timed first (3 settling + 6 timed steps), then full-only, which stays: no second switch
+    assert switches == [(8, "full-only")]
+    assert t.name == "full-only" and t.rounds == 1 and t.switches == 1
+    assert t.report()["step_s"] == {"plan": 0.5, "full-only": 0.3}
+    assert not t.measuring
+
+
+def test_the_split_in_use_stays_unless_another_is_faster_by_the_margin():
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=100, settle=0, window=4)
+    switches = drive(t, {"plan": 0.5, "full-only": 0.5 * (1 - MARGIN / 2)}, 20)
+    assert switches == [(3, "full-only"), (7, "plan")]  # timed, then back: not faster enough
+    assert t.name == "plan" and t.switches == 0
+
+
+def test_rounds_repeat_every_n_decode_steps_and_follow_a_change_of_workload():
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=20, settle=2, window=4)
+    drive(t, {"plan": 0.5, "full-only": 0.3}, 12)
+    assert t.name == "full-only" and not t.measuring
+    # the workload changes: now the plan is faster; the next round (after 20 steps) finds it
+    drive(t, {"plan": 0.2, "full-only": 0.3}, 20 + 4 + 6)
+    assert t.name == "plan" and t.rounds == 2 and t.switches == 2
+
+
+def test_samples_of_another_batch_size_restart_the_round_from_the_split_in_use():
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=100, settle=0, window=4)
+    drive(t, {"plan": 0.5, "full-only": 0.3}, 4)  # the plan timed at batch 1; full-only now in use
+    assert t.name == "full-only"
+    rule = t.observe(2.0, rows=8)  # batch 8 arrives: its steps are not compared with batch 1's
+    assert rule == PLAN and t.name == "plan" and t.rounds == 0
+    drive(t, {"plan": 2.0, "full-only": 1.0}, 8, rows=8)
+    assert t.name == "full-only" and t.scores == {"plan": 2.0, "full-only": 1.0}
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        SplitTuner([("plan", PLAN)])
+    with pytest.raises(ValueError):
+        SplitTuner([("plan", PLAN), ("full-only", FULL)], every=0)
+
+
+SIZE = ExpertSizes(full=100, extent=68, exp=18, sm=50)
+
+
+def test_resize_sheds_the_coldest_unpinned_experts_into_cheaper_forms_within_the_budget():
+    sizes = {(0, e): SIZE for e in range(10)}
+    c = ExpertCache(sizes, 1000, {Form.FULL: 200, Form.COMPRESSED: 300, Form.SM: 300}, Popularity(0.9))
+    for e in range(6):
+        c.touch((0, e), e + 1)
+        c.admit((0, e), Form.FULL if e >= 4 else Form.COMPRESSED)
+    c.pin((0, 0))  # the coldest, but in flight
+    demotions = c.resize({Form.FULL: 100, Form.COMPRESSED: 100, Form.SM: 600})
+    # FULL keeps its hottest; the colder one finds COMPRESSED over its new capacity and falls to SM
+    assert c.form((0, 5)) == Form.FULL and c.form((0, 4)) == Form.SM
+    # COMPRESSED sheds its coldest unpinned ((0,1), (0,2), (0,3)) into SM; the pinned (0,0) stays
+    assert c.members(Form.COMPRESSED) == {(0, 0)}
+    assert c.members(Form.SM) == {(0, 1), (0, 2), (0, 3), (0, 4)}
+    assert all(c.used[f] <= c.capacity[f] for f in (Form.FULL, Form.COMPRESSED, Form.SM))
+    assert {(d.key, d.src, d.dst) for d in demotions} == {
+        ((0, 4), Form.FULL, Form.SM),
+        *(((0, e), Form.COMPRESSED, Form.SM) for e in (1, 2, 3)),
+    }
+    assert c.held <= c.budget
+    c.resize({Form.FULL: 0, Form.COMPRESSED: 0, Form.SM: 0})
+    assert c.members(Form.FULL) == set() and c.members(Form.SM) == set()
+    assert c.members(Form.COMPRESSED) == {(0, 0)}  # pinned: stays until released
+
+
+class Runner:
+    workers = 2
+
+    def read(self, key, part):
+        return ("read", key, part)
+
+    def read_split(self, key):
+        return ("exp", key), ("sm", key)
+
+    def decode_lane(self, lane, jobs):
+        return [("decoded", job[0]) for job in jobs]
+
+    def derive(self, lane, key, words, part):
+        return ("derived", key, part)
+
+
+def test_the_scheduler_re_plans_from_decode_step_times_and_reports_it(tiny_stores):
+    store = tiny_stores["qwen2_moe"]
+    total = sum(x.full for x in expert_sizes(open_store(store)).values())
+    cfg = SchedulerConfig(budget=total // 2, split=PLAN, replan_every=50)
+    sched = Scheduler(str(store), cfg, Runner())
+    assert sched.stats()["replan"]["in_use"] == "start-up plan"
+    for e in range(8):  # some compressed and SM-only experts
+        sched.request(0, [(e, 1)])
+        sched.release([(0, e)])
+    assert sched.cache.members(Form.COMPRESSED) or sched.cache.members(Form.SM)
+    for _ in range(9):
+        sched.step(timing=(0.5, 1))
+    assert sched.split == FULL  # now timing full-only: compressed and SM room is gone
+    assert not sched.cache.members(Form.COMPRESSED) and not sched.cache.members(Form.SM)
+    assert sched.cache.held <= sched.cache.budget
+    for _ in range(9):
+        sched.step(timing=(0.2, 1))
+    r = sched.stats()["replan"]
+    assert r["in_use"] == "full-only" and r["rounds"] == 1 and r["step_s"]["full-only"] == 0.2
+    assert sched.stats()["plan"]["rule"] == FULL.describe()
+    sched.step()  # a prefill step (no timing) is not a sample
+    assert sched.tuner._held == 0
+
+
+def test_no_tuner_for_a_full_only_split_or_when_off(tiny_stores):
+    store = tiny_stores["qwen2_moe"]
+    total = sum(x.full for x in expert_sizes(open_store(store)).values())
+    assert (
+        Scheduler(str(store), SchedulerConfig(budget=total, split=FULL, replan_every=8), Runner()).tuner
+        is None
+    )
+    assert Scheduler(str(store), SchedulerConfig(budget=total, split=PLAN), Runner()).tuner is None
