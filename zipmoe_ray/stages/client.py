@@ -217,8 +217,12 @@ class ExpertClient:
             return
         resp = self._request(layer, misses, hits)
         self._ahead()
+        # a re-planned split may have demoted an expert this layer counted as a FULL hit before the
+        # answer said so: its copy is used by this layer, then dropped
+        later = [k for k in map(tuple, resp.drop_full) if k[0] == layer and k[1] in {e for e, _ in hits}]
         for e, _ in hits:
             yield e, self._full_weights((layer, e))
+        self._drop(later)
         tokens_of = dict(zip(experts, tokens))
         deliveries = early + resp.deliveries
         while True:
@@ -240,7 +244,8 @@ class ExpertClient:
         self._event("request", layer, len(misses))
         resp = self.transport.request(layer, misses, hits, released, used)
         self._event("response", layer)
-        self._drop(resp.drop_full)
+        used_now = {(layer, e) for e, _ in hits}
+        self._drop([k for k in resp.drop_full if tuple(k) not in used_now])
         return resp
 
     def _build(self, layer: int, d: Delivery, values: list) -> ExpertWeights:
@@ -320,9 +325,9 @@ class ExpertClient:
         if self._in_use.pop(key, None) is not None:  # fetched by this layer: its staging can go
             self._released.append(key)
 
-    def end_step(self) -> None:
-        """One generation step is over: report FULL hits, used prefetches and released experts, age
-        popularity. Does not block."""
+    def end_step(self, timing: tuple[float, int] | None = None) -> None:
+        """One generation step is over: report FULL hits, used prefetches and released experts, and for a
+        decode step its (seconds, rows); age popularity. Does not block."""
         self._event("step", -1)
         if self.trace is not None:
             from ..trace.recorded import TraceStep
@@ -334,7 +339,7 @@ class ExpertClient:
         hits, self._hit_notes = self._hit_notes, []
         released, self._released = self._released, []
         used, self._used = self._used, []
-        self.transport.step(hits, released, used)
+        self.transport.step(hits, released, used, timing)
 
     def finish(self) -> None:
         """The generation is over: release what was prefetched for layers it did not reach. Does not block
