@@ -72,6 +72,35 @@ def test_ray_backend(arch, tiny_stores, references, ray_cluster):
                 assert s["misses"]["disk"] > 0
 
 
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_online_re_planning_changes_forms_mid_generation_and_stays_bit_exact(
+    backend, tiny_stores, tiny_models, request
+):
+    """Rounds every 2 decode steps: the split flips between the plan and full-only many times while a
+    generation runs (experts demoted, re-split, fetched again in other forms); every token and logit
+    stays the reference's."""
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    new = 40
+    ref_ids, ref_logits = reference(tiny_models["qwen2_moe"], "qwen2_moe", BATCH1, new)
+    with ZipMoEEngine(
+        tiny_stores["qwen2_moe"],
+        memory_budget="30%",
+        backend=backend,
+        num_decompressors=2,
+        calibrate=False,
+        replan_every=2,
+    ) as engine:
+        out = engine.generate(BATCH1[0], new, output_logits=True)
+        s = engine.stats()
+    assert out.token_ids == ref_ids[0]
+    assert all(torch.equal(out.logits[i], ref_logits[i][0]) for i in range(len(ref_logits)))
+    r = s["replan"]
+    assert r["changes"] >= 2 and r["rounds"] >= 1, r  # to full-only and back at least once
+    assert set(r["step_s"]) == {"start-up plan", "full-only"}
+    assert s["peak_cache_bytes"] <= s["budget"]
+
+
 def test_fused_checkpoint_store(tiny_stores, tiny_models):
     ref_ids, ref_logits = reference(tiny_models["qwen2_moe-fused"], "qwen2_moe", BATCH1, MAX_NEW)
     with ZipMoEEngine(

@@ -49,12 +49,14 @@ def test_flags_are_parsed_into_the_fields_types():
             "--read-mode",
             "drop",
             "--no-recombine-on-device",
+            "--replan-every",
+            "64",
         ]
     )
     cfg = EngineConfig(**engine_kwargs(args))
     assert cfg.bandwidth == 5e8 and cfg.nodes == ("edge0", "edge1") and cfg.calibrate is False
     assert cfg.timeline is True and cfg.num_decompressors == 3 and cfg.read_mode == "drop"
-    assert cfg.recombine_on_device is False
+    assert cfg.recombine_on_device is False and cfg.replan_every == 64
 
 
 def test_a_command_can_change_a_default():
@@ -86,6 +88,8 @@ def test_bad_flag_values_are_usage_errors_naming_the_flag(argv):
         ({"nodes": ("a",), "resources": {"a": 1}}, "either resources"),
         ({"bandwidth": 0}, "bandwidth"),
         ({"latency": -1}, "latency"),
+        ({"replan_every": -1}, "replan_every"),
+        ({"replan_every": 2.5}, "replan_every"),
     ],
 )
 def test_invalid_settings_name_the_field(kw, match):

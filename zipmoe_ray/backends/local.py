@@ -116,8 +116,8 @@ class LocalTransport:
     def release(self, released, used) -> None:
         self.scheduler.release(released, used)
 
-    def step(self, hits, released, used) -> None:
-        self.scheduler.step(hits, released, used)
+    def step(self, hits, released, used, timing=None) -> None:
+        self.scheduler.step(hits, released, used, timing)
 
     def wait_any(self, handles: list, timeout: float | None = None) -> list:
         done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)

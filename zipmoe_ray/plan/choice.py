@@ -57,6 +57,9 @@ def scheduler_config(
         # the next layer's predicted experts are fetched while this one's are still in use: staging for
         # a second layer (the scheduler drops it when the budget is too small to spare it)
         prefetch=config.prefetch,
+        # the start-up plan is checked against full-only by timing both while generating (a fixed split
+        # or a baseline policy is what the user asked for: kept as given)
+        replan_every=config.replan_every if (config.split is None and config.policy == "zipmoe") else 0,
     )
 
 

@@ -160,6 +160,16 @@ class EngineConfig:
             kind="negated",
         ),
     )
+    replan_every: int = field(
+        default=256,
+        metadata=_cli(
+            "re-plan the split between cache forms online every N decode steps: time the planned split "
+            "and full-only for a few steps each while generating and keep the faster (0: keep the "
+            "start-up plan; applies to the zipmoe policy on one node)",
+            parse=int,
+            metavar="N",
+        ),
+    )
     verify: bool = field(
         default=False,
         metadata=_cli(
@@ -202,6 +212,14 @@ class EngineConfig:
         ):
             raise ConfigError(
                 f"connect_timeout must be a positive number of seconds, got {self.connect_timeout!r}"
+            )
+        if (
+            not isinstance(self.replan_every, int)
+            or isinstance(self.replan_every, bool)
+            or self.replan_every < 0
+        ):
+            raise ConfigError(
+                f"replan_every must be a whole number of decode steps (0: off), got {self.replan_every!r}"
             )
         for name in ("num_decompressors", "torch_threads"):
             v = getattr(self, name)

@@ -53,6 +53,9 @@ def engine_stats(
             "decode_busy_s": sum(d["busy_s"] for d in decs),
         },
         "split": {**sched["plan"], "source": split_source, "plan": plan_counts},
+        # online re-planning (schedule/split_tuner.py): the split in use, the last round's median decode
+        # step per candidate; None when off (a fixed split, a baseline policy, replan_every=0, a cluster)
+        "replan": sched.get("replan"),
         "cache": sched["cache"],
         "scheduler": {k: sched[k] for k in _SCHEDULER_KEYS},
         "executor": executor,

@@ -134,7 +134,8 @@ class ClusterScheduler:
                 if name in rel or name in use:
                     self.nodes[name].release(rel.get(name, []), use.get(name, []))
 
-    def step(self, hits=(), released=(), used=()) -> None:
+    def step(self, hits=(), released=(), used=(), timing=None) -> None:
+        """As Scheduler.step; ``timing`` is not used: the split is re-planned online on one node only."""
         with self._lock:
             hits_by = self._by_home(hits, lambda h: (h[0], h[1]))
             rel = self._by_home(released, tuple)

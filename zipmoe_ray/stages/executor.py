@@ -100,9 +100,12 @@ class _StepHook:
         self.last: torch.LongTensor | None = None  # the sequences so far (what a failure returns)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        self.times.append(time.perf_counter())
+        now = time.perf_counter()
+        # a decode step's time (the first call ends the prefill): what online re-planning compares
+        timing = (now - self.times[-1], int(input_ids.shape[0])) if self.times else None
+        self.times.append(now)
         self.last = input_ids
-        self.client.end_step()
+        self.client.end_step(timing)
         if self.sink is not None:
             self.sink.put(("tokens", input_ids[:, -1].tolist()))
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)

@@ -26,6 +26,7 @@ from ..cache.popularity import DEFAULT_DECAY, DEFAULT_POPULARITY
 from ..errors import BudgetError
 from ..runtime.budget import minimum_budget
 from ..schedule import CostModel
+from ..schedule.split_tuner import SplitTuner
 from .placement import Placement
 from .protocol import Delivery, LayerResponse, TaskRunner
 
@@ -49,6 +50,9 @@ class SchedulerConfig:
         None  # experts in flight at once (staging reserve); None = the model's top-k
     )
     prefetch: bool = False  # set a second layer's staging (top-k experts) aside for the next layer's prefetch
+    replan_every: int = (
+        0  # decode steps between online re-plans of the split (schedule/split_tuner.py); 0: off
+    )
 
 
 @dataclass
@@ -95,15 +99,15 @@ class Scheduler(Placement):
             ahead = 0
         self.ahead = ahead  # staging prefetches may hold (beyond the one-layer reserve requests rely on)
         self.reserve += ahead
-        split = config.split
-        if self.raw_codec and (split.compressed or split.sm):
-            split = SplitRule(full=1.0, compressed=0.0, sm=0.0)  # a raw store has only the FULL form
-        self.split = split
+        self.split, capacity = self._capacities(config.split)
         self.cache = ExpertCache(
-            self.sizes,
-            config.budget,
-            split.capacities(config.budget - self.reserve, sum(s.full for s in self.sizes.values())),
-            Popularity(config.decay, config.popularity),
+            self.sizes, config.budget, capacity, Popularity(config.decay, config.popularity)
+        )
+        full_only = SplitRule(full=1.0, compressed=0.0, sm=0.0)
+        self.tuner = (
+            SplitTuner([("start-up plan", self.split), ("full-only", full_only)], every=config.replan_every)
+            if config.replan_every and self.split != full_only
+            else None
         )
         for key, p in (config.prior or {}).items():
             if key in self.cache.entries and p > 0:
@@ -133,6 +137,21 @@ class Scheduler(Placement):
     # -- configuration ---------------------------------------------------------------------------------
     def set_costs(self, costs: CostModel) -> None:
         self.costs = costs
+
+    def _capacities(self, split: SplitRule) -> dict:
+        if self.raw_codec and (split.compressed or split.sm):
+            split = SplitRule(full=1.0, compressed=0.0, sm=0.0)  # a raw store has only the FULL form
+        total = sum(s.full for s in self.sizes.values())
+        return split, split.capacities(self.config.budget - self.reserve, total)
+
+    def set_split(self, split: SplitRule) -> None:
+        """Re-plan the split between forms while running: experts over a form's new capacity fall back to
+        cheaper forms (demotions materialised as at admission); experts in flight keep their staging.
+        Does not block."""
+        with self._lock:
+            self.split, capacity = self._capacities(split)
+            for d in self.cache.resize(capacity):
+                self._demote(d)
 
     def plan_report(self) -> dict[str, Any]:
         return {
@@ -186,10 +205,23 @@ class Scheduler(Placement):
         hits: list[tuple[int, int, int]] = (),
         released: list[Key] = (),
         used: list[tuple[int, int, int]] = (),
+        timing: tuple[float, int] | None = None,
     ) -> None:
         """End of a generation step: FULL hits the executor served alone ((layer, expert, tokens)), experts
-        it finished with, prefetched experts it used; ages popularity by one step. Does not block."""
+        it finished with, prefetched experts it used, and for a decode step its (seconds, rows), which the
+        online re-planning compares; ages popularity by one step. Does not block."""
         with self._lock:
+            if timing is not None and self.tuner is not None:
+                rule = self.tuner.observe(float(timing[0]), int(timing[1]))
+                if rule is not None:
+                    t = self.tuner
+                    log.info(
+                        "online re-plan: %s (%s; last round's median decode step: %s)",
+                        t.name,
+                        rule.describe(),
+                        ", ".join(f"{n} {s * 1e3:.0f} ms" for n, s in t.scores.items()) or "timing",
+                    )
+                    self.set_split(rule)
             self._used(used)
             self._release(released)
             for layer, e, tokens in hits:
@@ -326,6 +358,7 @@ class Scheduler(Placement):
             c["miss_rate"] = c["misses"] / total if total else 0.0
             c["cache"] = self.cache.report()
             c["plan"] = self.plan_report()
+            c["replan"] = self.tuner.report() if self.tuner is not None else None
             c["costs"] = self.costs.to_dict()
             c["uptime_s"] = time.monotonic() - self._t0
             return c
