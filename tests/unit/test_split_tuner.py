@@ -142,3 +142,18 @@ def test_no_tuner_for_a_full_only_split_or_when_off(tiny_stores):
         is None
     )
     assert Scheduler(str(store), SchedulerConfig(budget=total, split=PLAN), Runner()).tuner is None
+
+
+def test_a_full_hit_on_an_expert_the_re_plan_just_demoted_counts_as_a_full_hit(tiny_stores):
+    store = tiny_stores["qwen2_moe"]
+    total = sum(x.full for x in expert_sizes(open_store(store)).values())
+    sched = Scheduler(str(store), SchedulerConfig(budget=total // 2, split=FULL), Runner())
+    sched.request(0, [(3, 1)])
+    sched.release([(0, 3)])
+    assert sched.cache.form((0, 3)) == Form.FULL
+    sched.set_split(SplitRule(full=0.0, compressed=0.0, sm=1.0))  # the executor has not heard yet
+    assert sched.cache.form((0, 3)) != Form.FULL
+    resp = sched.request(0, [(4, 1)], hits=[(3, 1)])  # it still serves (0, 3) from its FULL copy
+    assert (0, 3) in [tuple(k) for k in resp.drop_full]
+    sched.step(hits=[(0, 3, 1)])
+    assert sched.stats()["hits"]["full"] == 2

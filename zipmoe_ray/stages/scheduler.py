@@ -173,10 +173,11 @@ class Scheduler(Placement):
             self.cache.unpin(key)
 
     def _hits(self, layer: int, hits) -> None:
+        # the executor served these from its FULL copies: a FULL hit even where the cache has demoted the
+        # expert since (a re-planned split's drop reaches the executor with this request's answer)
         for e, tokens in hits:
-            key = (layer, e)
-            form = self.cache.touch(key, tokens)
-            self.counters["hits"][Form.FULL.label if form == Form.FULL else form.label] += 1
+            self.cache.touch((layer, e), tokens)
+            self.counters["hits"][Form.FULL.label] += 1
 
     def release(self, released: list[Key] = (), used: list[tuple[int, int, int]] = ()) -> None:
         """Between steps: prefetched experts the executor used, experts it finished with. Does not block."""
