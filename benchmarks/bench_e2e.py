@@ -220,6 +220,10 @@ def _check(r: dict, floor: dict, name: str, overhead: dict) -> None:
         extra += f", I/O lane busy {r['io_busy_share']:.0%}"
     if r.get("prefetch_recall") is not None:
         extra += f", prefetch recall {r['prefetch_recall']:.0%}"
+    if r.get("replan"):
+        rp = r["replan"]
+        steps = ", ".join(f"{n} {v * 1e3:.0f} ms" for n, v in rp["step_s"].items()) or "no round completed"
+        extra += f", split at the end: {rp['in_use']} (median decode step: {steps})"
     if r.get("memory_limit_bytes"):
         extra += f", memory cap {fmt_bytes(r['memory_limit_bytes'])} (reached {r['memory_limit_hits']} times)"
     per_tok = r["bytes_read_per_token"]

@@ -105,4 +105,7 @@ def run_engine(spec: dict, bytes_read=lambda: None) -> dict:
     prefetch = s.get("prefetch")
     res["prefetch"] = prefetch
     res["prefetch_recall"] = prefetch.get("recall") if isinstance(prefetch, dict) else None
+    # online re-planning (schedule/split_tuner.py): the split in use at the end and the last round's median
+    # decode step per candidate; null where the engine does not re-plan
+    res["replan"] = s.get("replan")
     return res
