@@ -219,7 +219,8 @@ class ExpertClient:
         self._ahead()
         # a re-planned split may have demoted an expert this layer counted as a FULL hit before the
         # answer said so: its copy is used by this layer, then dropped
-        later = [k for k in map(tuple, resp.drop_full) if k[0] == layer and k[1] in {e for e, _ in hits}]
+        used_now = {(layer, e) for e, _ in hits}
+        later = [k for k in map(tuple, resp.drop_full) if k in used_now]
         for e, _ in hits:
             yield e, self._full_weights((layer, e))
         self._drop(later)
