@@ -8,6 +8,7 @@ command promptly, wherever it is (see signals.py): status 143 and 130 (``-vv`` s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -88,10 +89,25 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         name = "terminated" if received == Interrupted.SIGTERM else "interrupted"  # Ctrl-C, or no signal
         print(f"zipmoe {args.command}: {name}", file=sys.stderr)
-        return 143 if received == Interrupted.SIGTERM else 130
+        rc = 143 if received == Interrupted.SIGTERM else 130
+        if received is not None:
+            # The command has unwound (its engine stopped, its files went). A signal that landed inside
+            # ray.init can leave Ray's C++ core worker half built, and the interpreter's finalisation then
+            # tears it down in an order that crashes (SIGSEGV, seen under load): end here, without it.
+            # Processes Ray started for this command share its fate.
+            signals.uninstall()
+            _exit_now(rc)
+        return rc
     finally:
         if signals is not None:
             signals.uninstall()
+
+
+def _exit_now(rc: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
