@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def breakdown(events: list[tuple]) -> dict[str, float]:
-    """Average milliseconds per generated token spent: in scheduler round trips (request -> response),
+    """Average milliseconds per generated token spent: in scheduler round trips (blocked on the answer: from
+    the request, or from the last expert computed after it, to the response),
     waiting for experts to arrive, computing experts, and outside the MoE layers (attention, shared
     experts, lm_head, sampling). Uses the steps between the first and the last recorded step."""
     steps = [i for i, e in enumerate(events) if e[1] == "step"]
@@ -22,13 +23,16 @@ def breakdown(events: list[tuple]) -> dict[str, float]:
         elif kind == "request":
             t_req = t
         elif kind == "response" and t_req is not None:
-            request += t - t_req
+            request += max(0.0, t - t_req)
+            t_req = None
             last = t
         elif kind == "ready" and last is not None:
             wait += t - last
             last = t
-        elif kind == "computed":
+        elif kind == "computed":  # a FULL hit computed while the request is answered is not a round trip
             last = t
+            if t_req is not None:
+                t_req = t
         elif kind == "layer_done" and t_layer is not None:
             moe += t - t_layer
             t_layer = None

@@ -29,6 +29,9 @@ class _FlakyNodeTransport:
             return LayerResponse(layer, [Delivery(0, None, "words", False, "full", node="b")], [], misses[1:])
         return LayerResponse(layer, [Delivery(e, None, "words", False, "full", node="c") for e, _ in misses])
 
+    def resolve(self, pending):  # request answers at once here
+        return pending
+
     def compute(self, node, layer, expert, kind, x, w, values):
         return (node, expert)
 
@@ -206,3 +209,19 @@ def test_predictions_that_keep_missing_stop_being_sent_but_for_probes(store):
         assert sched.cache.staging == 0
     finally:
         runner.shutdown()
+
+
+def test_response_waits_count_only_the_time_blocked_on_the_answer():
+    from zipmoe_ray.stages.client import response_waits
+
+    events = [
+        (0.0, "layer", 0, 4, 2),
+        (1.0, "request", 0, 2, None),
+        (1.5, "computed", 0, 3, None),  # a FULL hit computed while the request is answered
+        (4.0, "computed", 0, 5, None),
+        (4.5, "response", 0, -1, None),  # blocked 0.5 s, not 3.5 s
+        (5.0, "request", 0, 1, None),  # a later wave: nothing computed meanwhile
+        (7.0, "response", 0, -1, None),
+        (8.0, "computed", 0, 9, None),  # no request pending: ignored
+    ]
+    assert response_waits(events) == [0.5, 2.0]

@@ -105,7 +105,9 @@ class LocalTransport:
         self.scheduler = scheduler
 
     def request(self, layer, misses, hits, released, used):
-        return self.scheduler.request(layer, misses, hits, released, used)
+        return self.scheduler.request(
+            layer, misses, hits, released, used
+        )  # in this process: answered at once
 
     def prefetch(self, layer, picks, released):
         return self.scheduler.prefetch(layer, picks, released)  # in this process: answered at once

@@ -81,7 +81,7 @@ class RayTransport:
         self.node_timeout = node_timeout
 
     def request(self, layer, misses, hits, released, used):
-        return self.resolve(self.scheduler.request.remote(layer, misses, hits, released, used))
+        return self.scheduler.request.remote(layer, misses, hits, released, used)  # resolved by resolve()
 
     def prefetch(self, layer, picks, released):
         return self.scheduler.prefetch.remote(layer, picks, released)  # ordered before the next request

@@ -8,12 +8,11 @@ predict this machine's engine. Passed to ``plan.calibrate.calibrate`` as its eng
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from ..engine import ZipMoEEngine
 from ..plan.profile import DeviceProfile
+from ..stages.client import response_waits
 
 __all__ = ["measure_engine"]
 
@@ -60,10 +59,10 @@ def measure_engine(store: str, workers: int, base: DeviceProfile) -> tuple[dict,
         e.generate(prompt, 24)
         tl = e.timeline()
         st = e.stats()
-    reqs = [b[0] - a[0] for a, b in itertools.pairwise(tl) if a[1] == "request" and b[1] == "response"]
+    reqs = response_waits(tl)
     if reqs:
         out["request_overhead_s"] = float(np.median(reqs))
-        src["request_overhead_s"] = "measured: scheduler round trip per layer (request to response)"
+        src["request_overhead_s"] = "measured: scheduler round trip per layer (blocked on the response)"
     lanes = st["lanes"]
     if lanes["decode_busy_s"] > 0 and lanes["decoded_bytes"] > 0:
         observed = lanes["decoded_bytes"] / lanes["decode_busy_s"] / 1e9

@@ -31,7 +31,7 @@ from ..models.experts_impl import ExpertWeights
 from .protocol import Delivery
 from .weights import WeightBuilder
 
-__all__ = ["ExpertClient"]
+__all__ = ["ExpertClient", "response_waits"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,20 @@ class ClientStats:
     prefetch_wasted: int = 0  # and the ones it did not
     needed: int = 0  # experts routed to that were not held in FULL form (predicted or not)
     gated: int = 0  # layers not predicted: the running precision was below MIN_PRECISION
+
+
+def response_waits(events: list[tuple]) -> list[float]:
+    """Seconds the executor was blocked on each scheduler answer in a timeline (``EngineConfig.timeline``):
+    from the request, or from the last expert computed after it (a layer's FULL hits are computed while
+    its request is answered), to the response."""
+    out, since = [], None
+    for t, kind, *_ in events:
+        if kind == "request" or (kind == "computed" and since is not None):
+            since = t
+        elif kind == "response" and since is not None:
+            out.append(max(0.0, t - since))
+            since = None
+    return out
 
 
 class ExpertClient:
@@ -215,23 +229,25 @@ class ExpertClient:
                 yield from self._consume(layer, early, inputs)
             self._event("layer_done", layer)
             return
-        resp = self._request(layer, misses, hits)
+        # the request goes out before this layer's FULL hits are computed and is answered while they are:
+        # nothing waits on the scheduler's round trip but the misses themselves
+        pending = self._request(layer, misses, hits)
         self._ahead()
-        # a re-planned split may have demoted an expert this layer counted as a FULL hit before the
-        # answer said so: its copy is used by this layer, then dropped
-        used_now = {(layer, e) for e, _ in hits}
-        later = [k for k in map(tuple, resp.drop_full) if k in used_now]
         for e, _ in hits:
             yield e, self._full_weights((layer, e))
-        self._drop(later)
+        # then the prefetched experts, which were on their way before the request went out
+        redo = (yield from self._consume(layer, early, inputs)) if early else []
+        # a re-planned split may have demoted an expert this layer used as a FULL hit: it is dropped now
+        resp = self._answer(pending)
         tokens_of = dict(zip(experts, tokens))
-        deliveries = early + resp.deliveries
+        deliveries = resp.deliveries
         while True:
-            redo = yield from self._consume(layer, deliveries, inputs)
+            redo += yield from self._consume(layer, deliveries, inputs)
             if redo:  # a node failed: its experts now have other homes; the deferred ones still wait
-                resp = self._request(layer, [(e, tokens_of[e]) for e in redo] + list(resp.deferred), [])
+                again = [(e, tokens_of[e]) for e in redo] + list(resp.deferred)
+                resp, redo = self._answer(self._request(layer, again, [])), []
             elif resp.deferred:
-                resp = self._request(layer, resp.deferred, [])
+                resp = self._answer(self._request(layer, resp.deferred, []))
                 self.stats.waves += 1
             else:
                 break
@@ -239,14 +255,18 @@ class ExpertClient:
         self._event("layer_done", layer)
 
     def _request(self, layer, misses, hits):
+        """Send ``layer``'s request, with the reports gathered since the last one; does not block."""
         released, self._released = self._released, []
         used, self._used = self._used, []
         self.stats.requests += 1
         self._event("request", layer, len(misses))
-        resp = self.transport.request(layer, misses, hits, released, used)
-        self._event("response", layer)
-        used_now = {(layer, e) for e, _ in hits}
-        self._drop([k for k in resp.drop_full if tuple(k) not in used_now])
+        return self.transport.request(layer, misses, hits, released, used)
+
+    def _answer(self, pending):
+        """The scheduler's answer to a request (blocks until it is there); its FULL drops applied."""
+        resp = self.transport.resolve(pending)
+        self._event("response", resp.layer)
+        self._drop(resp.drop_full)
         return resp
 
     def _build(self, layer: int, d: Delivery, values: list) -> ExpertWeights:

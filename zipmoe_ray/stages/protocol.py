@@ -86,10 +86,11 @@ class Transport(Protocol):
 
     node_timeout: float | None  # seconds to wait on another node before checking it lives (None: no nodes)
 
-    def request(self, layer: int, misses: list, hits: list, released: list, used: list) -> LayerResponse:
+    def request(self, layer: int, misses: list, hits: list, released: list, used: list) -> Any:
         """Fetch ``misses`` ((expert, tokens) not held in FULL form) of ``layer``; ``hits`` are FULL hits
         served meanwhile, ``released`` experts the executor finished with, ``used`` prefetched experts it
-        used ((layer, expert, tokens)). Blocks for the scheduler's answer: handles, at once."""
+        used ((layer, expert, tokens)). Does not block: returns a pending answer for :meth:`resolve`
+        (handles, which the scheduler gives at once), so the executor computes its hits meanwhile."""
         ...
 
     def prefetch(self, layer: int, picks: list, released: list) -> Any:
@@ -98,7 +99,7 @@ class Transport(Protocol):
         ...
 
     def resolve(self, pending: Any) -> LayerResponse:
-        """The scheduler's answer to a :meth:`prefetch` (blocks until it is there: normally it already is)."""
+        """The scheduler's answer to a :meth:`request` or :meth:`prefetch` (blocks until it is there)."""
         ...
 
     def release(self, released: list, used: list) -> None:
