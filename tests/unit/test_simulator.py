@@ -107,3 +107,32 @@ def test_planner_trials_beside_the_replay_choose_the_same_plan(monkeypatch):
     forked = simulator.choose_plan(*args)
     assert forked.candidates == inline.candidates and forked.chosen == inline.chosen
     assert forked.forms == inline.forms and forked.decay == inline.decay
+
+
+def test_shared_cores_slow_the_executor_while_lanes_decode():
+    from zipmoe_ray.sim.runner import SimRunner
+
+    r = SimRunner({}, ORIN.costs(), 2, cores=2, executor_cores=2)
+    r._lane(0, 0.0, 1.0)  # lane 0 decodes over [0, 1)
+    # 2 executor threads and 1 lane on 2 cores: the executor runs at 2/3 while the lane is busy
+    assert r.compute(0.0, 1.0) == pytest.approx(1.0 + 1.0 / 3)
+    r._lane(0, 2.0, 1.0)
+    r._lane(1, 2.0, 1.0)  # both lanes over [2, 3): half speed
+    assert r.compute(2.0, 1.0) == pytest.approx(3.5)
+    assert r.compute(5.0, 1.0) == 6.0  # no lane busy any more
+    alone = SimRunner({}, ORIN.costs(), 2, cores=2, executor_cores=0)  # an accelerator: undisturbed
+    alone._lane(0, 0.0, 1.0)
+    assert alone.compute(0.0, 1.0) == 1.0 and not alone.contended
+
+
+def test_a_cpu_executor_pays_for_decoding_beside_it_and_plain_offloading_does_not():
+    w = workload(1.0)
+    budget = int(0.3 * w.expert_bytes)
+    cpu = ORIN.with_(cpu_cores=2, decode_workers=2, recombine_on_device=False, executor_gbps=2.0)
+    shared = cpu.with_(executor_cores=2)
+    for policy in ("compressed-only", "zipmoe"):
+        assert simulate(w, budget, shared, policy).tpot_s > simulate(w, budget, cpu, policy).tpot_s, policy
+    # classic offloading reads full experts and decodes nothing: the shared cores cost it nothing
+    assert simulate(w, budget, shared, "full-lru").tpot_s == simulate(w, budget, cpu, "full-lru").tpot_s
+    with pytest.raises(ConfigError, match="executor_cores"):
+        cpu.with_(executor_cores=3)

@@ -146,18 +146,21 @@ def calibrate(
     dec, rec = _codec_rates()
     gbps, lat, how = _ssd(str(store) if store else None)
     exe = _executor_gbps()
+    accel = _has_accelerator()
     sources = {
         "cpu_cores": "measured: os.cpu_count()",
         "decode_workers": "one decode lane per core (the runtime's default)",
         "decompress_gbps_per_core": "measured: zstd exponent decompression of a Qwen1.5-MoE expert, one thread",
         "recombine_gbps_per_core": "measured: recombination of its planes, one thread",
-        "recombine_on_device": "measured: no accelerator"
-        if not _has_accelerator()
-        else "an accelerator is present",
+        "recombine_on_device": "measured: no accelerator" if not accel else "an accelerator is present",
         "ssd_read_gbps": f"measured: 8 MiB reads, page cache bypassed ({how})"
         + (" on the store's files" if store else ""),
         "ssd_latency_s": "measured: median 4 KiB read",
         "executor_gbps": "measured: GEMV over expert-sized BF16 matrices (torch, default threads)",
+        "executor_cores": "measured: no accelerator; the executor computes with a torch thread per core "
+        "(the engine's default torch_threads)"
+        if not accel
+        else "an accelerator is present: the executor computes on it",
         "memory_bytes": "measured: physical pages x page size (sysconf)",
     }
     profile = DeviceProfile(
@@ -166,10 +169,11 @@ def calibrate(
         decode_workers=workers,
         decompress_gbps_per_core=dec,
         recombine_gbps_per_core=rec,
-        recombine_on_device=_has_accelerator(),
+        recombine_on_device=accel,
         ssd_read_gbps=gbps,
         ssd_latency_s=lat,
         executor_gbps=exe,
+        executor_cores=0 if accel else cores,
         memory_bytes=_memory(),
         sources=sources,
     )

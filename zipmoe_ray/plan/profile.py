@@ -10,6 +10,9 @@ recombine_gbps_per_core    recombination of planes into BF16 on a CPU core, GB/s
 recombine_on_device        recombination runs on the accelerator (decode lanes only decompress)
 ssd_read_gbps, ssd_latency_s   the SSD: sequential read bandwidth and per-request latency
 executor_gbps              the executor applying an expert to a token streams its weights at this rate
+executor_cores             CPU cores the executor computes on, shared with the decode lanes (its torch
+                           threads); 0: it computes on an accelerator (the simulator then lets lanes
+                           and executor run side by side undisturbed)
 request_overhead_s         one scheduler round trip per MoE layer that misses (Ray hops)
 delivery_overhead_s        per delivered expert (task hand-offs between stages)
 non_moe_s_per_layer        executor time per layer outside the routed experts (attention, shared
@@ -50,6 +53,7 @@ class DeviceProfile:
     delivery_overhead_s: float = 0.0
     non_moe_s_per_layer: float | None = None
     non_moe_s_per_token: float | None = None
+    executor_cores: int = 0
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -62,6 +66,11 @@ class DeviceProfile:
         for name in ("ssd_latency_s", "request_overhead_s", "delivery_overhead_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"device profile {self.name}: {name} must be >= 0")
+        if not isinstance(self.executor_cores, int) or not 0 <= self.executor_cores <= self.cpu_cores:
+            raise ConfigError(
+                f"device profile {self.name}: executor_cores must be an integer from 0 (an accelerator) "
+                f"to cpu_cores ({self.cpu_cores})"
+            )
 
     @property
     def decode_gbps_per_core(self) -> float:

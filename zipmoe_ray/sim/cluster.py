@@ -110,7 +110,7 @@ def simulate_cluster(
     costs = profile.costs()
     runners, scheds = [], []
     for j in range(devices):
-        r = SimRunner.on_profile(sizes, profile, costs)
+        r = SimRunner.on_profile(sizes, profile, costs, executor=j == 0)
         cfg = base if j == 0 else remote_node_config(base)
         runners.append(r)
         scheds.append(Scheduler(ps.layout, cfg, r, costs))

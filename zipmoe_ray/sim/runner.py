@@ -2,10 +2,15 @@
 
 One I/O lane (reads back to back, at the device's bandwidth plus latency) and W decode lanes (each runs its
 tasks in submission order, starting when it is free and its inputs are ready), exactly the semantics the
-real runners have; handles carry the time their result is ready.
+real runners have; handles carry the time their result is ready. Where the executor computes on the
+same cores (a CPU executor: the profile's ``executor_cores``), :meth:`SimRunner.compute` slows its work
+while lanes decode beside it.
 """
 
 from __future__ import annotations
+
+import math
+from collections import deque
 
 from ..cache.forms import ExpertSizes
 from ..schedule import CostModel
@@ -54,7 +59,11 @@ class SimRunner:
         *,
         on_device: bool = False,
         delivery_overhead: float = 0.0,
+        cores: int = 0,
+        executor_cores: int = 0,
     ):
+        """``executor_cores`` > 0: the executor computes on that many of the machine's ``cores``, shared with
+        the decode lanes; its work then slows while lanes decode beside it (:meth:`compute`)."""
         self.sizes = sizes
         self.costs = costs
         self.workers = workers
@@ -66,17 +75,51 @@ class SimRunner:
         self.io_busy = 0.0
         self.cpu_busy = [0.0] * workers
         self.bytes_read = 0
+        self.cores, self.executor_cores = cores, executor_cores
+        self.contended = executor_cores > 0 and cores > 0
+        self._busy: list[deque] = [deque() for _ in range(workers)]  # per lane: (start, end), when contended
 
     @classmethod
-    def on_profile(cls, sizes, profile, costs: CostModel | None = None) -> SimRunner:
-        """The I/O lane and decode lanes of one device described by ``profile`` (plan.DeviceProfile)."""
+    def on_profile(cls, sizes, profile, costs: CostModel | None = None, executor: bool = True) -> SimRunner:
+        """The I/O lane and decode lanes of one device described by ``profile`` (plan.DeviceProfile);
+        ``executor``: the device runs the executor (its compute shares the cores the profile says)."""
         return cls(
             sizes,
             costs or profile.costs(),
             profile.decode_workers,
             on_device=profile.recombine_on_device,
             delivery_overhead=profile.delivery_overhead_s,
+            cores=profile.cpu_cores,
+            executor_cores=profile.executor_cores if executor else 0,
         )
+
+    def compute(self, t: float, work: float) -> float:
+        """When executor work of ``work`` seconds (measured alone) that starts at ``t`` ends. On cores shared
+        with the decode lanes, the executor's ``executor_cores`` threads and the k lanes busy at the moment
+        share the ``cores`` evenly (processor sharing): its rate is min(1, cores / (executor_cores + k)).
+        The lanes keep their own rates (calibrated with the model running beside them, ``calibrate
+        --engine``). Calls must come in time order (the executor's clock): lane intervals already over are
+        dropped."""
+        if not self.contended or work <= 0.0:
+            return t + work
+        cores, mine = self.cores, self.executor_cores
+        while True:
+            k, nxt = 0, math.inf
+            for q in self._busy:
+                while q and q[0][1] <= t:
+                    q.popleft()
+                if q:
+                    a, b = q[0]
+                    if a <= t:
+                        k += 1
+                        nxt = b if b < nxt else nxt
+                    elif a < nxt:
+                        nxt = a
+            rate = 1.0 if mine + k <= cores else cores / (mine + k)
+            if (nxt - t) * rate >= work:
+                return t + work / rate
+            work -= (nxt - t) * rate
+            t = nxt
 
     def read(self, key, part):
         s = self.sizes[key]
@@ -96,6 +139,8 @@ class SimRunner:
         start = max(self.lane_free[lane], ready, self.now)
         self.lane_free[lane] = start + dt
         self.cpu_busy[lane] += dt
+        if self.contended:
+            self._busy[lane].append((start, start + dt))
         return SimHandle(start + dt)
 
     def decode(self, lane, key, exp, sm, planes_only=False, part=None):
@@ -118,6 +163,7 @@ class SimRunner:
         if self.now > free:
             free = self.now
         busy, out = 0.0, []
+        intervals = self._busy[lane] if self.contended else None
         for key, exp, sm, planes_only, part in jobs:  # as decode(), one after the other: the hot loop
             dt = sizes[key].full / (planes_bps if planes_only else words_bps)
             if part is not None:
@@ -128,6 +174,8 @@ class SimRunner:
                 free = a
             if b > free:
                 free = b
+            if intervals is not None:
+                intervals.append((free, free + dt))
             free += dt
             busy += dt
             out.append(SimHandle(free + overhead))

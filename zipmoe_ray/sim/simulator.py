@@ -5,7 +5,9 @@ planning each layer) runs unchanged over a SimRunner whose tasks take the device
 modelled is the executor: per MoE layer, one scheduler round trip when something misses
 (``request_overhead_s``), full-form hits computed first, each fetched expert computed when it is ready
 (``expert bytes / executor_gbps``), then the rest of the layer (``non_moe_s_per_layer``); per token,
-``non_moe_s_per_token``. Time per step is the per-sequence TPOT; a step serves ``batch`` tokens.
+``non_moe_s_per_token``. On a CPU executor (the profile's ``executor_cores``) all of that work slows
+while decode lanes run on the same cores (``SimRunner.compute``). Time per step is the per-sequence TPOT;
+a step serves ``batch`` tokens.
 
 Policies:
     zipmoe           planned split between forms (plan.planner) + cache-affinity scheduling
@@ -221,13 +223,14 @@ def executor_layer(
     to ``notes`` (reported with the step). Returns (the time the layer's experts are computed, the compute
     seconds spent, the experts to release with the next request)."""
     entries, full = sched.cache.entries, Form.FULL
+    stretch = runner.compute if runner.contended else None  # lanes slow a CPU executor down
     hits, misses = [], []
     for e, tok in picks:
         (hits if entries[(layer, e)].form == full else misses).append((e, tok))
     t_exec, busy = t, 0.0
     for e, _ in hits:
         dt = sizes[(layer, e)].full / exec_bps
-        t_exec += dt
+        t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
         busy += dt
     if not misses:
         notes.extend((layer, e, tok) for e, tok in hits)
@@ -244,7 +247,8 @@ def executor_layer(
         timed.sort(key=_first)  # stable: deliveries ready at once are computed in the order given
         for r, e in timed:
             dt = sizes[(layer, e)].full / exec_bps
-            t_exec = (t_exec if t_exec > r else r) + dt
+            t_exec = t_exec if t_exec > r else r
+            t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
             busy += dt
             released.append((layer, e))
         pending, first_call = resp.deferred, False
@@ -311,8 +315,8 @@ def simulate(
             t_exec, _, released = executor_layer(
                 sched, runner, layer, picks, t, sizes, exec_bps, profile.request_overhead_s, released, notes
             )
-            t = t_exec + non_layer
-        t += non_token
+            t = runner.compute(t_exec, non_layer)
+        t = runner.compute(t, non_token)
         runner.now = t
         sched.step(notes, released)
         notes, released = [], []
