@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from zipmoe_ray.stages.client import response_waits
+
 
 def breakdown(events: list[tuple]) -> dict[str, float]:
-    """Average milliseconds per generated token spent: in scheduler round trips (blocked on the answer: from
-    the request, or from the last expert computed after it, to the response),
-    waiting for experts to arrive, computing experts, and outside the MoE layers (attention, shared
+    """Average milliseconds per generated token spent: in scheduler round trips (the time blocked on the
+    answers, ``zipmoe_ray.stages.client.response_waits``), waiting for experts to arrive, computing experts, and outside the MoE layers (attention, shared
     experts, lm_head, sampling). Uses the steps between the first and the last recorded step."""
     steps = [i for i, e in enumerate(events) if e[1] == "step"]
     if len(steps) < 2:
@@ -14,25 +15,17 @@ def breakdown(events: list[tuple]) -> dict[str, float]:
     ev = events[steps[0] : steps[-1] + 1]
     n = len(steps) - 1
     total = ev[-1][0] - ev[0][0]
-    request = wait = moe = 0.0
-    t_req = t_layer = None
-    last = None
+    request = sum(response_waits(ev))  # blocked on answers, the hits computed meanwhile left out
+    wait = moe = 0.0
+    t_layer = last = None
     for t, kind, *_ in ev:
         if kind == "layer":
             t_layer = last = t
-        elif kind == "request":
-            t_req = t
-        elif kind == "response" and t_req is not None:
-            request += max(0.0, t - t_req)
-            t_req = None
+        elif kind in ("response", "computed"):
             last = t
         elif kind == "ready" and last is not None:
             wait += t - last
             last = t
-        elif kind == "computed":  # a FULL hit computed while the request is answered is not a round trip
-            last = t
-            if t_req is not None:
-                t_req = t
         elif kind == "layer_done" and t_layer is not None:
             moe += t - t_layer
             t_layer = None

@@ -105,9 +105,8 @@ class LocalTransport:
         self.scheduler = scheduler
 
     def request(self, layer, misses, hits, released, used):
-        return self.scheduler.request(
-            layer, misses, hits, released, used
-        )  # in this process: answered at once
+        # in this process: answered at once (resolve hands the answer back as it is)
+        return self.scheduler.request(layer, misses, hits, released, used)
 
     def prefetch(self, layer, picks, released):
         return self.scheduler.prefetch(layer, picks, released)  # in this process: answered at once
