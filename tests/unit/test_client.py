@@ -183,8 +183,8 @@ def test_predicted_experts_arrive_bit_exact_without_a_request_and_wrong_guesses_
         runner.shutdown()
 
 
-def test_predictions_that_keep_missing_stop_being_fetched_and_lend_their_staging_to_the_cache(store):
-    from zipmoe_ray.cache import Form, SplitRule
+def test_predictions_that_keep_missing_stop_being_sent_but_for_probes(store):
+    from zipmoe_ray.cache import SplitRule
     from zipmoe_ray.stages import client as client_mod
 
     # compressed form only: a wrong guess stays cached compressed and is decoded again when guessed again
@@ -192,34 +192,21 @@ def test_predictions_that_keep_missing_stop_being_fetched_and_lend_their_staging
         store, 1.0, prefetch=True, split=SplitRule(full=0.0, compressed=1.0, sm=0.0)
     )
     try:
-        assert sched.ahead > 0 and not sched.lent
-        capacity = sched.cache.capacity[Form.COMPRESSED]
-
-        def steps(n, guess):
-            for _ in range(n):
-                if client.wants_prediction(1):  # what the next router asks before it computes
-                    client.predict(1, [guess], [1])
-                for e, _ in client.fetch(0, [0], [1]):
-                    client.done(0, e)
-                for e, _ in client.fetch(1, [2], [1]):  # layer 1 always routes to expert 2
-                    client.done(1, e)
-                client.end_step()
-
-        steps(40, guess=5)  # always wrong
-        rep = client.report()["prefetch"]
-        assert rep["running_precision"] < client_mod.CLOSE_BELOW and not client.gate_open
-        assert rep["gated"] > 0 and rep["predicted"] + rep["gated"] == 40  # every layer was predicted...
-        assert rep["predicted"] < 40 / 2  # ...and, once the gate shut, none was fetched
-        assert sched.lent and sched.cache.capacity[Form.COMPRESSED] == capacity + sched.ahead
-        assert sched.plan_report()["prefetch_staging_lent"] == sched.ahead
-        fetched = rep["predicted"]
-
-        steps(40, guess=2)  # right again: scored while unfetched, the gate reopens and fetches resume
-        rep = client.report()["prefetch"]
-        assert client.gate_open and rep["predicted"] > fetched and rep["used"] > 0
-        assert not sched.lent and sched.cache.capacity[Form.COMPRESSED] == capacity
+        steps = 40
+        for _ in range(steps):
+            if client.wants_prediction(1):  # what the next router asks before it computes
+                client.predict(1, [5], [1])  # always wrong: layer 1 routes to expert 2
+            for e, _ in client.fetch(0, [0], [1]):
+                client.done(0, e)
+            for e, _ in client.fetch(1, [2], [1]):
+                client.done(1, e)
+            client.end_step()
         client.finish()
-        assert sched.cache.staging == 0 and sched.cache.peak <= sched.cache.budget
+        rep = client.report()["prefetch"]
+        assert rep["running_precision"] < client_mod.MIN_PRECISION
+        assert rep["gated"] > 0 and rep["predicted"] + rep["gated"] == steps
+        assert rep["predicted"] < steps / 2  # after the gate shut, only one in PROBE_EVERY went out
+        assert sched.cache.staging == 0
     finally:
         runner.shutdown()
 

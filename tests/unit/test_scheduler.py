@@ -135,35 +135,3 @@ def test_step_ages_and_counts_full_hits(store):
     sched.step(hits=[(0, 1, 3)], released=[])
     st = sched.stats()
     assert st["hits"]["full"] == 1 and st["steps"] == 1
-
-
-def test_prefetch_staging_is_lent_to_the_cache_while_the_gate_is_shut_and_taken_back(store):
-    s = open_store(store)
-    sizes = expert_sizes(s)
-    one = max(x.full for x in sizes.values())
-    reserve = minimum_budget(sizes, s.top_k)
-    budget = 3 * reserve + 4 * one  # the request reserve, the prefetch staging, and a small cache
-    full_only = SplitRule(full=1.0, compressed=0.0, sm=0.0)
-    sched = Scheduler(
-        str(store), SchedulerConfig(budget=budget, split=full_only, prefetch=True), FakeRunner()
-    )
-    assert sched.ahead == reserve and not sched.lent
-    cap = sched.cache.capacity[Form.FULL]
-
-    sched.set_prefetching(False)
-    assert sched.lent and sched.cache.capacity[Form.FULL] == cap + sched.ahead
-    assert sched.prefetch(1, [(0, 1), (1, 1)]).deliveries == []  # nothing set aside for prefetch now
-    released = []
-    for e in range(s.num_experts):  # fill the grown cache with FULL experts, one layer request each
-        resp = sched.request(0, [(e, 1)], released=released)
-        released = [(0, d.expert) for d in resp.deliveries]
-    sched.release(released)
-    assert sched.cache.used[Form.FULL] > cap  # it holds more than it could with the staging set aside
-
-    sched.set_prefetching(True)
-    assert not sched.lent and sched.cache.capacity[Form.FULL] == cap
-    assert sched.cache.used[Form.FULL] <= cap  # the coldest fell back a form...
-    resp = sched.prefetch(1, [(0, 1)])
-    assert [d.expert for d in resp.deliveries] == [0]  # ...prefetch has its staging again...
-    assert resp.drop_full and all(k[0] == 0 for k in resp.drop_full)  # ...and the executor drops them
-    assert sched.cache.peak <= budget

@@ -114,9 +114,6 @@ class LocalTransport:
     def resolve(self, pending):
         return pending
 
-    def prefetching(self, on: bool) -> None:
-        self.scheduler.set_prefetching(on)
-
     def release(self, released, used) -> None:
         self.scheduler.release(released, used)
 

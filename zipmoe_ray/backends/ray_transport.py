@@ -94,9 +94,6 @@ class RayTransport:
         except ray.exceptions.RayTaskError as e:
             raise unwrap(e) from None
 
-    def prefetching(self, on: bool) -> None:
-        self.scheduler.set_prefetching.remote(on)  # fire and forget: ordered before the next request
-
     def release(self, released, used) -> None:
         self.scheduler.release.remote(released, used)  # fire and forget
 

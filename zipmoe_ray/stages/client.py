@@ -36,16 +36,12 @@ __all__ = ["ExpertClient", "response_waits"]
 log = logging.getLogger(__name__)
 
 # A wrong guess costs its read on the I/O lane; a right one saves at most that read's wait: prefetch pays
-# only while more than half of what it fetches is used. Every layer's prediction is scored against its real
-# routing, fetched or not (a prediction costs one router product), so the running precision stays measured
-# while nothing is fetched. Fetching stops when it falls below CLOSE_BELOW and resumes once it is back at
-# OPEN_AT (the gap keeps the gate from flapping: from CLOSE_BELOW it takes four layers predicted right in a
-# row); while it is shut the scheduler lends the staging set aside for prefetch to the cache
-# (Scheduler.set_prefetching). The gate starts open at OPEN_AT: a predictor that names the right expert one
-# time in ten shuts it within five layers.
-OPEN_AT = 0.6
-CLOSE_BELOW = 0.4
-PRECISION_MEMORY = 0.9  # weight of the past in the running precision, per layer predicted
+# only while more than half of what it fetches is used. Below that the client stops sending predictions,
+# but for one in PROBE_EVERY, which keeps the running precision measured (the routing may become
+# predictable: another prompt, another phase).
+MIN_PRECISION = 0.5
+PROBE_EVERY = 8
+PRECISION_MEMORY = 0.95  # weight of the past in the running precision, per prefetched expert
 
 
 @dataclass
@@ -60,7 +56,7 @@ class ClientStats:
     prefetch_used: int = 0  # of those, the ones the layer really routed to
     prefetch_wasted: int = 0  # and the ones it did not
     needed: int = 0  # experts routed to that were not held in FULL form (predicted or not)
-    gated: int = 0  # layers predicted but not fetched: the prefetch gate was shut (OPEN_AT)
+    gated: int = 0  # layers not predicted: the running precision was below MIN_PRECISION
 
 
 def response_waits(events: list[tuple]) -> list[float]:
@@ -104,9 +100,8 @@ class ExpertClient:
         self._prefetch: dict[int, Any] = {}  # layer -> the scheduler's pending answer to a prefetch
         self._prefetched: dict[Key, Delivery] = {}  # arrived, not yet used or released
         self._guess: tuple[int, list[int], list[int]] | None = None  # the next layer's prediction, unsent
-        self.precision = OPEN_AT  # running share of predicted experts that were used
-        self.gate_open = True  # predictions are fetched (else only scored); see OPEN_AT
-        self._shadow: tuple[int, list[int]] | None = None  # a prediction not fetched: scored when it routes
+        self.precision = 1.0  # running share of prefetched experts that were used (optimistic start)
+        self._held_back = 0  # predictions gated since the last probe
         self.stats = ClientStats()
         self.events: list[tuple] | None = [] if timeline else None  # EngineConfig.timeline
         self.trace: list | None = None  # recorded steps while a traced generation runs
@@ -129,9 +124,17 @@ class ExpertClient:
         return key in self.full or key in self._full_pending
 
     def wants_prediction(self, layer: int) -> bool:
-        """Whether the next router should predict ``layer``: prefetch is on and nothing is on its way for
-        it. Predictions are made while the gate is shut too: they are scored, not fetched."""
-        return self.prefetching and layer not in self._prefetch
+        """Whether the next router should predict ``layer``: prefetch is on and what it fetched was mostly
+        used, or this is one of the probes that keep the running precision measured while it was not."""
+        if not self.prefetching or layer in self._prefetch:
+            return False
+        if self.precision >= MIN_PRECISION:
+            return True
+        self._held_back += 1
+        if self._held_back % PROBE_EVERY:
+            self.stats.gated += 1
+            return False
+        return True
 
     def predict(self, layer: int, experts: list[int], tokens: list[int]) -> None:
         """``layer`` is predicted to route to ``experts`` (``tokens`` each). Noted only: the fetches go out
@@ -140,8 +143,7 @@ class ExpertClient:
         self._guess = (layer, experts, tokens)
 
     def _ahead(self) -> None:
-        """Start fetching the noted prediction's experts that are not held or already on their way; with
-        the gate shut, only note them, to be scored when their layer routes."""
+        """Start fetching the noted prediction's experts that are not held or already on their way."""
         if self._guess is None:
             return
         (layer, experts, tokens), self._guess = self._guess, None
@@ -151,10 +153,6 @@ class ExpertClient:
             if not self._held((layer, e)) and (layer, e) not in self._prefetched
         ]
         if not picks:
-            return
-        if not self.gate_open:
-            self._shadow = (layer, [e for e, _ in picks])
-            self.stats.gated += 1
             return
         released, self._released = self._released, []
         self._event("prefetch", layer, len(picks))
@@ -171,39 +169,18 @@ class ExpertClient:
         for d in resp.deliveries:
             self._prefetched[(layer, d.expert)] = d
 
-    def _scored(self, used: int, predicted: int) -> None:
-        """One layer's prediction: ``used`` of the ``predicted`` experts it named were routed to. A layer
-        is one sample whatever its batch: a prefill's prediction, which names most experts and is mostly
-        right, must not reopen a gate that decode steps keep proving wrong."""
-        if not predicted:
-            return
-        self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * used / predicted
-        shut = self.precision < (CLOSE_BELOW if self.gate_open else OPEN_AT)
-        if shut == self.gate_open:
-            self.gate_open = not shut
-            log.debug(
-                "prefetch gate %s at precision %.2f", "open" if self.gate_open else "shut", self.precision
-            )
-            self.transport.prefetching(self.gate_open)
+    def _scored(self, used: bool) -> None:
+        self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * used
 
-    def _score_shadow(self, layer: int, experts: list[int]) -> None:
-        """Score the unfetched prediction for ``layer`` against the experts it really routed to."""
-        if self._shadow is None or self._shadow[0] != layer:
-            return
-        routed = set(experts)
-        self._scored(sum(e in routed for e in self._shadow[1]), len(self._shadow[1]))
-        self._shadow = None
-
-    def _unused(self, layer: int) -> int:
-        """Release ``layer``'s prefetched experts that it did not route to; returns how many."""
-        keys = [k for k in self._prefetched if k[0] == layer]
-        for key in keys:
+    def _unused(self, layer: int) -> None:
+        """Release ``layer``'s prefetched experts that it did not route to."""
+        for key in [k for k in self._prefetched if k[0] == layer]:
             d = self._prefetched.pop(key)
             self.stats.prefetch_wasted += 1
+            self._scored(False)
             if d.keep:  # the scheduler holds it as FULL here: build it when first used
                 self._full_pending[key] = d
             self._released.append(key)
-        return len(keys)
 
     def _drop(self, keys) -> None:
         for key in keys:
@@ -225,7 +202,6 @@ class ExpertClient:
         self, layer: int, experts: list[int], tokens: list[int], inputs=None
     ) -> Iterator[tuple[int, ExpertWeights | torch.Tensor]]:
         self._arrived(layer)
-        self._score_shadow(layer, experts)
         hits = [(e, t) for e, t in zip(experts, tokens) if self._held((layer, e))]
         ahead = [(e, t) for e, t in zip(experts, tokens) if (layer, e) in self._prefetched]
         misses = [
@@ -241,8 +217,9 @@ class ExpertClient:
         self.stats.needed += len(ahead) + len(misses)
         self._used += [(layer, e, t) for e, t in ahead]
         self.stats.prefetch_used += len(ahead)
-        wrong = self._unused(layer)
-        self._scored(len(ahead), len(ahead) + wrong)
+        for _ in ahead:
+            self._scored(True)
+        self._unused(layer)
         if not misses:
             self._hit_notes.extend((layer, e, t) for e, t in hits)
             self._ahead()
@@ -388,7 +365,7 @@ class ExpertClient:
     def finish(self) -> None:
         """The generation is over: release what was prefetched for layers it did not reach. Does not block
         but for prefetch answers still on their way."""
-        self._guess = self._shadow = None
+        self._guess = None
         for layer in list(self._prefetch):
             self._arrived(layer)
         for layer in {k[0] for k in self._prefetched}:

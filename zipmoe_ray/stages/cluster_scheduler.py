@@ -126,11 +126,6 @@ class ClusterScheduler:
             mine = [(e, t) for e, t in picks if self.home[(layer, e)] == self.executor_node]
             return self.nodes[self.executor_node].prefetch(layer, mine, rel.get(self.executor_node, []))
 
-    def set_prefetching(self, on: bool) -> None:
-        """As Scheduler.set_prefetching, on the executor's node: the only one that prefetches."""
-        with self._lock:
-            self.nodes[self.executor_node].set_prefetching(on)
-
     def release(self, released=(), used=()) -> None:
         with self._lock:
             rel = self._by_home(released, tuple)

@@ -102,10 +102,6 @@ class Transport(Protocol):
         """The scheduler's answer to a :meth:`request` or :meth:`prefetch` (blocks until it is there)."""
         ...
 
-    def prefetching(self, on: bool) -> None:
-        """The executor's prefetch gate opened or shut (Scheduler.set_prefetching); does not block."""
-        ...
-
     def release(self, released: list, used: list) -> None:
         """Between steps: experts finished with, used prefetched experts; does not block."""
         ...

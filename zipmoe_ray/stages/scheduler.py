@@ -99,7 +99,6 @@ class Scheduler(Placement):
             ahead = 0
         self.ahead = ahead  # staging prefetches may hold (beyond the one-layer reserve requests rely on)
         self.reserve += ahead
-        self.lent = False  # the prefetch staging is lent to the cache while the executor's gate is shut
         self.split, capacity = self._capacities(config.split)
         self.cache = ExpertCache(
             self.sizes, config.budget, capacity, Popularity(config.decay, config.popularity)
@@ -154,30 +153,10 @@ class Scheduler(Placement):
             for d in self.cache.resize(capacity):
                 self._demote(d)
 
-    def set_prefetching(self, on: bool) -> None:
-        """The executor's prefetch gate opened (``on``) or shut (its predictions kept missing: see
-        stages/client.py). While it is shut the staging set aside for prefetch is lent to the cache, whose
-        capacities grow by it; when it opens they shrink back, the coldest experts falling back a form as in
-        an online re-plan. A budget that prefetch does not pay for thus holds as many experts as one
-        without prefetch. Does not block."""
-        with self._lock:
-            if not self.ahead or self.lent != bool(on):
-                return
-            self.lent = not on
-            self.reserve += self.ahead if on else -self.ahead
-            log.info(
-                "prefetch %s: %s B of staging %s the cache",
-                "resumed" if on else "paused",
-                f"{self.ahead:,}",
-                "taken back from" if on else "lent to",
-            )
-            self.set_split(self.split)
-
     def plan_report(self) -> dict[str, Any]:
         return {
             "rule": self.split.describe(),
             "staging_reserve": self.reserve,
-            "prefetch_staging_lent": self.ahead if self.lent else 0,
             "capacity": {f.label: c for f, c in self.cache.capacity.items()},
         }
 
@@ -257,13 +236,12 @@ class Scheduler(Placement):
         by the executor) ahead of the layer's routing. Nothing is counted as used until a later ``request``
         or ``step`` names the expert in ``used``; what is never used is ``released`` like any fetch, its
         admission decided by the ordinary rules. Only what fits the staging set aside for prefetch
-        (``SchedulerConfig.prefetch``; none on a budget too small to spare it, or while it is lent to the
-        cache: ``set_prefetching``) is fetched, so that a request never finds its reserve taken, and nothing already in flight. Returns handles at once, like ``request``."""
+        (``SchedulerConfig.prefetch``; none on a budget too small to spare it) is fetched, so that
+        a request never finds its reserve taken, and nothing already in flight. Returns handles at once, like ``request``."""
         with self._lock:
             self._release(released)
             wave, staging = [], 0
-            room = 0 if self.lent else self.ahead
-            room -= sum(f.staging for f in self._flights.values() if f.prefetched and not f.used)
+            room = self.ahead - sum(f.staging for f in self._flights.values() if f.prefetched and not f.used)
             for e, tokens in sorted(picks, key=lambda p: (-p[1], p[0])):
                 key = (layer, e)
                 form = self.cache.form(key)
