@@ -103,7 +103,8 @@ def main() -> None:
         )
         print(
             f"budget {budget}: engine TPOT {st['tpot_s'] * 1e3:.0f} ms, simulated {sim.tpot_s * 1e3:.0f} ms "
-            f"({err:+.0%}; {apart.tpot_s * 1e3:.0f} ms with the executor undisturbed by the lanes); bytes read engine {st['bytes_read'] / 1e6:.0f} MB (prefill included), simulated "
+            f"({err:+.0%}; {apart.tpot_s * 1e3:.0f} ms with the executor undisturbed by the lanes); "
+            f"bytes read engine {st['bytes_read'] / 1e6:.0f} MB (prefill included), simulated "
             f"{sim.bytes_read / 1e6:.0f} MB (decode steps)"
         )
     if args.json:

@@ -7,8 +7,9 @@ from zipmoe_ray.stages.client import response_waits
 
 def breakdown(events: list[tuple]) -> dict[str, float]:
     """Average milliseconds per generated token spent: in scheduler round trips (the time blocked on the
-    answers, ``zipmoe_ray.stages.client.response_waits``), waiting for experts to arrive, computing experts, and outside the MoE layers (attention, shared
-    experts, lm_head, sampling). Uses the steps between the first and the last recorded step."""
+    answers, ``zipmoe_ray.stages.client.response_waits``), waiting for experts to arrive, computing
+    experts, and outside the MoE layers (attention, shared experts, lm_head, sampling). Uses the steps
+    between the first and the last recorded step."""
     steps = [i for i, e in enumerate(events) if e[1] == "step"]
     if len(steps) < 2:
         return {}
