@@ -92,3 +92,22 @@ def test_streamed_text_joins_to_the_generated_text(tiny_stores):
         kw = {"do_sample": True, "seed": 3, "temperature": 1.5, "top_k": 50}
         g = e.generate("A", 24, **kw)
         assert "".join(piece for _, piece in e.stream("A", 24, **kw)) == g.text
+
+
+@pytest.mark.parametrize(("backend", "budget"), [("local", "100%"), ("local", "25%"), ("ray", "25%")])
+def test_a_generation_failing_midway_gives_back_its_staging(late_damage, backend, budget, request):  # noqa: F811
+    """Experts in flight when a layer fails (delivered, in use or still being decoded) are released: the
+    cache holds no staging (and, seen from inside, no flight and no pinned expert) afterwards, and the next
+    request fails on the damage itself again, not on a budget the failed one kept."""
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    s, _, _, label = late_damage
+    with ZipMoEEngine(s, memory_budget=budget, backend=backend, calibrate=False, num_decompressors=2) as e:
+        for _ in range(2):
+            with pytest.raises(ChecksumError, match=label):
+                e.generate(BATCH1[0], max_new_tokens=20)
+            assert e._backend.call("scheduler", "stats")["cache"]["staging"] == 0
+            if backend == "local":
+                sched = e._backend.scheduler
+                assert not sched._flights
+                assert not [k for k, x in sched.cache.entries.items() if x.pins]

@@ -97,6 +97,9 @@ class ExpertClient:
         self._released: list[Key] = []
         self._used: list[tuple[int, int, int]] = []  # prefetched experts used, for the next report
         self._in_use: dict[Key, Any] = {}
+        # delivered experts whose staging the scheduler holds until they are released: whatever a failed
+        # generation leaves here is released by finish()
+        self._owed: set[Key] = set()
         self._prefetch: dict[int, Any] = {}  # layer -> the scheduler's pending answer to a prefetch
         self._prefetched: dict[Key, Delivery] = {}  # arrived, not yet used or released
         self._guess: tuple[int, list[int], list[int]] | None = None  # the next layer's prediction, unsent
@@ -168,6 +171,7 @@ class ExpertClient:
         self._drop(resp.drop_full)
         for d in resp.deliveries:
             self._prefetched[(layer, d.expert)] = d
+            self._owed.add((layer, d.expert))
 
     def _scored(self, used: bool) -> None:
         self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * used
@@ -180,7 +184,12 @@ class ExpertClient:
             self._scored(False)
             if d.keep:  # the scheduler holds it as FULL here: build it when first used
                 self._full_pending[key] = d
-            self._released.append(key)
+            self._give_back(key)
+
+    def _give_back(self, key: Key) -> None:
+        """Report ``key`` released with the next request or step: its staging goes back to the cache."""
+        self._released.append(key)
+        self._owed.discard(key)
 
     def _drop(self, keys) -> None:
         for key in keys:
@@ -267,6 +276,7 @@ class ExpertClient:
         resp = self.transport.resolve(pending)
         self._event("response", resp.layer)
         self._drop(resp.drop_full)
+        self._owed.update((resp.layer, d.expert) for d in resp.deliveries)
         return resp
 
     def _build(self, layer: int, d: Delivery, values: list) -> ExpertWeights:
@@ -344,7 +354,7 @@ class ExpertClient:
         self._event("computed", layer, expert)
         key = (layer, expert)
         if self._in_use.pop(key, None) is not None:  # fetched by this layer: its staging can go
-            self._released.append(key)
+            self._give_back(key)
 
     def end_step(self, timing: tuple[float, int] | None = None) -> None:
         """One generation step is over: report FULL hits, used prefetches and released experts, and for a
@@ -363,13 +373,18 @@ class ExpertClient:
         self.transport.step(hits, released, used, timing)
 
     def finish(self) -> None:
-        """The generation is over: release what was prefetched for layers it did not reach. Does not block
-        but for prefetch answers still on their way."""
+        """The generation is over: release what was prefetched for layers it did not reach and, when it
+        failed inside a layer, every expert delivered to it and not yet released (in use, arrived or still
+        on its way: a result that lands later is dropped with its handle). Does not block but for prefetch
+        answers still on their way."""
         self._guess = None
         for layer in list(self._prefetch):
             self._arrived(layer)
         for layer in {k[0] for k in self._prefetched}:
             self._unused(layer)
+        self._in_use.clear()
+        for key in sorted(self._owed):
+            self._give_back(key)
         if self._released or self._used:
             released, self._released = self._released, []
             used, self._used = self._used, []
