@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ChecksumError
+from .checksum import crc32
 
 __all__ = [
     "AUTO_SHARD_BYTES",
@@ -35,11 +35,6 @@ Buffer = bytes | bytearray | memoryview | np.ndarray
 
 def buffer_nbytes(buf: Buffer) -> int:
     return buf.nbytes if isinstance(buf, (memoryview, np.ndarray)) else len(buf)
-
-
-def crc32(buf: Buffer) -> int:
-    """CRC-32 of a buffer (zlib's, ~7 GB/s here): the checksum of every chunk in zipmoe-ray."""
-    return zlib.crc32(buf) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ import json
 import mmap
 import os
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ..codec.checksum import crc32
 from ..errors import ChecksumError, StoreCorruptError
 from .checkpoint import _ST_DTYPES, Checkpoint
 from .durable import FILE_MODE, disk_full_guard, file_crc32, fsync_dir, temp_name, write_atomic
@@ -105,7 +105,7 @@ def write_dense(store: Path, ckpt: Checkpoint, progress) -> dict:
 
 
 def _crc(buf) -> int:
-    return zlib.crc32(buf) & 0xFFFFFFFF
+    return crc32(buf)
 
 
 def dense_checksums(path: Path) -> dict:

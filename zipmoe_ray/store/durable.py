@@ -11,10 +11,10 @@ import contextlib
 import errno
 import os
 import tempfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..codec.checksum import crc32
 from ..errors import ConfigError, StoreError
 
 __all__ = ["check_writable", "disk_full_guard", "file_crc32", "fsync_dir", "temp_name", "write_atomic"]
@@ -76,8 +76,8 @@ def file_crc32(path: Path) -> int:
     c = 0
     with open(path, "rb") as f:
         while chunk := f.read(16 << 20):
-            c = zlib.crc32(chunk, c)
-    return c & 0xFFFFFFFF
+            c = crc32(chunk, c)
+    return c
 
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> None:
