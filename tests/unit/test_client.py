@@ -183,7 +183,7 @@ def test_predicted_experts_arrive_bit_exact_without_a_request_and_wrong_guesses_
         runner.shutdown()
 
 
-def test_predictions_that_keep_missing_stop_being_sent_but_for_probes(store):
+def test_predictions_that_keep_missing_stop_being_fetched_and_are_scored_until_they_hit_again(store):
     from zipmoe_ray.cache import SplitRule
     from zipmoe_ray.stages import client as client_mod
 
@@ -191,21 +191,32 @@ def test_predictions_that_keep_missing_stop_being_sent_but_for_probes(store):
     client, sched, runner = _pipeline(
         store, 1.0, prefetch=True, split=SplitRule(full=0.0, compressed=1.0, sm=0.0)
     )
-    try:
-        steps = 40
-        for _ in range(steps):
+
+    def steps(n, guess, route):
+        for _ in range(n):
             if client.wants_prediction(1):  # what the next router asks before it computes
-                client.predict(1, [5], [1])  # always wrong: layer 1 routes to expert 2
+                client.predict(1, [guess], [1])
             for e, _ in client.fetch(0, [0], [1]):
                 client.done(0, e)
-            for e, _ in client.fetch(1, [2], [1]):
+            for e, _ in client.fetch(1, [route], [1]):
                 client.done(1, e)
             client.end_step()
-        client.finish()
+
+    try:
+        steps(40, guess=5, route=2)  # always wrong
         rep = client.report()["prefetch"]
         assert rep["running_precision"] < client_mod.MIN_PRECISION
-        assert rep["gated"] > 0 and rep["predicted"] + rep["gated"] == steps
-        assert rep["predicted"] < steps / 2  # after the gate shut, only one in PROBE_EVERY went out
+        assert rep["gated"] > 0 and rep["predicted"] + rep["gated"] == 40
+        fetched, gated = rep["predicted"], rep["gated"]
+        assert fetched < 20  # the gate shut early: once shut, nothing more was fetched
+        steps(10, guess=5, route=2)
+        rep = client.report()["prefetch"]
+        assert rep["predicted"] == fetched and rep["gated"] == gated + 10  # scored, never fetched
+        steps(40, guess=3, route=3)  # the routing turns predictable: the scored guesses reopen the gate
+        rep = client.report()["prefetch"]
+        assert rep["running_precision"] >= client_mod.MIN_PRECISION
+        assert rep["predicted"] > fetched and rep["used"] > 0
+        client.finish()
         assert sched.cache.staging == 0
     finally:
         runner.shutdown()

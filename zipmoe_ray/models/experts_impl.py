@@ -129,7 +129,7 @@ class NextRouter:
         self.layer = layer
 
     def __call__(self, source: ExpertSource, hidden_states: torch.Tensor) -> None:
-        if not source.wants_prediction(self.layer):  # prefetch off, or its predictions keep missing
+        if not source.wants_prediction(self.layer):  # prefetch off, or this layer's fetch already on its way
             return
         _, _, index = self.router(hidden_states)  # every TopKRouter returns (logits, weights, indices)
         experts, counts = torch.unique(index.reshape(-1), return_counts=True)

@@ -37,11 +37,13 @@ log = logging.getLogger(__name__)
 
 # A wrong guess costs its read on the I/O lane; a right one saves at most that read's wait: prefetch pays
 # only while more than half of what it fetches is used. Below that the client stops sending predictions,
-# but for one in PROBE_EVERY, which keeps the running precision measured (the routing may become
-# predictable: another prompt, another phase).
+# but goes on scoring them against the routing that follows, fetching nothing, so the gate opens again as
+# soon as the routing becomes predictable (another prompt, another phase) at no cost while it is not.
 MIN_PRECISION = 0.5
-PROBE_EVERY = 8
-PRECISION_MEMORY = 0.95  # weight of the past in the running precision, per prefetched expert
+# weight of the past in the running precision, per predicted layer: one sample a layer (the share of its
+# guesses it routed to), so that a prefill, whose prediction names most experts and is mostly right, counts
+# as much as one decode step and cannot hold the gate open for the decode steps after it
+PRECISION_MEMORY = 0.9
 
 
 @dataclass
@@ -56,7 +58,7 @@ class ClientStats:
     prefetch_used: int = 0  # of those, the ones the layer really routed to
     prefetch_wasted: int = 0  # and the ones it did not
     needed: int = 0  # experts routed to that were not held in FULL form (predicted or not)
-    gated: int = 0  # layers not predicted: the running precision was below MIN_PRECISION
+    gated: int = 0  # layers predicted but not fetched (scored only): the running precision was below MIN_PRECISION
 
 
 def response_waits(events: list[tuple]) -> list[float]:
@@ -104,7 +106,7 @@ class ExpertClient:
         self._prefetched: dict[Key, Delivery] = {}  # arrived, not yet used or released
         self._guess: tuple[int, list[int], list[int]] | None = None  # the next layer's prediction, unsent
         self.precision = 1.0  # running share of prefetched experts that were used (optimistic start)
-        self._held_back = 0  # predictions gated since the last probe
+        self._shadow: dict[int, list[int]] = {}  # layer -> gated prediction's picks, scored when it routes
         self.stats = ClientStats()
         self.events: list[tuple] | None = [] if timeline else None  # EngineConfig.timeline
         self.trace: list | None = None  # recorded steps while a traced generation runs
@@ -127,17 +129,10 @@ class ExpertClient:
         return key in self.full or key in self._full_pending
 
     def wants_prediction(self, layer: int) -> bool:
-        """Whether the next router should predict ``layer``: prefetch is on and what it fetched was mostly
-        used, or this is one of the probes that keep the running precision measured while it was not."""
-        if not self.prefetching or layer in self._prefetch:
-            return False
-        if self.precision >= MIN_PRECISION:
-            return True
-        self._held_back += 1
-        if self._held_back % PROBE_EVERY:
-            self.stats.gated += 1
-            return False
-        return True
+        """Whether the next router should predict ``layer``: prefetch is on and ``layer`` has no prefetch
+        on its way. A prediction is made even while the gate is shut (``_ahead``): it is then scored, not
+        fetched, which keeps the running precision measured without spending the I/O lane on it."""
+        return self.prefetching and layer not in self._prefetch
 
     def predict(self, layer: int, experts: list[int], tokens: list[int]) -> None:
         """``layer`` is predicted to route to ``experts`` (``tokens`` each). Noted only: the fetches go out
@@ -157,6 +152,10 @@ class ExpertClient:
         ]
         if not picks:
             return
+        if self.precision < MIN_PRECISION:  # the gate is shut: score the guess when the layer routes
+            self._shadow[layer] = [e for e, _ in picks]
+            self.stats.gated += 1
+            return
         released, self._released = self._released, []
         self._event("prefetch", layer, len(picks))
         self._prefetch[layer] = self.transport.prefetch(layer, picks, released)
@@ -173,15 +172,16 @@ class ExpertClient:
             self._prefetched[(layer, d.expert)] = d
             self._owed.add((layer, d.expert))
 
-    def _scored(self, used: bool) -> None:
-        self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * used
+    def _scored(self, used: int, guessed: int) -> None:
+        """A predicted layer routed to ``used`` of its ``guessed`` experts (fetched or only scored)."""
+        if guessed:
+            self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * used / guessed
 
     def _unused(self, layer: int) -> None:
         """Release ``layer``'s prefetched experts that it did not route to."""
         for key in [k for k in self._prefetched if k[0] == layer]:
             d = self._prefetched.pop(key)
             self.stats.prefetch_wasted += 1
-            self._scored(False)
             if d.keep:  # the scheduler holds it as FULL here: build it when first used
                 self._full_pending[key] = d
             self._give_back(key)
@@ -226,9 +226,11 @@ class ExpertClient:
         self.stats.needed += len(ahead) + len(misses)
         self._used += [(layer, e, t) for e, t in ahead]
         self.stats.prefetch_used += len(ahead)
-        for _ in ahead:
-            self._scored(True)
+        wrong = sum(1 for k in self._prefetched if k[0] == layer)
         self._unused(layer)
+        shadow = self._shadow.pop(layer, ())
+        routed = set(experts)
+        self._scored(len(ahead) + sum(e in routed for e in shadow), len(ahead) + wrong + len(shadow))
         if not misses:
             self._hit_notes.extend((layer, e, t) for e, t in hits)
             self._ahead()
@@ -378,6 +380,7 @@ class ExpertClient:
         on its way: a result that lands later is dropped with its handle). Does not block but for prefetch
         answers still on their way."""
         self._guess = None
+        self._shadow.clear()
         for layer in list(self._prefetch):
             self._arrived(layer)
         for layer in {k[0] for k in self._prefetched}:
