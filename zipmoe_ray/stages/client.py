@@ -58,7 +58,7 @@ class ClientStats:
     prefetch_used: int = 0  # of those, the ones the layer really routed to
     prefetch_wasted: int = 0  # and the ones it did not
     needed: int = 0  # experts routed to that were not held in FULL form (predicted or not)
-    gated: int = 0  # layers predicted but not fetched (scored only): the running precision was below MIN_PRECISION
+    gated: int = 0  # layers predicted, not fetched (scored only): running precision below MIN_PRECISION
 
 
 def response_waits(events: list[tuple]) -> list[float]:
