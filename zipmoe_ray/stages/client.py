@@ -105,7 +105,7 @@ class ExpertClient:
         self._prefetch: dict[int, Any] = {}  # layer -> the scheduler's pending answer to a prefetch
         self._prefetched: dict[Key, Delivery] = {}  # arrived, not yet used or released
         self._guess: tuple[int, list[int], list[int]] | None = None  # the next layer's prediction, unsent
-        self.precision = 1.0  # running share of prefetched experts that were used (optimistic start)
+        self.precision = 1.0  # running share of a predicted layer's guesses it routed to (optimistic start)
         self._shadow: dict[int, list[int]] = {}  # layer -> gated prediction's picks, scored when it routes
         self.stats = ClientStats()
         self.events: list[tuple] | None = [] if timeline else None  # EngineConfig.timeline
@@ -177,14 +177,16 @@ class ExpertClient:
         if guessed:
             self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * used / guessed
 
-    def _unused(self, layer: int) -> None:
-        """Release ``layer``'s prefetched experts that it did not route to."""
-        for key in [k for k in self._prefetched if k[0] == layer]:
+    def _unused(self, layer: int) -> int:
+        """Release ``layer``'s prefetched experts that it did not route to; returns how many."""
+        wrong = [k for k in self._prefetched if k[0] == layer]
+        for key in wrong:
             d = self._prefetched.pop(key)
             self.stats.prefetch_wasted += 1
             if d.keep:  # the scheduler holds it as FULL here: build it when first used
                 self._full_pending[key] = d
             self._give_back(key)
+        return len(wrong)
 
     def _give_back(self, key: Key) -> None:
         """Report ``key`` released with the next request or step: its staging goes back to the cache."""
@@ -226,8 +228,7 @@ class ExpertClient:
         self.stats.needed += len(ahead) + len(misses)
         self._used += [(layer, e, t) for e, t in ahead]
         self.stats.prefetch_used += len(ahead)
-        wrong = sum(1 for k in self._prefetched if k[0] == layer)
-        self._unused(layer)
+        wrong = self._unused(layer)
         shadow = self._shadow.pop(layer, ())
         routed = set(experts)
         self._scored(len(ahead) + sum(e in routed for e in shadow), len(ahead) + wrong + len(shadow))
