@@ -3,7 +3,9 @@ returns, whole or in pieces, and that a damaged chunk is refused before it is de
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from zipmoe_ray.codec import layout_for
 from zipmoe_ray.errors import ChecksumError
 from zipmoe_ray.stages.decompressor import Decompressor
 from zipmoe_ray.stages.loader import IOLoader
+from zipmoe_ray.stages.protocol import Later
 from zipmoe_ray.store import ReadOptions, open_store
 
 
@@ -81,6 +84,57 @@ def test_decode_in_pieces_reassembles_to_the_whole(tiny_models, tmp_path, pieces
             got[off : off + len(words)] = words
             covered[off : off + len(words)] = True
     assert covered.all() and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 3])
+def test_decode_starts_on_the_exponents_before_the_sm_region_arrives(tiny_models, tmp_path, pieces):
+    """The SM region handed over as a Later still being read: the lane decompresses the exponent shards,
+    then waits for it; the weights are the same bits, whole or in pieces written into one buffer."""
+    from zipmoe_ray.store import CompressOptions, compress
+
+    compress(tiny_models["qwen2_moe"], tmp_path / "s", CompressOptions(shards=4))
+    store = str(tmp_path / "s")
+    s = open_store(store)
+    rec = s.record(1, 5)
+    extent = s.read_extent(1, 5)
+    exp, sm = extent[: rec.e_length], extent[rec.e_length : rec.length]
+    dec = Decompressor(store)
+    want = _flat_bits(store, 1, 5)
+    with cf.ThreadPoolExecutor(1) as pool:
+        if pieces == 1:
+            pool.submit(time.sleep, 0.05)  # the read below is still queued when the lane starts
+            later = Later(pool.submit(lambda: sm))
+            assert np.array_equal(dec.decode(1, 5, exp=exp, sm=later), want)
+            return
+        got = np.zeros_like(want)
+        for i in range(pieces):
+            assert (
+                dec.decode(1, 5, exp=exp, sm=Later(pool.submit(lambda: sm)), part=(i, pieces), out=got) is got
+            )
+        assert np.array_equal(got, want)
+
+
+def test_a_damaged_exponent_shard_is_refused_without_waiting_for_the_sm_region(store, tmp_path):
+    shutil.copytree(store, tmp_path / "s")
+    s = open_store(tmp_path / "s")
+    rec = s.record(0, 4)
+    extent = np.array(s.read_extent(0, 4))
+    extent[rec.tensors[2].shards[0].offset + 5] ^= 0x01  # the down projection's first exponent shard
+    never = cf.Future()  # a read that never finishes: waiting on it would hang the test
+    with pytest.raises(ChecksumError, match=r"layer 0, expert 4, tensor .*down_proj.*exponent shard 0"):
+        Decompressor(str(tmp_path / "s")).decode(0, 4, exp=extent[: rec.e_length], sm=Later(never))
+
+
+def test_a_damaged_sm_region_that_arrives_late_is_refused(store, tmp_path):
+    s = open_store(store)
+    rec = s.record(2, 1)
+    extent = np.array(s.read_extent(2, 1))
+    sm = extent[rec.e_length : rec.length].copy()
+    sm[rec.tensors[0].raw.offset - rec.e_length + 9] ^= 0x40
+    done = cf.Future()
+    done.set_result(sm)
+    with pytest.raises(ChecksumError, match=r"layer 2, expert 1, tensor .*gate_proj.*sign\+mantissa"):
+        Decompressor(store).decode(2, 1, exp=extent[: rec.e_length], sm=Later(done))
 
 
 def test_planes_only_merge_to_the_same_weights(store):

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..stages.decompressor import Decompressor
 from ..stages.loader import IOLoader
+from ..stages.protocol import Later
 from .base import Backend, LaneStats
 
 __all__ = ["LocalBackend", "LocalRunner", "LocalTransport"]
@@ -20,6 +21,11 @@ __all__ = ["LocalBackend", "LocalRunner", "LocalTransport"]
 
 def _value(x: Any) -> Any:
     return x.result() if isinstance(x, cf.Future) else x
+
+
+def _later(x: Any) -> Any:
+    """A read still running, handed over unresolved (the lane decompresses the exponents meanwhile)."""
+    return Later(x) if isinstance(x, cf.Future) and not x.done() else _value(x)
 
 
 class LocalRunner:
@@ -39,21 +45,8 @@ class LocalRunner:
         return self._io.submit(self.loader.read, key[0], key[1], part)
 
     def read_split(self, key):
-        whole = self._io.submit(self.loader.read_split, key[0], key[1])
-        parts = (cf.Future(), cf.Future())
-
-        def done(f):
-            try:
-                value = f.result()
-            except BaseException as e:
-                for p in parts:
-                    p.set_exception(e)
-                return
-            for p, v in zip(parts, value):
-                p.set_result(v)
-
-        whole.add_done_callback(done)
-        return parts
+        # two reads, E region first: its decode starts while the SM region is read (each its own buffer)
+        return self.read(key, "exp"), self.read(key, "raw")
 
     def decode(self, lane, key, exp, sm, planes_only=False, part=None):
         return self._decode(lane, key, exp, sm, planes_only, part, None)
@@ -62,7 +55,7 @@ class LocalRunner:
         d = self.decompressors[lane]
         return self._lanes[lane].submit(
             lambda: d.decode(
-                key[0], key[1], exp=_value(exp), sm=_value(sm), planes_only=planes_only, part=part, out=out
+                key[0], key[1], exp=_value(exp), sm=_later(sm), planes_only=planes_only, part=part, out=out
             )
         )
 

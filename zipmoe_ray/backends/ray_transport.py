@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import ZipMoEError
+from ..stages.protocol import Later
 
 __all__ = ["COMPUTE", "RayRunner", "RayTransport", "kill", "unwrap"]
 
@@ -55,14 +56,22 @@ class RayRunner:
         return self.loader.read.remote(key[0], key[1], part)
 
     def read_split(self, key):
-        return tuple(self.loader.read_split.options(num_returns=2).remote(key[0], key[1]))
+        # two reads, E region first: its decode starts while the SM region is read
+        return self.read(key, "exp"), self.read(key, "raw")
 
     def decode(self, lane, key, exp, sm, planes_only=False, part=None):
-        return self.decompressors[lane].decode.remote(key[0], key[1], None, exp, sm, planes_only, part)
+        return self.decode_lane(lane, [(key, exp, sm, planes_only, part)])[0]
 
     def decode_lane(self, lane, jobs):
+        import ray
+
         decode = self.decompressors[lane].decode.remote
-        return [decode(k[0], k[1], None, exp, sm, planes, part) for k, exp, sm, planes, part in jobs]
+        # the SM region goes in unresolved (a Later): Ray would otherwise start the task only once it is
+        # read, and the lane could not decompress the exponents meanwhile
+        return [
+            decode(k[0], k[1], None, exp, Later(sm) if isinstance(sm, ray.ObjectRef) else sm, planes, part)
+            for k, exp, sm, planes, part in jobs
+        ]
 
     def derive(self, lane, key, words, part):
         return self.decompressors[lane].derive.remote(key[0], key[1], words, part)

@@ -21,6 +21,7 @@ _WHERE = {
     "decode_many": ".core",
     "decode_shards": ".core",
     "decompress_exponents": ".core",
+    "decompress_shards": ".core",
     "encode": ".core",
     "EncodedTensor": ".encoded",
     "crc32": ".encoded",
@@ -43,6 +44,7 @@ __all__ = [
     "decode_many",
     "decode_shards",
     "decompress_exponents",
+    "decompress_shards",
     "encode",
     "entropy_bits",
     "exponent_histogram",
@@ -53,7 +55,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
     from .backends import CODECS, get_codec
-    from .core import decode, decode_many, decode_shards, decompress_exponents, encode
+    from .core import decode, decode_many, decode_shards, decompress_exponents, decompress_shards, encode
     from .encoded import EncodedTensor, auto_shards, crc32
     from .planes import LAYOUTS, PlaneLayout, layout_for
     from .stats import bound_ratio, entropy_bits, exponent_histogram

@@ -31,6 +31,7 @@ __all__ = [
     "decode_many",
     "decode_shards",
     "decompress_exponents",
+    "decompress_shards",
     "encode",
 ]
 
@@ -166,7 +167,7 @@ def _shard_tasks(enc: EncodedTensor, exp: np.ndarray, words: np.ndarray):
             np.copyto(words, raw.view(layout.word))
 
         return [copy]
-    if raw.size != enc.numel * layout.raw_width:
+    if words is not None and raw.size != enc.numel * layout.raw_width:  # decompressing alone needs no raw
         raise StoreCorruptError(f"raw plane holds {raw.size} bytes, expected {enc.numel * layout.raw_width}")
     if sum(enc.shard_elems) != enc.numel:
         raise StoreCorruptError(f"shards cover {sum(enc.shard_elems)} elements, tensor has {enc.numel}")
@@ -255,8 +256,7 @@ def decode_shards(
     layout = layout_for(encoded.dtype)
     if encoded.codec == "none" or not 0 <= lo < hi <= encoded.shards:
         raise ConfigError(f"cannot decode shards [{lo}, {hi}) of a tensor with {encoded.shards} shards")
-    a = sum(encoded.shard_elems[:lo])
-    b = a + sum(encoded.shard_elems[lo:hi])
+    a, b = shard_range(encoded, lo, hi)
     if planes_only and layout.raw_width != 1:
         raise ConfigError(f"{encoded.dtype}: piecewise plane output needs one raw byte per element")
     exp = np.empty(encoded.numel, dtype=np.uint8)  # only [a, b) is touched
@@ -268,6 +268,25 @@ def decode_shards(
     if planes_only:
         return a, exp[a:b], _raw_plane(encoded)[a:b]
     return a, words[a:b]
+
+
+def shard_range(encoded: EncodedTensor, lo: int, hi: int) -> tuple[int, int]:
+    """The elements ``[a, b)`` that exponent shards ``[lo, hi)`` of a tensor cover."""
+    a = sum(encoded.shard_elems[:lo])
+    return a, a + sum(encoded.shard_elems[lo:hi])
+
+
+def decompress_shards(encoded: EncodedTensor, lo: int, hi: int, exp: np.ndarray) -> tuple[int, int]:
+    """Decompress exponent shards ``[lo, hi)`` into their elements of ``exp`` (uint8, the whole plane) on
+    this thread, without the raw plane (which may still be on its way: ``encoded.raw`` is not read); returns
+    the elements ``[a, b)`` written. Recombine them later with ``layout_for(dtype).merge``."""
+    if encoded.codec == "none" or not 0 <= lo < hi <= encoded.shards:
+        raise ConfigError(f"cannot decode shards [{lo}, {hi}) of a tensor with {encoded.shards} shards")
+    if exp.dtype != np.uint8 or exp.size != encoded.numel:
+        raise ConfigError(f"exp must be a uint8 array of {encoded.numel} elements")
+    for t in _shard_tasks(encoded, exp, None)[lo:hi]:
+        t()
+    return shard_range(encoded, lo, hi)
 
 
 def decompress_exponents(

@@ -132,8 +132,8 @@ class SimRunner:
         return SimHandle(start + dt)
 
     def read_split(self, key):
-        h = self.read(key, "all")
-        return h, h
+        # two reads, E region first, as the real runners do: its decompression overlaps the SM read
+        return self.read(key, "exp"), self.read(key, "raw")
 
     def _lane(self, lane: int, ready: float, dt: float) -> SimHandle:
         start = max(self.lane_free[lane], ready, self.now)
@@ -144,16 +144,7 @@ class SimRunner:
         return SimHandle(start + dt)
 
     def decode(self, lane, key, exp, sm, planes_only=False, part=None):
-        s = self.sizes[key]
-        dt = s.full / (
-            self.costs.decompress_bps if (planes_only or self.on_device) else self.costs.decode_bps
-        )
-        if part is not None:
-            dt /= part[1]
-        a = exp.ready if type(exp) is SimHandle else ready_time(exp)
-        b = sm.ready if type(sm) is SimHandle else ready_time(sm)
-        h = self._lane(lane, a if a > b else b, dt)
-        return SimHandle(h.ready + self.delivery_overhead)
+        return self.decode_lane(lane, [(key, exp, sm, planes_only, part)])[0]
 
     def decode_lane(self, lane, jobs):
         costs, sizes, overhead = self.costs, self.sizes, self.delivery_overhead
@@ -165,18 +156,29 @@ class SimRunner:
         busy, out = 0.0, []
         intervals = self._busy[lane] if self.contended else None
         for key, exp, sm, planes_only, part in jobs:  # as decode(), one after the other: the hot loop
-            dt = sizes[key].full / (planes_bps if planes_only else words_bps)
+            full = sizes[key].full
+            planes = planes_only or self.on_device
+            dt = full / (planes_bps if planes else words_bps)
+            # recombining words: the exponents are decompressed while the SM region is still on its way
+            # (Decompressor.decode with a Later), and only the recombination waits for it
+            first = dt if planes else min(dt, full / planes_bps)
             if part is not None:
                 dt /= part[1]
+                first /= part[1]
             a = exp.ready if type(exp) is SimHandle else ready_time(exp)
             b = sm.ready if type(sm) is SimHandle else ready_time(sm)
-            if a > free:
-                free = a
-            if b > free:
-                free = b
+            if planes and b > a:
+                a = b
+            start = free if free > a else a
+            mid = start + first  # exponents decompressed
+            resume = mid if mid > b else b  # the SM region is in
+            free = resume + (dt - first)
             if intervals is not None:
-                intervals.append((free, free + dt))
-            free += dt
+                if resume > mid:
+                    intervals.append((start, mid))
+                    intervals.append((resume, free))
+                else:
+                    intervals.append((start, free))
             busy += dt
             out.append(SimHandle(free + overhead))
         self.lane_free[lane] = free

@@ -18,10 +18,11 @@ import time
 import numpy as np
 import torch
 
-from ..codec import decode_many, decode_shards, decompress_exponents, encode, layout_for
+from ..codec import decode_many, decode_shards, decompress_exponents, decompress_shards, encode, layout_for
 from ..codec.encoded import crc32
-from ..errors import ConfigError, StoreCorruptError
+from ..errors import ChecksumError, ConfigError, StoreCorruptError
 from ..store import open_store
+from .protocol import Later
 
 __all__ = ["Decompressor"]
 
@@ -79,6 +80,10 @@ class Decompressor:
         by the workers of one process) a piece is written in place and ``out`` is returned: no copy."""
         t0 = time.monotonic()
         rec = self.store.record(layer, expert)
+        if isinstance(sm, Later):
+            if extent is None and exp is not None and not planes_only:
+                return self._decode_exponents_first(rec, exp, sm, part, out, t0)
+            sm = sm.get()
         encs = self._encoded(layer, expert, extent, exp, sm)
         if part is not None:
             pieces = self._decode_part(rec, encs, part, planes_only, t0, out)
@@ -130,6 +135,58 @@ class Decompressor:
             raise StoreCorruptError(f"{rec.label()}: {e}") from None
         self._account(t0, nbytes)
         return out
+
+    def _decode_exponents_first(self, rec, exp, later: Later, part, into, t0):
+        """``decode`` with the SM region still being read: every exponent shard of the piece is checked and
+        decompressed first, then the lane waits for the SM region, checks it and recombines. Nothing is
+        written to the output before every chunk it is made from has passed its checksum."""
+        i, n = part or (0, 1)
+        empty = np.empty(0, np.uint8)
+        store, layout = self.store, self.layout
+        try:
+            work = []  # (tensor, its offset in the flat weights, exponent plane, [a, b) elements decoded)
+            pos = 0
+            for t in rec.tensors:
+                enc = t.encoded_parts(exp, empty, rec.e_length, store.codec, store.level)
+                k = enc.shards
+                lo, hi = i * k // n, (i + 1) * k // n
+                if hi > lo:
+                    for j in range(lo, hi):
+                        got = crc32(enc.exp_shards[j])
+                        if got != enc.exp_crc32[j]:
+                            raise ChecksumError(
+                                f"{rec.label(t.name)}: exponent shard {j}/{k} fails its checksum "
+                                f"(crc32 {got:08x}, expected {enc.exp_crc32[j]:08x}); the data is damaged"
+                            )
+                    plane = np.empty(t.numel, np.uint8)  # only [a, b) is written
+                    work.append((t, pos, plane, decompress_shards(enc, lo, hi, plane)))
+                pos += t.numel
+            waited = time.monotonic()
+            sm = later.get()  # the SM region: the read has finished by now, or the lane waits for it here
+            waited = time.monotonic() - waited
+            encs = store.encoded_from_parts(rec.layer, rec.expert, exp, sm)
+            by_name = {t.name: enc for t, enc in zip(rec.tensors, encs)}
+            for t, _, _, _ in work:  # every piece checks the planes it reads (ISA-L: ~0.2 ms per 8 MB)
+                enc = by_name[t.name]
+                if crc32(enc.raw) != enc.raw_crc32:
+                    enc.verify(rec.label(t.name))
+            words = into
+            if words is None and part is None:
+                flat = torch.empty(rec.numel, dtype=layout.torch_dtype)
+                words = layout.words(flat)
+            pieces, nbytes = [], 0
+            for t, pos, plane, (a, b) in work:
+                raw = np.frombuffer(by_name[t.name].raw, dtype=np.uint8)
+                dst = words[pos : pos + t.numel] if words is not None else np.empty(t.numel, layout.word)
+                layout.merge(plane, raw, dst, a, b)
+                pieces.append((pos + a, dst[a:b]))
+                nbytes += (b - a) * layout.itemsize
+        except ChecksumError:
+            raise  # names the layer, expert, tensor and chunk already
+        except StoreCorruptError as e:
+            raise StoreCorruptError(f"{rec.label()}: {e}") from None
+        self._account(t0 + waited, nbytes)  # busy time: the wait for the read is the I/O lane's, not ours
+        return words if (part is None or into is not None) else pieces
 
     def derive(self, layer: int, expert: int, words: np.ndarray, part: str) -> np.ndarray | None:
         """Rebuild the SM region (``part='raw'``) or the whole extent (``part='all'``) of an expert from its

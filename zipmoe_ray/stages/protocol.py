@@ -11,12 +11,36 @@ tests/unit/test_protocols.py checks that each keeps these signatures. Everything
 
 from __future__ import annotations
 
+import sys
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..cache.forms import Key
 
-__all__ = ["Delivery", "LayerResponse", "TaskRunner", "Transport"]
+__all__ = ["Delivery", "Later", "LayerResponse", "TaskRunner", "Transport"]
+
+
+class Later:
+    """A region a decode lane is handed before it has arrived (a Future or an ObjectRef of a read still
+    running): the lane decompresses the exponent shards it already has while the sign+mantissa planes are
+    read, and waits for them only to recombine (Decompressor.decode). Pickles with its handle (Ray passes
+    an ObjectRef nested in an argument through unresolved)."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def get(self) -> Any:
+        """The region; blocks until it has arrived. Raises what the read raised."""
+        h = self.handle
+        if isinstance(h, Future):
+            return h.result()
+        ray = sys.modules.get("ray")  # an ObjectRef exists only where ray was imported
+        if ray is not None and isinstance(h, ray.ObjectRef):
+            return ray.get(h)
+        return h
 
 
 @dataclass
@@ -54,7 +78,8 @@ class TaskRunner(Protocol):
         ...
 
     def read_split(self, key: Key) -> tuple[Any, Any]:
-        """The whole extent in one read, as two handles: (E region, SM region)."""
+        """The whole extent as two handles, (E region, SM region), read in that order: the E region's
+        handle completes first, so that its decode can start while the SM region is still being read."""
         ...
 
     def decode(
