@@ -76,9 +76,7 @@ def _pipeline(store_dir, share: float, parts: int | None = 1, prefetch: bool = F
 
     s = open_store(store_dir)
     budget = int(ModelLayout.of_store(s).expert_bytes * share)
-    runner = LocalRunner(
-        IOLoader(str(store_dir), copy_parts=True), [Decompressor(str(store_dir), i) for i in range(2)]
-    )
+    runner = LocalRunner(IOLoader(str(store_dir)), [Decompressor(str(store_dir), i) for i in range(2)])
     cfg = SchedulerConfig(
         budget=budget, decode_parts=parts, prefetch=prefetch, **({"split": split} if split else {})
     )
@@ -155,9 +153,7 @@ def test_predicted_experts_arrive_bit_exact_without_a_request_and_wrong_guesses_
     s = open_store(tmp_path / "s")
     layout = ModelLayout.of_store(s)
     budget = 3 * minimum_budget(layout.sizes, s.top_k) + layout.expert_bytes // 8
-    runner = LocalRunner(
-        IOLoader(str(tmp_path / "s"), copy_parts=True), [Decompressor(str(tmp_path / "s"), 0)]
-    )
+    runner = LocalRunner(IOLoader(str(tmp_path / "s")), [Decompressor(str(tmp_path / "s"), 0)])
     sched = Scheduler(str(tmp_path / "s"), SchedulerConfig(budget=budget, prefetch=True), runner)
     client = ExpertClient(LocalTransport(sched), s)
     try:

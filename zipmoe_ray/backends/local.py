@@ -143,7 +143,7 @@ class LocalBackend(Backend):
 
     def start_lanes(self) -> None:
         cfg = self.config
-        self.loader = IOLoader(self.store_dir, cfg.read_options(), copy_parts=True)
+        self.loader = IOLoader(self.store_dir, cfg.read_options())
         self.decompressors = [Decompressor(self.store_dir, i) for i in range(cfg.workers)]
         self.runner = LocalRunner(self.loader, self.decompressors)
 
