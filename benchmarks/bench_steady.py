@@ -11,7 +11,7 @@ time from a layer's request to each of its disk misses being ready, and the CPU-
 during the measured generation (psutil, read twice: nothing samples while it runs). Systems alternate over
 ``--repeats`` rounds; tokens must be equal everywhere.
 
-    python benchmarks/bench_steady.py [--bandwidth 0.5] [--budget 25%] [--repeats 2] [--json OUT]
+    python benchmarks/bench_steady.py [--bandwidth 0.5] [--budget 25%] [--repeats 2] [--no-prefetch] [--json OUT]
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def run(store, backend: str, args, warm, prompt) -> dict:
         policy="full-only",
         popularity="lru",
         replan_every=0,
+        prefetch=not args.no_prefetch,
         timeline=True,
     ) as engine:
         engine.generate([warm], args.warm_tokens)
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--warm-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--no-prefetch", action="store_true", help="the engine's --no-prefetch, for every system")
     ap.add_argument("--json")
     args = ap.parse_args()
     names = [n for n in args.systems.split(",") if n]
