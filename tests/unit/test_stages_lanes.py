@@ -158,6 +158,20 @@ def test_a_damaged_chunk_is_refused_naming_the_tensor(store, tmp_path):
         Decompressor(str(tmp_path / "s")).decode(1, 2, extent=extent)
 
 
+def test_every_piece_refuses_a_damaged_sm_plane_with_a_checksum_error(store, tmp_path):
+    """A piece other than the first reads the raw plane too, so it checks it (it used to be left to piece
+    0), and the error stays a ChecksumError naming the tensor once."""
+    shutil.copytree(store, tmp_path / "s")
+    s = open_store(tmp_path / "s")
+    rec = s.record(1, 2)
+    extent = np.array(s.read_extent(1, 2))
+    extent[rec.tensors[1].raw.offset + 3] ^= 0x10
+    out = np.zeros(rec.numel, dtype=np.uint16)
+    with pytest.raises(ChecksumError, match=r"^layer 1, expert 2, tensor [^:]*up_proj[^:]*: sign"):
+        Decompressor(str(tmp_path / "s")).decode(1, 2, extent=extent, part=(1, 2), out=out)
+    assert not out.any()  # nothing was written from the damaged piece
+
+
 def test_derive_rebuilds_the_sm_region_from_the_weights(store):
     s = open_store(store)
     rec = s.record(2, 4)

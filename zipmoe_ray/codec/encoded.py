@@ -93,13 +93,21 @@ class EncodedTensor:
 
     def verify(self, what: str = "tensor") -> None:
         """Check every chunk's CRC-32; raises ChecksumError naming ``what`` and the chunk."""
-        for i, (shard, want) in enumerate(zip(self.exp_shards, self.exp_crc32)):
-            got = crc32(shard)
+        self.verify_shards(0, self.shards, what)
+        self.verify_raw(what)
+
+    def verify_shards(self, lo: int, hi: int, what: str = "tensor") -> None:
+        """Check exponent shards ``[lo, hi)`` only (a piece of the tensor, or before the raw plane is in)."""
+        for i in range(lo, hi):
+            got, want = crc32(self.exp_shards[i]), self.exp_crc32[i]
             if got != want:
                 raise ChecksumError(
                     f"{what}: exponent shard {i}/{self.shards} fails its checksum "
                     f"(crc32 {got:08x}, expected {want:08x}); the data is damaged"
                 )
+
+    def verify_raw(self, what: str = "tensor") -> None:
+        """Check the raw plane's chunk only."""
         got = crc32(self.raw)
         if got != self.raw_crc32:
             raise ChecksumError(

@@ -115,17 +115,14 @@ class Decompressor:
     def _decode_part(self, rec, encs, part, planes_only, t0, into=None):
         i, n = part
         out, pos, nbytes = [], 0, 0
+        spans = [(enc.shards * i // n, enc.shards * (i + 1) // n) for enc in encs]
+        for t, enc, (lo, hi) in zip(rec.tensors, encs, spans):  # every chunk this piece reads, first
+            if hi > lo:
+                enc.verify_shards(lo, hi, rec.label(t.name))
+                enc.verify_raw(rec.label(t.name))
         try:
-            for t, enc in zip(rec.tensors, encs):
-                k = enc.shards
-                lo, hi = i * k // n, (i + 1) * k // n
+            for t, enc, (lo, hi) in zip(rec.tensors, encs, spans):
                 if hi > lo:
-                    label = rec.label(t.name)
-                    for j in range(lo, hi):  # only this piece's chunks; the raw plane is checked by piece 0
-                        if crc32(enc.exp_shards[j]) != enc.exp_crc32[j]:
-                            enc.verify(label)  # raises the precise ChecksumError
-                    if i == 0 and crc32(enc.raw) != enc.raw_crc32:
-                        enc.verify(label)
                     view = into[pos : pos + t.numel] if into is not None else None
                     first, *data = decode_shards(enc, lo, hi, planes_only=planes_only, out=view)
                     out.append((pos + first, *data))
@@ -151,13 +148,7 @@ class Decompressor:
                 k = enc.shards
                 lo, hi = i * k // n, (i + 1) * k // n
                 if hi > lo:
-                    for j in range(lo, hi):
-                        got = crc32(enc.exp_shards[j])
-                        if got != enc.exp_crc32[j]:
-                            raise ChecksumError(
-                                f"{rec.label(t.name)}: exponent shard {j}/{k} fails its checksum "
-                                f"(crc32 {got:08x}, expected {enc.exp_crc32[j]:08x}); the data is damaged"
-                            )
+                    enc.verify_shards(lo, hi, rec.label(t.name))
                     plane = np.empty(t.numel, np.uint8)  # only [a, b) is written
                     work.append((t, pos, plane, decompress_shards(enc, lo, hi, plane)))
                 pos += t.numel
@@ -167,9 +158,7 @@ class Decompressor:
             encs = store.encoded_from_parts(rec.layer, rec.expert, exp, sm)
             by_name = {t.name: enc for t, enc in zip(rec.tensors, encs)}
             for t, _, _, _ in work:  # every piece checks the planes it reads (ISA-L: ~0.2 ms per 8 MB)
-                enc = by_name[t.name]
-                if crc32(enc.raw) != enc.raw_crc32:
-                    enc.verify(rec.label(t.name))
+                by_name[t.name].verify_raw(rec.label(t.name))
             words = into
             if words is None and part is None:
                 flat = torch.empty(rec.numel, dtype=layout.torch_dtype)
