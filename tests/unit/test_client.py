@@ -66,7 +66,7 @@ def test_experts_waiting_for_a_wave_survive_a_node_failure(store):
 
 
 # -- over the real parts: a Scheduler in this process, reads and decodes on threads --------------------------
-def _pipeline(store_dir, share: float, parts: int | None = 1, prefetch: bool = False, split=None):
+def _pipeline(store_dir, share: float, parts: int | None = 1, split=None):
     from zipmoe_ray.backends.local import LocalRunner, LocalTransport
     from zipmoe_ray.cache.layout import ModelLayout
     from zipmoe_ray.stages.client import ExpertClient
@@ -77,9 +77,7 @@ def _pipeline(store_dir, share: float, parts: int | None = 1, prefetch: bool = F
     s = open_store(store_dir)
     budget = int(ModelLayout.of_store(s).expert_bytes * share)
     runner = LocalRunner(IOLoader(str(store_dir)), [Decompressor(str(store_dir), i) for i in range(2)])
-    cfg = SchedulerConfig(
-        budget=budget, decode_parts=parts, prefetch=prefetch, **({"split": split} if split else {})
-    )
+    cfg = SchedulerConfig(budget=budget, decode_parts=parts, **({"split": split} if split else {}))
     sched = Scheduler(str(store_dir), cfg, runner)
     return ExpertClient(LocalTransport(sched), s), sched, runner
 
@@ -154,7 +152,7 @@ def test_predicted_experts_arrive_bit_exact_without_a_request_and_wrong_guesses_
     layout = ModelLayout.of_store(s)
     budget = 3 * minimum_budget(layout.sizes, s.top_k) + layout.expert_bytes // 8
     runner = LocalRunner(IOLoader(str(tmp_path / "s")), [Decompressor(str(tmp_path / "s"), 0)])
-    sched = Scheduler(str(tmp_path / "s"), SchedulerConfig(budget=budget, prefetch=True), runner)
+    sched = Scheduler(str(tmp_path / "s"), SchedulerConfig(budget=budget), runner)
     client = ExpertClient(LocalTransport(sched), s)
     try:
         client.predict(1, [2, 5], [1, 1])  # noted while layer 0 computes; sent after layer 0's request
@@ -184,9 +182,7 @@ def test_predictions_that_keep_missing_stop_being_fetched_and_are_scored_until_t
     from zipmoe_ray.stages import client as client_mod
 
     # compressed form only: a wrong guess stays cached compressed and is decoded again when guessed again
-    client, sched, runner = _pipeline(
-        store, 1.0, prefetch=True, split=SplitRule(full=0.0, compressed=1.0, sm=0.0)
-    )
+    client, sched, runner = _pipeline(store, 1.0, split=SplitRule(full=0.0, compressed=1.0, sm=0.0))
 
     def steps(n, guess, route):
         for _ in range(n):

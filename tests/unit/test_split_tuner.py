@@ -94,6 +94,53 @@ def test_resize_sheds_the_coldest_unpinned_experts_into_cheaper_forms_within_the
     assert c.members(Form.COMPRESSED) == {(0, 0)}  # pinned: stays until released
 
 
+def test_experts_a_resize_left_over_capacity_because_pinned_fall_back_once_released():
+    sizes = {(0, e): SIZE for e in range(10)}
+    c = ExpertCache(sizes, 1000, {Form.FULL: 300, Form.COMPRESSED: 0, Form.SM: 0}, Popularity(0.9))
+    for e in range(3):
+        c.touch((0, e), e + 1)
+        c.admit((0, e), Form.FULL)
+    assert c.shed() == []  # nothing over: nothing moves
+    c.pin((0, 0))
+    c.pin((0, 1))
+    c.resize({Form.FULL: 100, Form.COMPRESSED: 0, Form.SM: 0})
+    assert c.members(Form.FULL) == {(0, 0), (0, 1)} and c.used[Form.FULL] == 200  # over, pinned
+    assert c.shed() == []  # still pinned: nothing can move yet
+    c.unpin((0, 0))
+    c.unpin((0, 1))
+    demotions = c.shed()
+    assert [(d.key, d.src, d.dst) for d in demotions] == [((0, 0), Form.FULL, Form.DISK)]
+    assert c.members(Form.FULL) == {(0, 1)} and c.used[Form.FULL] <= c.capacity[Form.FULL]
+
+
+def test_a_re_plan_while_experts_are_in_flight_never_takes_the_next_requests_reserve(tiny_stores):
+    """Found by the bit-exactness tests once prefetch staging stopped being a fixed aside: FULL experts
+    pinned through a re-plan stayed over the new capacities after release, and a request's first fetch
+    found no room once the other forms had filled."""
+    from zipmoe_ray.runtime.budget import minimum_budget
+
+    store = tiny_stores["qwen2_moe"]
+    s = open_store(store)
+    sizes = expert_sizes(s)
+    one = minimum_budget(sizes, 1)
+    budget = minimum_budget(sizes, s.top_k) + 4 * one
+    sched = Scheduler(str(store), SchedulerConfig(budget=budget, split=FULL), Runner())
+    in_flight = [(0, e) for e in range(s.top_k)]
+    sched.request(0, [(e, 1) for _, e in in_flight])
+    sched.set_split(SplitRule(full=0.0, compressed=1.0, sm=0.0))  # no FULL form left
+    assert sched.cache.members(Form.FULL) == set(in_flight)  # pinned: over the capacity until released
+    sched.release(in_flight)
+    assert sched.cache.members(Form.FULL) == set()
+    for key in sizes:  # every expert once: the COMPRESSED form fills, colder ones go to disk
+        if key not in in_flight:
+            resp = sched.request(key[0], [(key[1], 1)])
+            assert [d.expert for d in resp.deliveries] == [key[1]]
+            sched.release([key])
+        assert all(sched.cache.used[f] <= sched.cache.capacity[f] for f in sched.cache.capacity)
+    assert sched.cache.held > sum(sched.cache.capacity.values()) - one  # full: no slack to hide a leak
+    assert sched.stats()["cache"]["peak"] <= budget
+
+
 class Runner:
     workers = 2
 

@@ -306,6 +306,15 @@ class ExpertCache:
                     )  # no further victims: cheaper forms take what fits
             return demotions
 
+    def shed(self) -> list[Demotion]:
+        """Bring every form back under its capacity where pinned experts kept it over (a resize while they
+        were in flight): their coldest unpinned members fall back, as in ``resize``. Without this, the
+        bytes over the capacities would eat the staging reserve. O(1) when no form is over."""
+        with self._lock:
+            if all(self.used[f] <= self.capacity[f] for f in CACHED_FORMS):
+                return []
+            return self.resize(self.capacity)
+
     def drop(self, key: Key) -> None:
         """Send ``key`` to disk (e.g. its payload was lost with a failed node)."""
         with self._lock:

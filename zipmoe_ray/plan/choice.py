@@ -54,9 +54,6 @@ def scheduler_config(
         # accelerator, or the lanes share the executor's memory (the local backend decodes them in place);
         # a CPU executor behind Ray would have to copy the pieces together (docs/architecture.md).
         decode_parts=None if (accel or pieces_in_place) else 1,
-        # the next layer's predicted experts are fetched while this one's are still in use: staging for
-        # a second layer (the scheduler drops it when the budget is too small to spare it)
-        prefetch=config.prefetch,
         # the start-up plan is checked against full-only by timing both while generating (a fixed split
         # or a baseline policy is what the user asked for: kept as given)
         replan_every=config.replan_every if (config.split is None and config.policy == "zipmoe") else 0,

@@ -34,6 +34,9 @@ __all__ = ["Scheduler", "SchedulerConfig"]
 
 log = logging.getLogger(__name__)
 
+# generation steps without a prefetch after which the staging set aside for prefetch goes back to the cache
+ASIDE_QUIET_STEPS = 2
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -49,7 +52,6 @@ class SchedulerConfig:
     reserve_experts: int | None = (
         None  # experts in flight at once (staging reserve); None = the model's top-k
     )
-    prefetch: bool = False  # set a second layer's staging (top-k experts) aside for the next layer's prefetch
     replan_every: int = (
         0  # decode steps between online re-plans of the split (schedule/split_tuner.py); 0: off
     )
@@ -94,11 +96,16 @@ class Scheduler(Placement):
                 f"memory budget {config.budget:,} B is too small: {inflight} active experts need "
                 f"{self.reserve:,} B of buffers in flight; give at least {self.reserve:,} B"
             )
-        ahead = minimum_budget(self.sizes, self.top_k) if config.prefetch else 0
-        if config.budget - self.reserve < 2 * ahead:  # a budget that small keeps its bytes for the cache
-            ahead = 0
-        self.ahead = ahead  # staging prefetches may hold (beyond the one-layer reserve requests rely on)
-        self.reserve += ahead
+        # Prefetch staging. While prefetches arrive (the executor's precision gate is open), the cache
+        # gives up a second layer's staging (``aside``), unless the budget is too small to spare it; a few
+        # steps after they stop, the cache takes it back, so that a workload whose routing cannot be
+        # predicted pays nothing for prediction. Either way a prefetch also borrows what the request
+        # reserve has free, and always leaves one expert's staging free for the next request's first fetch.
+        ahead = minimum_budget(self.sizes, self.top_k)
+        self._aside_bytes = ahead if config.budget - self.reserve >= 2 * ahead else 0
+        self.aside = 0  # set aside now (0 or _aside_bytes)
+        self._quiet_steps = 0  # generation steps since the last prefetch
+        self._margin = minimum_budget(self.sizes, 1)
         self.split, capacity = self._capacities(config.split)
         self.cache = ExpertCache(
             self.sizes, config.budget, capacity, Popularity(config.decay, config.popularity)
@@ -142,7 +149,13 @@ class Scheduler(Placement):
         if self.raw_codec and (split.compressed or split.sm):
             split = SplitRule(full=1.0, compressed=0.0, sm=0.0)  # a raw store has only the FULL form
         total = sum(s.full for s in self.sizes.values())
-        return split, split.capacities(self.config.budget - self.reserve, total)
+        return split, split.capacities(self.config.budget - self.reserve - self.aside, total)
+
+    def _set_aside(self, nbytes: int) -> None:
+        """Resize the forms for ``nbytes`` of prefetch staging set aside (demotions as for a re-plan)."""
+        if nbytes != self.aside:
+            self.aside = nbytes
+            self.set_split(self.split)
 
     def set_split(self, split: SplitRule) -> None:
         """Re-plan the split between forms while running: experts over a form's new capacity fall back to
@@ -157,6 +170,7 @@ class Scheduler(Placement):
         return {
             "rule": self.split.describe(),
             "staging_reserve": self.reserve,
+            "prefetch_aside": self.aside,
             "capacity": {f.label: c for f, c in self.cache.capacity.items()},
         }
 
@@ -171,6 +185,12 @@ class Scheduler(Placement):
                 self.counters["prefetch_wasted_bytes"] += self.sizes[key].read(flight.form)
             self.cache.release(flight.staging)
             self.cache.unpin(key)
+        self._shed()
+
+    def _shed(self) -> None:
+        """Experts a resize left over their form's capacity, because they were pinned, fall back now."""
+        for d in self.cache.shed():
+            self._demote(d)
 
     def _hits(self, layer: int, hits) -> None:
         # the executor served these from its FULL copies: a FULL hit even where the cache has demoted the
@@ -230,25 +250,32 @@ class Scheduler(Placement):
                 self.counters["hits"]["full"] += 1
             self.cache.step()
             self.counters["steps"] += 1
+            self._quiet_steps += 1
+            if self.aside and self._quiet_steps > ASIDE_QUIET_STEPS:
+                self._set_aside(0)  # prefetches stopped (the gate shut): the cache takes the bytes back
 
     def prefetch(self, layer: int, picks: list[tuple[int, int]], released: list[Key] = ()) -> LayerResponse:
         """Start fetching ``picks`` ((expert, tokens) predicted for ``layer``, none of them held in FULL form
         by the executor) ahead of the layer's routing. Nothing is counted as used until a later ``request``
         or ``step`` names the expert in ``used``; what is never used is ``released`` like any fetch, its
-        admission decided by the ordinary rules. Only what fits the staging set aside for prefetch
-        (``SchedulerConfig.prefetch``; none on a budget too small to spare it) is fetched, so that
-        a request never finds its reserve taken, and nothing already in flight. Returns handles at once, like ``request``."""
+        admission decided by the ordinary rules. The staging it may take is what is free beyond the forms'
+        capacities, less one expert's staging (see ``_prefetch_room``): the second layer's staging the
+        cache gives up while prefetches arrive (``aside``), and what the request reserve has free. So the
+        next request always finds room for its first fetch. Nothing already in flight is fetched again.
+        Returns handles at once, like ``request``."""
         with self._lock:
             self._release(released)
+            self._quiet_steps = 0
+            self._set_aside(self._aside_bytes)
             wave, staging = [], 0
-            room = self.ahead - sum(f.staging for f in self._flights.values() if f.prefetched and not f.used)
+            room = self._prefetch_room()
             for e, tokens in sorted(picks, key=lambda p: (-p[1], p[0])):
                 key = (layer, e)
                 form = self.cache.form(key)
                 if key in self._flights or form == Form.FULL:
                     continue
                 need = sum(self._staging(key, form))
-                if staging + need > room or not self.cache.can_reserve(staging + need):
+                if staging + need > room:
                     break
                 wave.append((key, form, tokens))
                 staging += need
@@ -262,6 +289,15 @@ class Scheduler(Placement):
             deliveries = self._dispatch(wave) if wave else []
             drops, self._drops = self._drops, []
             return LayerResponse(layer, deliveries, drops, [])
+
+    def _prefetch_room(self) -> int:
+        """Staging bytes a prefetch may take now. The forms' capacities sum to the budget less the reserve;
+        admissions may fill them while a prefetch is in flight, so the room is counted against the
+        capacities (or what is held, where a re-plan left pinned experts over them), not against what
+        happens to be free, less one expert's staging kept for the next request's first fetch."""
+        cache = self.cache
+        filled = max(cache.held, sum(cache.capacity.values()))
+        return cache.budget - filled - cache.staging - self._margin
 
     # -- one layer ------------------------------------------------------------------------------------------
     def _staging(self, key: Key, src: Form) -> tuple[int, int]:
@@ -294,6 +330,7 @@ class Scheduler(Placement):
             finally:
                 for e, _ in hits:
                     self.cache.unpin((layer, e))
+                self._shed()
 
     def _request(self, layer: int, misses) -> LayerResponse:
         pending, served = [], []
