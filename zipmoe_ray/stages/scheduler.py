@@ -35,7 +35,7 @@ __all__ = ["Scheduler", "SchedulerConfig"]
 log = logging.getLogger(__name__)
 
 # generation steps without a prefetch after which the staging set aside for prefetch goes back to the cache
-ASIDE_QUIET_STEPS = 2
+ASIDE_QUIET_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -97,15 +97,13 @@ class Scheduler(Placement):
                 f"{self.reserve:,} B of buffers in flight; give at least {self.reserve:,} B"
             )
         # Prefetch staging. While prefetches arrive (the executor's precision gate is open), the cache
-        # gives up a second layer's staging (``aside``), unless the budget is too small to spare it; a few
-        # steps after they stop, the cache takes it back, so that a workload whose routing cannot be
-        # predicted pays nothing for prediction. Either way a prefetch also borrows what the request
-        # reserve has free, and always leaves one expert's staging free for the next request's first fetch.
+        # gives up a second layer's staging (``aside``), unless the budget is too small to spare it (then
+        # nothing is fetched ahead); some steps after they stop, the cache takes it back, so that a workload
+        # whose routing cannot be predicted pays nothing for prediction.
         ahead = minimum_budget(self.sizes, self.top_k)
         self._aside_bytes = ahead if config.budget - self.reserve >= 2 * ahead else 0
         self.aside = 0  # set aside now (0 or _aside_bytes)
         self._quiet_steps = 0  # generation steps since the last prefetch
-        self._margin = minimum_budget(self.sizes, 1)
         self.split, capacity = self._capacities(config.split)
         self.cache = ExpertCache(
             self.sizes, config.budget, capacity, Popularity(config.decay, config.popularity)
@@ -258,11 +256,10 @@ class Scheduler(Placement):
         """Start fetching ``picks`` ((expert, tokens) predicted for ``layer``, none of them held in FULL form
         by the executor) ahead of the layer's routing. Nothing is counted as used until a later ``request``
         or ``step`` names the expert in ``used``; what is never used is ``released`` like any fetch, its
-        admission decided by the ordinary rules. The staging it may take is what is free beyond the forms'
-        capacities, less one expert's staging (see ``_prefetch_room``): the second layer's staging the
-        cache gives up while prefetches arrive (``aside``), and what the request reserve has free. So the
-        next request always finds room for its first fetch. Nothing already in flight is fetched again.
-        Returns handles at once, like ``request``."""
+        admission decided by the ordinary rules. Only what fits the staging the cache gives up while
+        prefetches arrive (``aside``; none on a budget too small to spare it) is fetched, so that a request
+        never finds its reserve taken, and nothing already in flight. Returns handles at once, like
+        ``request``."""
         with self._lock:
             self._release(released)
             self._quiet_steps = 0
@@ -275,7 +272,7 @@ class Scheduler(Placement):
                 if key in self._flights or form == Form.FULL:
                     continue
                 need = sum(self._staging(key, form))
-                if staging + need > room:
+                if staging + need > room or not self.cache.can_reserve(staging + need):
                     break
                 wave.append((key, form, tokens))
                 staging += need
@@ -291,13 +288,10 @@ class Scheduler(Placement):
             return LayerResponse(layer, deliveries, drops, [])
 
     def _prefetch_room(self) -> int:
-        """Staging bytes a prefetch may take now. The forms' capacities sum to the budget less the reserve;
-        admissions may fill them while a prefetch is in flight, so the room is counted against the
-        capacities (or what is held, where a re-plan left pinned experts over them), not against what
-        happens to be free, less one expert's staging kept for the next request's first fetch."""
-        cache = self.cache
-        filled = max(cache.held, sum(cache.capacity.values()))
-        return cache.budget - filled - cache.staging - self._margin
+        """Staging bytes a prefetch may take now: the aside, less what prefetched experts not yet used hold.
+        Requests keep the reserve: it is never lent, because a request's first fetch relies on it."""
+        held = sum(f.staging for f in self._flights.values() if f.prefetched and not f.used)
+        return self.aside - held
 
     # -- one layer ------------------------------------------------------------------------------------------
     def _staging(self, key: Key, src: Form) -> tuple[int, int]:
