@@ -70,13 +70,13 @@ def engine_stats(
 
 def prefetch_stats(client: dict | None, sched: dict) -> dict[str, Any] | None:
     """Cross-layer prefetch, per run: experts predicted (and asked for ahead of their layer's routing),
-    issued (fetched ahead: what the staging reserve had free allowed), used (the layer routed to them), ``recall``
+    issued (fetched ahead: what the prefetch aside allowed), used (the layer routed to them), ``recall``
     (of the experts layers needed from outside the executor's full copies, the share that was on its way
     before the layer routed), ``precision`` (of those issued, the share used), bytes read ahead and bytes
     read that were never used. None without prefetch."""
     if not client:
         return None
-    issued = sched.get("prefetch_issued", 0)  # what the scheduler started (what the reserve had free allowed)
+    issued = sched.get("prefetch_issued", 0)  # what the scheduler started (what the prefetch aside allowed)
     return {
         **client,
         "issued": issued,
