@@ -6,7 +6,9 @@ used as is) and over the zipmoe store ("zstd": a miss is read compressed and dec
 Ray backends, with re-planning off so that nothing but the cache changes between steps. The Qwen1.5-MoE
 preset with 4 MoE layers (routing skew 0), page cache bypassed, SSD emulated by the engine's own limiter
 (no cgroup throttle: run bench_e2e for that); a warm-up generation on one prompt, then the measured one on
-another. Reports per system: TPOT, FULL hits and disk misses, the per-token breakdown, the median and p90
+another. Reports per system: TPOT and its ratio to the strongest plain offloader measured (raw-local,
+else the first system), bytes read per generated token (prefill included) and the read rate over the generation (GB/s), FULL hits and
+disk misses, the per-token breakdown, the median and p90
 time from a layer's request to each of its disk misses being ready, and the CPU-seconds each process used
 during the measured generation (psutil, read twice: nothing samples while it runs). Systems alternate over
 ``--repeats`` rounds; tokens must be equal everywhere.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -42,7 +45,7 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
             c = p.cpu_times()
             name = (p.info["cmdline"] or [p.info["name"]])[0].rsplit("/", 1)[-1][:40]
             out[p.info["pid"]] = (name, c.user + c.system)
-        except Exception:  # gone, or not ours to read
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or not ours to read
             continue
     return out
 
@@ -94,6 +97,7 @@ def run(store, backend: str, args, warm, prompt) -> dict:
         "tpot_ms": 1e3 * s["tpot_s"],
         "full_hits": s["hits"]["full"],
         "disk_misses": s["misses"]["disk"],
+        "bytes_read": s["bytes_read"],
         "io_busy_share": s["lanes"]["io_utilisation"],
         "breakdown_ms": breakdown_ms(events),
         "miss_ready_ms": {"p50": p50, "p90": p90},
@@ -138,18 +142,23 @@ def main() -> None:
         f"\nbudget {args.budget}, SSD {args.bandwidth:g} GB/s (engine limiter), {args.new_tokens} tokens, "
         f"{args.repeats} rounds; tokens identical\n"
     )
+    base = "raw-local" if "raw-local" in results else names[0]
+    base_tpot = statistics.median(x["tpot_ms"] for x in results[base])
     print(
-        "| system | TPOT | FULL hits / disk misses | miss ready p50 / p90 | per token: waiting / compute / "
-        "outside MoE | CPU-s (measured generation) |"
+        f"| system | TPOT | x {base} | read per token, GB/s | FULL hits / disk misses | miss ready p50 / p90 | "
+        "per token: waiting / compute / outside MoE | CPU-s (measured generation) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         first = runs[0]
         b = first["breakdown_ms"] or {}
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in list(first["cpu_s"].items())[:6])
         tpots = ", ".join(f"{x['tpot_ms']:.0f}" for x in runs)
+        ratio = statistics.median(x["tpot_ms"] for x in runs) / base_tpot
+        per_token = first["bytes_read"] / args.new_tokens
         print(
-            f"| {name} | {tpots} ms | {first['full_hits']} / "
+            f"| {name} | {tpots} ms | {ratio:.2f}x | {per_token / 1e6:.0f} MB, "
+            f"{first['bytes_read'] / first['wall_s'] / 1e9:.2f} GB/s | {first['full_hits']} / "
             f"{first['disk_misses']} | {first['miss_ready_ms']['p50']:.0f} / {first['miss_ready_ms']['p90']:.0f} ms"
             f" | {b.get('waiting_for_experts', 0):.0f} / {b.get('expert_compute', 0):.0f} / "
             f"{b.get('outside_moe', 0):.0f} | {sum(first['cpu_s'].values()):.1f} in {first['wall_s']:.1f} s: {cpu} |"

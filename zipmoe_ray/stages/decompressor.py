@@ -29,6 +29,12 @@ __all__ = ["Decompressor"]
 log = logging.getLogger(__name__)
 
 
+def _piece_shards(shards: int, part: tuple[int, int]) -> tuple[int, int]:
+    """The exponent shards ``[lo, hi)`` of a tensor that piece ``part`` = (i, n) decodes."""
+    i, n = part
+    return i * shards // n, (i + 1) * shards // n
+
+
 class Decompressor:
     """Plain class; the Ray backend wraps it in an actor, the local backend runs one per thread."""
 
@@ -113,9 +119,8 @@ class Decompressor:
         return out
 
     def _decode_part(self, rec, encs, part, planes_only, t0, into=None):
-        i, n = part
         out, pos, nbytes = [], 0, 0
-        spans = [(enc.shards * i // n, enc.shards * (i + 1) // n) for enc in encs]
+        spans = [_piece_shards(enc.shards, part) for enc in encs]
         for t, enc, (lo, hi) in zip(rec.tensors, encs, spans):  # every chunk this piece reads, first
             if hi > lo:
                 enc.verify_shards(lo, hi, rec.label(t.name))
@@ -145,8 +150,7 @@ class Decompressor:
             pos = 0
             for t in rec.tensors:
                 enc = t.encoded_parts(exp, empty, rec.e_length, store.codec, store.level)
-                k = enc.shards
-                lo, hi = i * k // n, (i + 1) * k // n
+                lo, hi = _piece_shards(enc.shards, (i, n))
                 if hi > lo:
                     enc.verify_shards(lo, hi, rec.label(t.name))
                     plane = np.empty(t.numel, np.uint8)  # only [a, b) is written

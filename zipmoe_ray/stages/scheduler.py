@@ -324,7 +324,6 @@ class Scheduler(Placement):
             finally:
                 for e, _ in hits:
                     self.cache.unpin((layer, e))
-                self._shed()
 
     def _request(self, layer: int, misses) -> LayerResponse:
         pending, served = [], []
