@@ -167,9 +167,11 @@ def test_the_scheduler_re_plans_from_decode_step_times_and_reports_it(tiny_store
         sched.request(0, [(e, 1)])
         sched.release([(0, e)])
     assert sched.cache.members(Form.COMPRESSED) or sched.cache.members(Form.SM)
+    assert sched.stats()["plan"]["popularity"] == "lfu"
     for _ in range(9):
         sched.step(timing=(0.5, 1))
     assert sched.split == FULL  # now timing full-only: compressed and SM room is gone
+    assert sched.stats()["plan"]["popularity"] == "lru"  # classic offloading's order
     assert not sched.cache.members(Form.COMPRESSED) and not sched.cache.members(Form.SM)
     assert sched.cache.held <= sched.cache.budget
     for _ in range(9):
@@ -181,14 +183,17 @@ def test_the_scheduler_re_plans_from_decode_step_times_and_reports_it(tiny_store
     assert sched.tuner._held == 0
 
 
-def test_no_tuner_for_a_full_only_split_or_when_off(tiny_stores):
+def test_no_tuner_for_classic_offloading_or_when_off_and_full_only_lfu_is_timed_against_lru(tiny_stores):
     store = tiny_stores["qwen2_moe"]
     total = sum(x.full for x in expert_sizes(open_store(store)).values())
-    assert (
-        Scheduler(str(store), SchedulerConfig(budget=total, split=FULL, replan_every=8), Runner()).tuner
-        is None
-    )
-    assert Scheduler(str(store), SchedulerConfig(budget=total, split=PLAN), Runner()).tuner is None
+
+    def tuner(**kw):
+        return Scheduler(str(store), SchedulerConfig(budget=total, **kw), Runner()).tuner
+
+    assert tuner(split=FULL, popularity="lru", replan_every=8) is None
+    assert tuner(split=PLAN) is None
+    t = tuner(split=FULL, popularity="lfu", replan_every=8)
+    assert t.candidates == [("start-up plan", (FULL, "lfu")), ("full-only", (FULL, "lru"))]
 
 
 def test_a_full_hit_on_an_expert_the_re_plan_just_demoted_counts_as_a_full_hit(tiny_stores):

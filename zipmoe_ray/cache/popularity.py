@@ -15,47 +15,62 @@ DEFAULT_DECAY = 0.98  # per generation step
 
 
 class Popularity:
-    """Scores for keys; ``kind`` is ``lfu`` (decayed frequency, the default) or ``lru`` (last use)."""
+    """Scores for keys; ``kind`` is ``lfu`` (decayed frequency, the default) or ``lru`` (last use).
+
+    Both are kept up to date whatever the kind in use, so that the kind can change while running
+    (``set_kind``: the online re-planning times classic offloading, full experts in LRU order, against the
+    planned split); a change moves ``epoch`` on, since every order built on scores must be re-read."""
 
     def __init__(self, decay: float = DEFAULT_DECAY, kind: str = DEFAULT_POPULARITY):
         if not 0 < decay <= 1:
             raise ValueError(f"popularity decay must be in (0, 1], got {decay}")
-        if kind not in POPULARITY_KINDS:
-            raise ValueError(f"popularity kind must be lfu or lru, got {kind!r}")
+        _check_kind(kind)
         self.decay = decay
         self.kind = kind
         self._scale = 1.0
         self._step = 0
-        self._scores: dict = {}
-        self._unseen = -1.0 if kind == "lru" else 0.0  # the score of a key never seen
-        self.epoch = 0  # moves on when every score is rescaled at once (orders built on scores must re-read)
+        self._counts: dict = {}  # decayed token counts, in units of ``_scale``
+        self._last: dict = {}  # the step of last use
+        self.epoch = 0  # moves on when every score changes at once (orders built on scores must re-read)
+
+    def set_kind(self, kind: str) -> None:
+        """Rank by ``kind`` from now on (the history of both is kept)."""
+        _check_kind(kind)
+        if kind != self.kind:
+            self.kind = kind
+            self.epoch += 1
 
     def touch(self, key, tokens: int = 1) -> None:
-        if self.kind == "lru":
-            self._scores[key] = float(self._step)
-        else:
-            self._scores[key] = self._scores.get(key, 0.0) + tokens * self._scale
+        self._last[key] = float(self._step)
+        self._counts[key] = self._counts.get(key, 0.0) + tokens * self._scale
 
     def step(self) -> None:
-        """Advance time by one generation step (ages every score by ``decay``)."""
+        """Advance time by one generation step (ages every count by ``decay``)."""
         self._step += 1
-        if self.kind == "lfu" and self.decay < 1:
+        if self.decay < 1:
             self._scale /= self.decay
             if self._scale > 1e100:
-                for k in self._scores:
-                    self._scores[k] /= self._scale
+                for k in self._counts:
+                    self._counts[k] /= self._scale
                 self._scale = 1.0
-                self.epoch += 1
+                self.epoch += self.kind == "lfu"  # LRU's order is unchanged
 
     def score(self, key) -> float:
         """Comparable score (higher = more popular); 0 for keys never seen (-1 for LRU)."""
-        return self._scores.get(key, self._unseen)
+        if self.kind == "lru":
+            return self._last.get(key, -1.0)
+        return self._counts.get(key, 0.0)
 
     def seed(self, key, value: float) -> None:
-        """Set a prior score (e.g. from a trace) in current units."""
-        self._scores[key] = value * self._scale
+        """Set a prior count (e.g. from a trace) in current units; LRU's order knows no prior."""
+        self._counts[key] = value * self._scale
 
     def value(self, key) -> float:
         """The decayed token count in today's units (LFU) or the last step used (LRU)."""
         s = self.score(key)
         return s / self._scale if self.kind == "lfu" else s
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in POPULARITY_KINDS:
+        raise ValueError(f"popularity kind must be lfu or lru, got {kind!r}")

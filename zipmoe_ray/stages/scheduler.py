@@ -108,10 +108,13 @@ class Scheduler(Placement):
         self.cache = ExpertCache(
             self.sizes, config.budget, capacity, Popularity(config.decay, config.popularity)
         )
-        full_only = SplitRule(full=1.0, compressed=0.0, sm=0.0)
+        # online re-planning times the start-up plan against classic offloading: full experts only, in LRU
+        # order (consecutive tokens reuse experts, which recency exploits and a long frequency memory does not)
+        planned = (self.split, config.popularity)
+        classic = (SplitRule(full=1.0, compressed=0.0, sm=0.0), "lru")
         self.tuner = (
-            SplitTuner([("start-up plan", self.split), ("full-only", full_only)], every=config.replan_every)
-            if config.replan_every and self.split != full_only
+            SplitTuner([("start-up plan", planned), ("full-only", classic)], every=config.replan_every)
+            if config.replan_every and planned != classic
             else None
         )
         for key, p in (config.prior or {}).items():
@@ -167,6 +170,7 @@ class Scheduler(Placement):
     def plan_report(self) -> dict[str, Any]:
         return {
             "rule": self.split.describe(),
+            "popularity": self.cache.popularity.kind,
             "staging_reserve": self.reserve,
             "prefetch_aside": self.aside,
             "capacity": {f.label: c for f, c in self.cache.capacity.items()},
@@ -231,15 +235,18 @@ class Scheduler(Placement):
         online re-planning compares; ages popularity by one step. Does not block."""
         with self._lock:
             if timing is not None and self.tuner is not None:
-                rule = self.tuner.observe(float(timing[0]), int(timing[1]))
-                if rule is not None:
+                choice = self.tuner.observe(float(timing[0]), int(timing[1]))
+                if choice is not None:
+                    rule, popularity = choice
                     t = self.tuner
                     log.info(
-                        "online re-plan: %s (%s; last round's median decode step: %s)",
+                        "online re-plan: %s (%s, %s order; last round's median decode step: %s)",
                         t.name,
                         rule.describe(),
+                        popularity,
                         ", ".join(f"{n} {s * 1e3:.0f} ms" for n, s in t.scores.items()) or "timing",
                     )
+                    self.cache.set_popularity(popularity)
                     self.set_split(rule)
             self._used(used)
             self._release(released)
