@@ -191,6 +191,13 @@ def test_trace_plan_simulate_from_the_cli(tiny_stores, tmp_path, capsys):
         r = json.loads(out)
         assert rc == 0 and {"tpot_s", "lower_bound_tpot_s", "hit_rates", "bytes_read"} <= set(r)
         assert r["lower_bound_tpot_s"] <= r["tpot_s"]
+        assert r["replan"] is None  # off unless asked for
+    rc, out, _ = run(capsys, "simulate", "--trace", trace, "--store", store, "--memory-budget", "30%",
+                     "--replan-every", 4)  # fmt: skip
+    assert rc == 0 and "online re-planning:" in out and "in use at the end" in out
+    rc, _, err = run(capsys, "simulate", "--trace", trace, "--store", store, "--memory-budget", "30%",
+                     "--replan-every", -1)  # fmt: skip
+    assert rc == 1 and "replan_every must be" in err
     rc, out, _ = run(capsys, "plan", "--store", store, "--memory-budget", "30%")
     assert rc == 0 and "plan (global budget" in out
     rc, out, _ = run(

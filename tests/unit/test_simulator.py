@@ -136,3 +136,28 @@ def test_a_cpu_executor_pays_for_decoding_beside_it_and_plain_offloading_does_no
     assert simulate(w, budget, shared, "full-lru").tpot_s == simulate(w, budget, cpu, "full-lru").tpot_s
     with pytest.raises(ConfigError, match="executor_cores"):
         cpu.with_(executor_cores=3)
+
+
+def test_the_simulator_re_plans_online_like_the_engine_and_leaves_a_plan_too_slow_to_decode():
+    from zipmoe_ray.runtime.budget import minimum_budget
+    from zipmoe_ray.sim.simulator import choose_plan
+
+    w = workload(0.5, prompts=4, tokens=100)
+    budget = int(0.5 * w.expert_bytes)
+    plan = choose_plan(w, budget, ORIN, minimum_budget(w.sizes, w.top_k))
+    assert plan.counts()["compressed"] > 0 and plan.counts()["full"] == 0  # Orin decodes fast
+    # the same plan on a device whose cores decode 100x slower: every compressed hit is a slow decode,
+    # and timing it against full-only (which decodes only its misses) leaves it
+    slow = ORIN.with_(decompress_gbps_per_core=ORIN.decompress_gbps_per_core / 100,
+                      recombine_gbps_per_core=ORIN.recombine_gbps_per_core / 100)  # fmt: skip
+    fixed = simulate(w, budget, slow, "zipmoe", plan=plan)
+    tuned = simulate(w, budget, slow, "zipmoe", plan=plan, replan_every=256)
+    assert fixed.replan is None and fixed.split["compressed"] > 0
+    assert tuned.replan["in_use"] == "full-only" and tuned.replan["rounds"] >= 1
+    assert tuned.replan["step_s"]["full-only"] < tuned.replan["step_s"]["start-up plan"]
+    assert tuned.split == {"full": 1.0, "compressed": 0.0, "sm": 0.0}
+    assert tuned.tpot_s < fixed.tpot_s
+    # on the device the plan was made for, the same rounds keep it: it is the faster there
+    kept = simulate(w, budget, ORIN, "zipmoe", plan=plan, replan_every=256)
+    assert kept.replan["in_use"] == "start-up plan" and kept.replan["rounds"] >= 1
+    assert kept.split == fixed.split

@@ -62,6 +62,15 @@ def add_plan_commands(sub) -> None:
                 "--policy", default="zipmoe", choices=SIM_POLICIES, help="the cache policy to simulate"
             )
             p.add_argument("--plan", help="use this plan (policy zipmoe) instead of planning")
+            p.add_argument(
+                "--replan-every",
+                type=int,
+                default=0,
+                metavar="N",
+                help="policy zipmoe: re-plan online as the engine does (`generate --replan-every`, default "
+                "256 there), timing the plan against full-only every N simulated decode steps (default 0: "
+                "the plan throughout)",
+            )
         p.add_argument(
             "--memory-budget", required=True, help="bytes (1.5GiB) or a share of the expert bytes (25%%)"
         )
@@ -235,7 +244,7 @@ def cmd_simulate(args) -> int:
     from .progress import TqdmProgress
 
     with TqdmProgress("simulate", quiet=len(w.steps) < 2000, unit="step") as bar:
-        r = simulate(w, budget, profile, args.policy, plan=plan, progress=bar)
+        r = simulate(w, budget, profile, args.policy, plan=plan, progress=bar, replan_every=args.replan_every)
     if args.json:
         print(json.dumps(r.to_json(), indent=2))
         return 0
@@ -246,4 +255,8 @@ def cmd_simulate(args) -> int:
         f"hits full {h.get('full', 0):.0%} compressed {h.get('compressed', 0):.0%} sm {h.get('sm', 0):.0%}, disk "
         f"{h.get('disk', 0):.0%}; read {r.bytes_read_per_step / 1e6:.1f} MB/step; I/O busy {r.io_utilisation:.0%}"
     )
+    if r.replan:
+        steps = ", ".join(f"{n} {v * 1e3:.1f} ms" for n, v in r.replan["step_s"].items())
+        said = f"last round's median step: {steps}" if steps else "no round completed: too few steps"
+        print(f"online re-planning: {r.replan['in_use']} in use at the end ({said})")
     return 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from operator import itemgetter
 from typing import Any
 
@@ -70,6 +70,7 @@ class SimResult:
     split: dict[str, float]
     plan: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    replan: dict[str, Any] | None = None  # online re-planning, as the engine's stats()["replan"]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -270,6 +271,7 @@ def simulate(
     bound: bool = True,
     progress=None,
     decay: float | None = None,
+    replan_every: int = 0,
 ) -> SimResult:
     """Replay ``workload`` (plan.workload.Workload; its steps are the decode steps, its batch the batch size)
     under ``policy`` with ``budget`` bytes on ``profile``. With ``warm_start`` the first ``WARM_STEPS``
@@ -277,8 +279,15 @@ def simulate(
     steady state, not on cold misses; without it, steps before ``measure_from`` warm the cache and are not
     measured (replaying a recorded warm-up). ``bound=False`` skips the lower bounds (NaN; the planner's
     trial replays do not need them). ``progress`` (store.Progress: ``start(total, 0)``, ``advance(n, 0)``)
-    hears of every replayed step. ``decay`` overrides the LFU popularity decay (see policy_setup). Blocks."""
+    hears of every replayed step. ``decay`` overrides the LFU popularity decay (see policy_setup).
+    ``replan_every`` > 0 (zipmoe only): re-plan online as the engine does (schedule/split_tuner.py), the
+    Scheduler timing each candidate on the simulated decode steps; its report is ``SimResult.replan``, and
+    ``split`` is then the split in use at the end. Blocks."""
+    if isinstance(replan_every, bool) or not isinstance(replan_every, int) or replan_every < 0:
+        raise ConfigError(f"replan_every must be a whole number of decode steps (0: off), got {replan_every!r}")
     ps = policy_setup(workload, policy, budget, profile, plan=plan, decay=decay)
+    if replan_every and policy == "zipmoe":
+        ps.config = replace(ps.config, replan_every=replan_every)
     sizes, split, plan = ps.sizes, ps.config.split, ps.plan
     costs = profile.costs()
     runner = SimRunner.on_profile(sizes, profile, costs)
@@ -318,7 +327,7 @@ def simulate(
             t = runner.compute(t_exec, non_layer)
         t = runner.compute(t, non_token)
         runner.now = t
-        sched.step(notes, released)
+        sched.step(notes, released, timing=(t - t0, workload.batch))
         notes, released = [], []
         if i >= first:
             step_times.append(t - t0)
@@ -328,6 +337,7 @@ def simulate(
     st = sched.stats()
     lb = pending.result() if pending is not None else {"tpot_s": float("nan"), "offline_tpot_s": float("nan")}
     tpot = sum(step_times) / len(step_times)
+    split = sched.split
     return SimResult(
         policy=policy,
         budget=budget,
@@ -351,4 +361,5 @@ def simulate(
         }
         if plan is not None
         else None,
+        replan=st.get("replan"),
     )
