@@ -10,6 +10,7 @@ of their inputs, so a killed decompressor costs time, never correctness.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,24 @@ def seeing_gpus(runtime_env: dict | None) -> dict:
     return env
 
 
+# How long an idle OpenMP worker of the executor spins before it sleeps (GNU OpenMP's GOMP_SPINCOUNT, in
+# spin iterations). With the executor's torch work on one thread (stages/compute_thread.py) libgomp's own
+# default applies, 300,000: its workers then spin ~ms after every kernel, also while the executor waits for
+# experts, taking the cores the decode lanes need (zstd store at 25%, 2 GB/s: TPOT +6%). This much
+# bridges the gaps between a layer's kernels and sleeps through a wait (README, "the all-hit Ray overhead").
+EXECUTOR_SPINCOUNT = "30000"
+
+
+def executor_env(runtime_env: dict | None) -> dict:
+    """The executor actor's runtime_env: ``runtime_env`` (the caller's) seeing the GPUs, with the OpenMP
+    spin count above unless the caller's, or this process's, environment sets a wait policy."""
+    env = seeing_gpus(runtime_env)
+    mine = env["env_vars"]
+    if not any(k in mine or k in os.environ for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")):
+        env["env_vars"] = {**mine, "GOMP_SPINCOUNT": EXECUTOR_SPINCOUNT}
+    return env
+
+
 def _opts(resources: dict[str, float] | None, name: str | None = None, **extra) -> dict:
     o = dict(extra)
     if resources:
@@ -142,9 +161,16 @@ def start_executor(
     """Start an Executor actor (the model on ``device``) whose MoE layers fetch experts via ``scheduler``
     (or through ``transport``, which in a cluster also reaches the other nodes' ExpertHosts)."""
     cls = actor_classes()["Executor"]
-    ray_options["runtime_env"] = seeing_gpus(ray_options.get("runtime_env"))
+    ray_options["runtime_env"] = executor_env(ray_options.get("runtime_env"))
     return cls.options(**_opts(resources, **ray_options)).remote(
-        store_path, transport or RayTransport(scheduler), device, dtype, torch_threads, timeline, prefetch
+        store_path,
+        transport or RayTransport(scheduler),
+        device,
+        dtype,
+        torch_threads,
+        timeline,
+        prefetch,
+        True,  # own_thread: the actor's calls arrive on a pool of threads (stages/compute_thread.py)
     )
 
 

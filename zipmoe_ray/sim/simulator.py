@@ -284,7 +284,9 @@ def simulate(
     Scheduler timing each candidate on the simulated decode steps; its report is ``SimResult.replan``, and
     ``split`` is then the split in use at the end. Blocks."""
     if isinstance(replan_every, bool) or not isinstance(replan_every, int) or replan_every < 0:
-        raise ConfigError(f"replan_every must be a whole number of decode steps (0: off), got {replan_every!r}")
+        raise ConfigError(
+            f"replan_every must be a whole number of decode steps (0: off), got {replan_every!r}"
+        )
     ps = policy_setup(workload, policy, budget, profile, plan=plan, decay=decay)
     if replan_every and policy == "zipmoe":
         ps.config = replace(ps.config, replan_every=replan_every)

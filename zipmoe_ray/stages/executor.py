@@ -21,6 +21,7 @@ from ..errors import ConfigError, ZipMoEError
 from ..models.registry import get_arch
 from ..store import open_store
 from .client import ExpertClient
+from .compute_thread import ComputeThread
 from .model_loader import load_model
 
 __all__ = ["Executor", "GenerateRequest", "GenerateResult", "default_device"]
@@ -132,18 +133,21 @@ class Executor:
         torch_threads: int | None = None,
         timeline: bool = False,
         prefetch: bool = True,
+        own_thread: bool = False,
     ):
         """``timeline``: record every MoE layer's events (see :meth:`timeline`); ``prefetch``: each MoE
-        layer has the next one's predicted experts fetched ahead (stages/client.py)."""
+        layer has the next one's predicted experts fetched ahead (stages/client.py); ``own_thread``: load
+        the model and run every generation on one thread of the executor's own, whatever thread calls
+        (the Ray actor's calls arrive on a pool of threads: see stages/compute_thread.py)."""
         from transformers import GenerationConfig  # noqa: F401  (import early: fail fast if missing)
 
-        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self._compute = ComputeThread("zipmoe-executor") if own_thread else None
         self.device = device or default_device()
         self.store = open_store(store_path)
         self.spec = get_arch(self.store.model_type)
         self.client = ExpertClient(transport, self.store, self.device, timeline, prefetch)
         t0 = time.perf_counter()
-        self.model, self.moe_layers = load_model(self.store, self.client, device=self.device, dtype=dtype)
+        self.model, self.moe_layers = self._on_compute(self._load, torch_threads, dtype)
         self.load_s = time.perf_counter() - t0
         gc = self.model.generation_config
         self.pad_id = gc.pad_token_id if gc.pad_token_id is not None else self.model.config.pad_token_id
@@ -155,6 +159,13 @@ class Executor:
         self._cancel_lock = threading.Lock()
         self._cancels: dict[str, set[int]] = {}  # batch_id -> rows to stop (see cancel)
         self._ended: deque[str] = deque(maxlen=256)  # batch ids that finished: later cancels are ignored
+
+    def _on_compute(self, fn, *args):
+        return self._compute.call(fn, *args) if self._compute is not None else fn(*args)
+
+    def _load(self, torch_threads: int | None, dtype):
+        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        return load_model(self.store, self.client, device=self.device, dtype=dtype)
 
     # -- generation --------------------------------------------------------------------------------------
     def _inputs(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -238,7 +249,7 @@ class Executor:
 
     def generate(self, req: GenerateRequest) -> GenerateResult:
         """Generate for a batch of token-id prompts; blocks until done."""
-        return self._run(req, None)
+        return self._on_compute(self._run, req, None)
 
     def cancel(self, batch_id: str, rows: list[int]) -> None:
         """Stop ``rows`` of the generation named ``batch_id`` (GenerateRequest.batch_id) after the step that
@@ -263,14 +274,20 @@ class Executor:
             finally:
                 sink.put(("end", None))
 
-        th = threading.Thread(target=work, name="zipmoe-generate", daemon=True)
-        th.start()
+        if self._compute is not None:
+            done = self._compute.submit(work)
+        else:
+            th = threading.Thread(target=work, name="zipmoe-generate", daemon=True)
+            th.start()
         while True:
             kind, value = sink.get()
             if kind == "end":
                 break
             yield kind, value
-        th.join()
+        if self._compute is not None:
+            done.result()
+        else:
+            th.join()
         if "error" in box:
             raise box["error"]
         yield "result", box["result"]
