@@ -108,13 +108,18 @@ class Scheduler(Placement):
         self.cache = ExpertCache(
             self.sizes, config.budget, capacity, Popularity(config.decay, config.popularity)
         )
-        # online re-planning times the start-up plan against classic offloading: full experts only, in LRU
-        # order (consecutive tokens reuse experts, which recency exploits and a long frequency memory does not)
-        planned = (self.split, config.popularity)
-        classic = (SplitRule(full=1.0, compressed=0.0, sm=0.0), "lru")
+        # online re-planning times the start-up plan against classic offloading (full experts only) in both
+        # orders: LRU exploits consecutive tokens reusing experts (batch 1, near-uniform routing), the
+        # decayed count a skewed popularity (a batch of 8 on a model's own routing touches most experts in
+        # a step, and recency then forgets the popular ones). LRU last: a round that keeps it ends in it.
+        full = SplitRule(full=1.0, compressed=0.0, sm=0.0)
+        candidates = [("start-up plan", (self.split, config.popularity))]
+        for name, setting in (("full-only-lfu", (full, "lfu")), ("full-only", (full, "lru"))):
+            if setting != candidates[0][1]:
+                candidates.append((name, setting))
         self.tuner = (
-            SplitTuner([("start-up plan", planned), ("full-only", classic)], every=config.replan_every)
-            if config.replan_every and planned != classic
+            SplitTuner(candidates, every=config.replan_every)
+            if config.replan_every and len(candidates) > 1
             else None
         )
         for key, p in (config.prior or {}).items():
