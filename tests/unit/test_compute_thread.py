@@ -29,7 +29,11 @@ def test_calls_from_many_threads_all_run_on_the_one_thread_in_order():
     assert seen == {"t-compute"} and sorted(order) == list(range(8))
     futs = [ct.submit(job, i) for i in range(8, 12)]
     assert [f.result(10) for f in futs] == [64, 81, 100, 121] and order[-4:] == [8, 9, 10, 11]
-    ct.stop()
+    last = ct.submit(job, 12)
+    ct.stop()  # the thread ends once what was submitted before is done (a stream's thread of its own)
+    assert last.result(10) == 144
+    ct._thread.join(10)
+    assert not ct._thread.is_alive()
 
 
 def test_an_error_reaches_the_caller_and_the_thread_goes_on():

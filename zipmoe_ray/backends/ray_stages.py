@@ -92,9 +92,10 @@ def seeing_gpus(runtime_env: dict | None) -> dict:
 
 # How long an idle OpenMP worker of the executor spins before it sleeps (GNU OpenMP's GOMP_SPINCOUNT, in
 # spin iterations). With the executor's torch work on one thread (stages/compute_thread.py) libgomp's own
-# default applies, 300,000: its workers then spin ~ms after every kernel, also while the executor waits for
-# experts, taking the cores the decode lanes need (zstd store at 25%, 2 GB/s: TPOT +6%). This much
-# bridges the gaps between a layer's kernels and sleeps through a wait (README, "the all-hit Ray overhead").
+# default applies, 300,000: its workers then spin long after every kernel, also while the executor waits
+# for experts, taking the cores the decode lanes need (zstd store at 25%, 2 GB/s: 7.7-7.9 executor
+# CPU-seconds per run against 6.4-6.8 with this and 5.4-5.6 before; TPOT moved within noise). README,
+# "the all-hit Ray overhead".
 EXECUTOR_SPINCOUNT = "30000"
 
 

@@ -18,8 +18,8 @@ class Popularity:
     """Scores for keys; ``kind`` is ``lfu`` (decayed frequency, the default) or ``lru`` (last use).
 
     Both are kept up to date whatever the kind in use, so that the kind can change while running
-    (``set_kind``: the online re-planning times classic offloading, full experts in LRU order, against the
-    planned split); a change moves ``epoch`` on, since every order built on scores must be re-read."""
+    (``set_kind``: the online re-planning times classic offloading in both orders against the planned
+    split); a change moves ``epoch`` on, since every order built on scores must be re-read."""
 
     def __init__(self, decay: float = DEFAULT_DECAY, kind: str = DEFAULT_POPULARITY):
         if not 0 < decay <= 1:

@@ -290,7 +290,7 @@ def simulate(
     ps = policy_setup(workload, policy, budget, profile, plan=plan, decay=decay)
     if replan_every and policy == "zipmoe":
         ps.config = replace(ps.config, replan_every=replan_every)
-    sizes, split, plan = ps.sizes, ps.config.split, ps.plan
+    sizes, plan = ps.sizes, ps.plan
     costs = profile.costs()
     runner = SimRunner.on_profile(sizes, profile, costs)
     sched = Scheduler(ps.layout, ps.config, runner, costs)

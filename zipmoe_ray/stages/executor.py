@@ -274,20 +274,16 @@ class Executor:
             finally:
                 sink.put(("end", None))
 
-        if self._compute is not None:
-            done = self._compute.submit(work)
-        else:
-            th = threading.Thread(target=work, name="zipmoe-generate", daemon=True)
-            th.start()
+        runner = self._compute or ComputeThread("zipmoe-generate")
+        done = runner.submit(work)
+        if runner is not self._compute:
+            runner.stop()  # a thread for this stream alone: it ends with the generation
         while True:
             kind, value = sink.get()
             if kind == "end":
                 break
             yield kind, value
-        if self._compute is not None:
-            done.result()
-        else:
-            th.join()
+        done.result()
         if "error" in box:
             raise box["error"]
         yield "result", box["result"]
