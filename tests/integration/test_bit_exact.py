@@ -102,7 +102,7 @@ def test_online_re_planning_changes_forms_mid_generation_and_stays_bit_exact(
     assert all(torch.equal(out.logits[i], ref_logits[i][0]) for i in range(len(ref_logits)))
     r = s["replan"]
     assert r["changes"] >= 2 and r["rounds"] >= 1, r  # to full-only and back at least once
-    assert set(r["step_s"]) == {"start-up plan", "full-only-lfu", "full-only"}
+    assert set(r["step_s"]) == {"start-up plan", "full-only"}
     assert s["peak_cache_bytes"] <= s["budget"]
 
 

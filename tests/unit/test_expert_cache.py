@@ -100,25 +100,17 @@ def test_lru_popularity_is_recency():
     assert p.score("b") > p.score("a")
 
 
-def test_the_popularity_order_can_change_while_running_and_the_cache_follows_it():
-    sizes = {(0, e): ExpertSizes(100, 68, 18, 50) for e in range(3)}
-    c = ExpertCache(sizes, 1000, {Form.FULL: 200, Form.COMPRESSED: 0, Form.SM: 0}, Popularity(0.9))
-    c.touch((0, 0), 50)  # used by many tokens once (a prefill), then never again
-    c.admit((0, 0), Form.FULL)
-    c.step()
-    c.touch((0, 1), 1)
-    c.admit((0, 1), Form.FULL)
-    c.step()
-    # LFU keeps the heavy expert: the recent one, used by one token, is the coldest
-    assert c.popularity.score((0, 1)) < c.popularity.score((0, 0))
-    c.set_popularity("lru")
-    c.touch((0, 2), 1)
-    c.admit((0, 2), Form.FULL)  # recency now: the expert used longest ago makes room
-    assert c.form((0, 0)) == Form.DISK and c.form((0, 1)) == Form.FULL and c.form((0, 2)) == Form.FULL
-    c.set_popularity("lfu")  # and back: the counts kept aging meanwhile
-    assert c.popularity.value((0, 0)) == pytest.approx(50 * 0.9**2)
-    with pytest.raises(ValueError, match="lfu or lru"):
-        c.set_popularity("mru")
+def test_the_default_memory_is_short_but_counts_tokens():
+    p = Popularity()  # the default decay: a half-life of about three steps
+    p.touch("prefill", 32)  # a prompt's heavy expert, never used again
+    p.step()
+    for _ in range(12):
+        p.touch("reused", 1)  # what consecutive decode tokens reuse (recency exploits it)
+        p.step()
+    assert p.score("reused") > p.score("prefill")
+    p.touch("busy", 6)  # used by most rows of a batch this step
+    p.touch("once", 1)  # by one row, later in the same step
+    assert p.score("busy") > p.score("once")  # unlike recency, a batch's popular experts stay ahead
 
 
 def test_random_operations_never_exceed_the_budget():

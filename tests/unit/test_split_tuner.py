@@ -171,23 +171,20 @@ def test_the_scheduler_re_plans_from_decode_step_times_and_reports_it(tiny_store
     for _ in range(9):
         sched.step(timing=(0.5, 1))
     assert sched.split == FULL  # now timing full-only: compressed and SM room is gone
-    assert sched.stats()["plan"]["popularity"] == "lfu"  # classic offloading, first in LFU order
+    assert sched.stats()["plan"]["popularity"] == "lfu"  # in the cache's own order
     assert not sched.cache.members(Form.COMPRESSED) and not sched.cache.members(Form.SM)
     assert sched.cache.held <= sched.cache.budget
-    for _ in range(9):
-        sched.step(timing=(0.3, 1))
-    assert sched.split == FULL and sched.stats()["plan"]["popularity"] == "lru"  # then in LRU order
     for _ in range(9):
         sched.step(timing=(0.2, 1))
     r = sched.stats()["replan"]
     assert r["in_use"] == "full-only" and r["rounds"] == 1
-    assert r["step_s"] == {"start-up plan": 0.5, "full-only-lfu": 0.3, "full-only": 0.2}
+    assert r["step_s"] == {"start-up plan": 0.5, "full-only": 0.2}
     assert sched.stats()["plan"]["rule"] == FULL.describe()
     sched.step()  # a prefill step (no timing) is not a sample
     assert sched.tuner._held == 0
 
 
-def test_the_tuner_times_classic_offloading_in_both_orders_and_none_when_off(tiny_stores):
+def test_no_tuner_for_classic_offloading_or_when_off(tiny_stores):
     store = tiny_stores["qwen2_moe"]
     total = sum(x.full for x in expert_sizes(open_store(store)).values())
 
@@ -195,15 +192,9 @@ def test_the_tuner_times_classic_offloading_in_both_orders_and_none_when_off(tin
         return Scheduler(str(store), SchedulerConfig(budget=total // 2, **kw), Runner()).tuner
 
     assert tuner(split=PLAN) is None  # off (replan_every 0)
-    t = tuner(split=PLAN, popularity="lfu", replan_every=8)
-    assert t.candidates == [
-        ("start-up plan", (PLAN, "lfu")),
-        ("full-only-lfu", (FULL, "lfu")),
-        ("full-only", (FULL, "lru")),  # last: a round that keeps it ends in it
-    ]
-    # a start-up plan that is already one of them is not timed twice
-    t = tuner(split=FULL, popularity="lru", replan_every=8)
-    assert t.candidates == [("start-up plan", (FULL, "lru")), ("full-only-lfu", (FULL, "lfu"))]
+    assert tuner(split=FULL, replan_every=8) is None  # the start-up plan already is classic offloading
+    t = tuner(split=PLAN, popularity="lru", replan_every=8)
+    assert t.candidates == [("start-up plan", PLAN), ("full-only", FULL)]
 
 
 def test_a_full_hit_on_an_expert_the_re_plan_just_demoted_counts_as_a_full_hit(tiny_stores):

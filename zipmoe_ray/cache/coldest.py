@@ -7,9 +7,9 @@ invalidated lazily: a key's version moves on whenever it leaves or enters a form
 (every touch pushes a fresh entry), and stale entries are dropped when they reach the top. A search pops
 what it needs (its victims, plus the pinned and the stale entries it meets) and puts back what stays, so
 it costs O((victims + pinned + stale) log n), with stale entries paid for once by the pushes that made
-them. When popularity renormalises its scale (every ~10,000 steps with decay 0.98) every stored score is
+them. When popularity renormalises its scale (every ~1,000 steps with decay 0.8) every stored score is
 stale at once and the heaps are rebuilt; a heap that has grown to more than twice its live entries is
-compacted. Both are O(n) but amortised over at least n pushes or thousands of steps.
+compacted. Both are O(n) but amortised over at least n pushes or about a thousand steps.
 """
 
 from __future__ import annotations

@@ -167,19 +167,10 @@ class ExpertCache:
         """Age popularity by one generation step."""
         with self._lock:
             self.popularity.step()
-            self._reorder()
-
-    def set_popularity(self, kind: str) -> None:
-        """Rank experts by ``kind`` (``lfu`` or ``lru``, see Popularity) from now on."""
-        with self._lock:
-            self.popularity.set_kind(kind)
-            self._reorder()
-
-    def _reorder(self) -> None:
-        if self.popularity.epoch != self._epoch:  # every score changed at once: re-order every form
-            self._epoch = self.popularity.epoch
-            for order in self._members.values():
-                order.rebuild()
+            if self.popularity.epoch != self._epoch:  # every score was rescaled: re-order every form
+                self._epoch = self.popularity.epoch
+                for order in self._members.values():
+                    order.rebuild()
 
     # -- moving between forms ----------------------------------------------------------------------------
     def _set_form(self, key: Key, form: Form, payload: Any = None) -> None:

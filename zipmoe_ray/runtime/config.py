@@ -164,7 +164,7 @@ class EngineConfig:
         default=256,
         metadata=_cli(
             "re-plan the split between cache forms online every N decode steps: time the planned split "
-            "and full-only (in LFU and in LRU order) for a few steps each while generating and keep the "
+            "and full-only for a few steps each while generating and keep the "
             "fastest (0: keep the start-up plan; applies to the zipmoe policy on one node)",
             parse=int,
             metavar="N",

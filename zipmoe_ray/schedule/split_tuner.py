@@ -4,7 +4,7 @@ The start-up plan prices decoding with lane rates calibrated on an idle machine.
 shared cores the lanes run slower, and every decode takes cores from the model's own compute; on a 2-core
 CPU box a cache of compressed experts can lose to plain full-BF16 offloading for that reason alone. So the
 engine measures instead of trusting the model: each round it runs every candidate (the start-up plan, and
-classic offloading: full experts only in LRU order, always among them) for a few decode steps, lets the cache
+classic offloading's split, full experts only, always among them) for a few decode steps, lets the cache
 settle into it, times the steps that follow, and keeps the candidate whose median step was the shortest.
 The split in use stays unless another is faster by more than ``MARGIN``. A round starts at once and then
 every ``every`` decode steps, so a change of workload (another prompt mix, batch size) is seen.
@@ -13,7 +13,7 @@ Only decode steps count (a prefill's length says nothing about the split), and o
 size are compared within a round: when the batch size changes, the round restarts from the split in use.
 Each step is one sample; nothing here reads a clock or touches the cache: the Scheduler feeds it the step
 times the executor measured and applies the setting it returns (a candidate's setting is opaque here: the
-Scheduler's are (SplitRule, popularity order), applied by ExpertCache.set_popularity and Scheduler.set_split).
+Scheduler's are SplitRules, applied by Scheduler.set_split).
 """
 
 from __future__ import annotations

@@ -108,18 +108,13 @@ class Scheduler(Placement):
         self.cache = ExpertCache(
             self.sizes, config.budget, capacity, Popularity(config.decay, config.popularity)
         )
-        # online re-planning times the start-up plan against classic offloading (full experts only) in both
-        # orders: LRU exploits consecutive tokens reusing experts (batch 1, near-uniform routing), the
-        # decayed count a skewed popularity (a batch of 8 on a model's own routing touches most experts in
-        # a step, and recency then forgets the popular ones). LRU last: a round that keeps it ends in it.
-        full = SplitRule(full=1.0, compressed=0.0, sm=0.0)
-        candidates = [("start-up plan", (self.split, config.popularity))]
-        for name, setting in (("full-only-lfu", (full, "lfu")), ("full-only", (full, "lru"))):
-            if setting != candidates[0][1]:
-                candidates.append((name, setting))
+        # online re-planning times the start-up plan against classic offloading (full experts only) in the
+        # cache's own order; the short default memory of that order is what serves batch 1 and batch 8 alike
+        # (cache/popularity.py), so the order is not a candidate of its own
+        full_only = SplitRule(full=1.0, compressed=0.0, sm=0.0)
         self.tuner = (
-            SplitTuner(candidates, every=config.replan_every)
-            if config.replan_every and len(candidates) > 1
+            SplitTuner([("start-up plan", self.split), ("full-only", full_only)], every=config.replan_every)
+            if config.replan_every and self.split != full_only
             else None
         )
         for key, p in (config.prior or {}).items():
@@ -242,17 +237,14 @@ class Scheduler(Placement):
             if timing is not None and self.tuner is not None:
                 choice = self.tuner.observe(float(timing[0]), int(timing[1]))
                 if choice is not None:
-                    rule, popularity = choice
                     t = self.tuner
                     log.info(
-                        "online re-plan: %s (%s, %s order; last round's median decode step: %s)",
+                        "online re-plan: %s (%s; last round's median decode step: %s)",
                         t.name,
-                        rule.describe(),
-                        popularity,
+                        choice.describe(),
                         ", ".join(f"{n} {s * 1e3:.0f} ms" for n, s in t.scores.items()) or "timing",
                     )
-                    self.cache.set_popularity(popularity)
-                    self.set_split(rule)
+                    self.set_split(choice)
             self._used(used)
             self._release(released)
             for layer, e, tokens in hits:
