@@ -1,7 +1,7 @@
 """What does a disk miss cost, with and without compression, on each backend, in steady state?
 
-Runs our engine with full BF16 experts only and LRU (classic expert offloading's cache, and the split the
-online re-planning keeps on a 2-core CPU machine) over the uncompressed store ("raw": a miss is read and
+Runs our engine with full BF16 experts only and LRU (classic expert offloading's cache; the split the
+online re-planning keeps on a 2-core CPU machine, which ranks by its own popularity, LFU by default) over the uncompressed store ("raw": a miss is read and
 used as is) and over the zipmoe store ("zstd": a miss is read compressed and decoded), on the local and the
 Ray backends, with re-planning off so that nothing but the cache changes between steps. The Qwen1.5-MoE
 preset with 4 MoE layers (routing skew 0), page cache bypassed, SSD emulated by the engine's own limiter

@@ -259,4 +259,8 @@ def cmd_simulate(args) -> int:
         steps = ", ".join(f"{n} {v * 1e3:.1f} ms" for n, v in r.replan["step_s"].items())
         said = f"last round's median step: {steps}" if steps else "no round completed: too few steps"
         print(f"online re-planning: {r.replan['in_use']} in use at the end ({said})")
+    elif args.replan_every and args.policy == "zipmoe":
+        print(
+            "online re-planning: nothing to time, the start-up plan already is full-only (classic offloading)"
+        )
     return 0

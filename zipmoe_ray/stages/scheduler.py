@@ -109,8 +109,8 @@ class Scheduler(Placement):
             self.sizes, config.budget, capacity, Popularity(config.decay, config.popularity)
         )
         # online re-planning times the start-up plan against classic offloading (full experts only) in the
-        # cache's own order; the short default memory of that order is what serves batch 1 and batch 8 alike
-        # (cache/popularity.py), so the order is not a candidate of its own
+        # cache's own order; the order is not a candidate of its own (the default, a short LFU memory, ranks
+        # well at batch 1 and batch 8: cache/popularity.py)
         full_only = SplitRule(full=1.0, compressed=0.0, sm=0.0)
         self.tuner = (
             SplitTuner([("start-up plan", self.split), ("full-only", full_only)], every=config.replan_every)
