@@ -36,7 +36,7 @@ SYSTEMS = {  # name -> (store codec, backend)
 }
 
 
-def cpu_seconds() -> dict[int, tuple[str, float, int]]:
+def process_usage() -> dict[int, tuple[str, float, int]]:
     """CPU seconds (user + system) and minor page faults (Linux; 0 elsewhere) of every process of this user,
     by pid, with a short name."""
     import psutil
@@ -91,11 +91,11 @@ def run(store, backend: str, args, warm, prompt) -> dict:
     ) as engine:
         engine.generate([warm], args.warm_tokens)
         engine.reset_stats()
-        before = cpu_seconds()
+        before = process_usage()
         t = time.perf_counter()
         out = engine.generate([prompt], args.new_tokens)
         wall = time.perf_counter() - t
-        after = cpu_seconds()
+        after = process_usage()
         s = engine.stats()
         events = engine.timeline()
     used: dict[str, float] = {}

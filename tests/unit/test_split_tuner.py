@@ -171,7 +171,6 @@ def test_the_scheduler_re_plans_from_decode_step_times_and_reports_it(tiny_store
     for _ in range(9):
         sched.step(timing=(0.5, 1))
     assert sched.split == FULL  # now timing full-only: compressed and SM room is gone
-    assert sched.stats()["plan"]["popularity"] == "lfu"  # in the cache's own order
     assert not sched.cache.members(Form.COMPRESSED) and not sched.cache.members(Form.SM)
     assert sched.cache.held <= sched.cache.budget
     for _ in range(9):

@@ -19,9 +19,16 @@ from ..errors import ConfigError
 from ..store.io import READ_MODES, ReadOptions
 from .sizes import parse_bandwidth
 
-__all__ = ["BACKENDS", "CliOption", "EngineConfig", "parse_address"]
+__all__ = ["BACKENDS", "CliOption", "EngineConfig", "check_replan_every", "parse_address"]
 
 BACKENDS = ("ray", "local")
+
+
+def check_replan_every(value) -> None:
+    """Raises ConfigError unless ``value`` is a whole number of decode steps (0: no online re-planning);
+    the engine's config and the simulator take the same setting."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"replan_every must be a whole number of decode steps (0: off), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -213,14 +220,7 @@ class EngineConfig:
             raise ConfigError(
                 f"connect_timeout must be a positive number of seconds, got {self.connect_timeout!r}"
             )
-        if (
-            not isinstance(self.replan_every, int)
-            or isinstance(self.replan_every, bool)
-            or self.replan_every < 0
-        ):
-            raise ConfigError(
-                f"replan_every must be a whole number of decode steps (0: off), got {self.replan_every!r}"
-            )
+        check_replan_every(self.replan_every)
         for name in ("num_decompressors", "torch_threads"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

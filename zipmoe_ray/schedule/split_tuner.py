@@ -12,15 +12,15 @@ every ``every`` decode steps, so a change of workload (another prompt mix, batch
 Only decode steps count (a prefill's length says nothing about the split), and only steps of one batch
 size are compared within a round: when the batch size changes, the round restarts from the split in use.
 Each step is one sample; nothing here reads a clock or touches the cache: the Scheduler feeds it the step
-times the executor measured and applies the setting it returns (a candidate's setting is opaque here: the
-Scheduler's are SplitRules, applied by Scheduler.set_split).
+times the executor measured and applies the split it returns (Scheduler.set_split).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Any
+
+from ..cache.split import SplitRule
 
 __all__ = ["MARGIN", "SETTLE_STEPS", "WINDOW_STEPS", "SplitTuner"]
 
@@ -31,10 +31,10 @@ MARGIN = 0.05  # another candidate must be this much faster than the split in us
 
 @dataclass
 class SplitTuner:
-    """Chooses among ``candidates`` ((name, setting), the start-up one first) by measured step time.
+    """Chooses among ``candidates`` ((name, SplitRule), the start-up split first) by measured step time.
     ``every``: decode steps between rounds (the first round starts at once)."""
 
-    candidates: list[tuple[str, Any]]
+    candidates: list[tuple[str, SplitRule]]
     every: int = 256
     settle: int = SETTLE_STEPS
     window: int = WINDOW_STEPS
@@ -74,14 +74,14 @@ class SplitTuner:
         self._round, self._samples, self._rows, self._seen = {}, [], None, 0
         self._settle_now = 0 if warm else self.settle
 
-    def observe(self, seconds: float, rows: int = 1) -> Any | None:
-        """One decode step of ``rows`` sequences took ``seconds``; returns the setting to switch to now, or
+    def observe(self, seconds: float, rows: int = 1) -> SplitRule | None:
+        """One decode step of ``rows`` sequences took ``seconds``; returns the split to switch to now, or
         None to keep the one in use."""
         rule = self._observe(seconds, rows)
         self.changes += rule is not None
         return rule
 
-    def _observe(self, seconds: float, rows: int) -> Any | None:
+    def _observe(self, seconds: float, rows: int) -> SplitRule | None:
         if not self._queue:
             self._held += 1
             if self._held < self.every:
@@ -108,7 +108,7 @@ class SplitTuner:
             return self.candidates[self.current][1]
         return self._decide()
 
-    def _decide(self) -> Any | None:
+    def _decide(self) -> SplitRule | None:
         r = self._round
         self.rounds += 1
         self.scores = {self.candidates[i][0]: s for i, s in sorted(r.items())}

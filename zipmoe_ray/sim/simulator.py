@@ -31,6 +31,7 @@ from ..cache.popularity import DEFAULT_DECAY
 from ..cache.split import SplitRule
 from ..errors import ConfigError
 from ..runtime.budget import minimum_budget
+from ..runtime.config import check_replan_every
 from ..stages.scheduler import Scheduler, SchedulerConfig
 from . import background
 from .bound import executor_rates, lower_bound
@@ -283,10 +284,7 @@ def simulate(
     ``replan_every`` > 0 (zipmoe only): re-plan online as the engine does (schedule/split_tuner.py), the
     Scheduler timing each candidate on the simulated decode steps; its report is ``SimResult.replan``, and
     ``split`` is then the split in use at the end. Blocks."""
-    if isinstance(replan_every, bool) or not isinstance(replan_every, int) or replan_every < 0:
-        raise ConfigError(
-            f"replan_every must be a whole number of decode steps (0: off), got {replan_every!r}"
-        )
+    check_replan_every(replan_every)
     ps = policy_setup(workload, policy, budget, profile, plan=plan, decay=decay)
     if replan_every and policy == "zipmoe":
         ps.config = replace(ps.config, replan_every=replan_every)

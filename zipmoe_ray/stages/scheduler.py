@@ -111,7 +111,7 @@ class Scheduler(Placement):
         # online re-planning times the start-up plan against classic offloading (full experts only) in the
         # cache's own order; the order is not a candidate of its own (the default, a short LFU memory, ranks
         # well at batch 1 and batch 8: cache/popularity.py)
-        full_only = SplitRule(full=1.0, compressed=0.0, sm=0.0)
+        full_only = SplitRule.for_policy("full-only")
         self.tuner = (
             SplitTuner([("start-up plan", self.split), ("full-only", full_only)], every=config.replan_every)
             if config.replan_every and self.split != full_only
