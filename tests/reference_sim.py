@@ -61,7 +61,7 @@ class RefRunner(SimRunner):
             start = max(free, ref_ready_time(exp), ref_ready_time(sm))
             free = start + dt
             busy += dt
-            out.append(RefHandle(free + self.delivery_overhead))
+            out.append(RefHandle(free))
         self.lane_free[lane] = free
         self.cpu_busy[lane] += busy
         return out
@@ -173,7 +173,9 @@ def ref_dispatch(self, wave):
     return deliveries
 
 
-def ref_executor_layer(sched, runner, layer, picks, t, sizes, exec_bps, overhead, released, notes):
+def ref_executor_layer(
+    sched, runner, layer, picks, t, sizes, exec_bps, overhead, released, notes, handoff=0.0
+):
     """sim.simulator.executor_layer as first written."""
     hits = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) == Form.FULL]
     misses = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) != Form.FULL]
@@ -195,7 +197,7 @@ def ref_executor_layer(sched, runner, layer, picks, t, sizes, exec_bps, overhead
         ready = {d.expert: ref_ready_time(d.handle if d.parts is None else d.parts) for d in resp.deliveries}
         for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
             dt = sizes[(layer, d.expert)].full / exec_bps
-            t_exec = max(t_exec, ready[d.expert]) + dt
+            t_exec = max(t_exec, ready[d.expert]) + handoff + dt
             busy += dt
             released.append((layer, d.expert))
         pending, first_call = resp.deferred, False

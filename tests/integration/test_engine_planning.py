@@ -72,3 +72,23 @@ def test_engine_uses_a_plan(tiny_stores, tmp_path):
     assert s["split"]["source"] == "given plan"
     cached = {k: v for k, v in plan.counts().items() if k != "disk"}
     assert {k: v for k, v in s["split"]["plan"].items() if k != "disk"} == cached
+
+
+def test_calibrating_the_engine_measures_its_overheads_under_load(tiny_stores):
+    """``calibrate --engine``'s probe on a real Ray pipeline: every figure it returns is measured, the round
+    trip and hand-over from a run whose lanes decode every cached expert."""
+    from zipmoe_ray.cli.calibrate_engine import measure_engine
+
+    from ..runtime_helpers import start_ray
+
+    ray = start_ray()
+    try:
+        base = ORIN.with_(cpu_cores=2, decode_workers=2, recombine_on_device=False, executor_cores=2)
+        out, src = measure_engine(str(tiny_stores["qwen3_moe"]), 2, base)
+    finally:
+        ray.shutdown()
+    assert out["executor_gbps"] > 0 and out["non_moe_s_per_token"] >= 0
+    assert out["request_overhead_s"] > 0 and out["delivery_overhead_s"] >= 0
+    assert out["decompress_gbps_per_core"] > 0
+    assert set(src) == set(out) and all(s.startswith("measured") for s in src.values())
+    assert "lanes busy" in src["request_overhead_s"]

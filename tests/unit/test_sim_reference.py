@@ -45,7 +45,6 @@ def _ref_on_profile(cls, sizes, profile, costs=None):
         costs or profile.costs(),
         profile.decode_workers,
         on_device=profile.recombine_on_device,
-        delivery_overhead=profile.delivery_overhead_s,
     )
 
 

@@ -144,6 +144,10 @@ def test_the_simulator_re_plans_online_like_the_engine_and_leaves_a_plan_too_slo
 
     w = workload(0.5, prompts=4, tokens=100)
     budget = int(0.5 * w.expert_bytes)
+    # these experts are 1 MB: Orin's fixed hand-over per delivered expert (0.2 ms of the executor's time,
+    # 30x what computing one takes it) would make every fetch dearer than a FULL hit whatever the decode
+    # rate, so it is left out here
+    ORIN = BUILTIN_PROFILES["orin-agx-64gb"].with_(delivery_overhead_s=0.0)
     plan = choose_plan(w, budget, ORIN, minimum_budget(w.sizes, w.top_k))
     assert plan.counts()["compressed"] > 0 and plan.counts()["full"] == 0  # Orin decodes fast
     # the same plan on a device whose cores decode 100x slower: every compressed hit is a slow decode,
@@ -160,3 +164,50 @@ def test_the_simulator_re_plans_online_like_the_engine_and_leaves_a_plan_too_slo
     kept = simulate(w, budget, ORIN, "zipmoe", plan=plan, replan_every=256)
     assert kept.replan["in_use"] == "start-up plan" and kept.replan["rounds"] >= 1
     assert kept.split == fixed.split
+
+
+def test_a_delivered_expert_is_handed_over_on_the_executors_clock():
+    from zipmoe_ray.sim.simulator import executor_layer
+
+    class Answer:  # the scheduler answering one request with two experts ready at t = 1
+        def __init__(self):
+            from zipmoe_ray.cache.forms import Form
+
+            entry = type("E", (), {"form": Form.DISK})()
+            self.cache = type("C", (), {"entries": {(0, 0): entry, (0, 1): entry}})()
+
+        def request(self, layer, misses, hits, released):
+            from zipmoe_ray.sim.runner import SimHandle
+            from zipmoe_ray.stages.protocol import Delivery, LayerResponse
+
+            return LayerResponse(
+                layer, [Delivery(e, SimHandle(1.0), "words", False, "disk") for e, _ in misses]
+            )
+
+    class Runner:
+        contended, now = False, 0.0
+
+    sizes = {(0, 0): type("S", (), {"full": 100})(), (0, 1): type("S", (), {"full": 100})()}
+    picks = [(0, 1), (1, 1)]
+    plain = executor_layer(Answer(), Runner(), 0, picks, 0.0, sizes, 100.0, 0.0, [], [])[0]
+    handed = executor_layer(Answer(), Runner(), 0, picks, 0.0, sizes, 100.0, 0.0, [], [], 0.25)[0]
+    assert plain == 3.0  # both ready at 1, computed one after the other in 1 s each
+    assert handed == 3.5  # each hand-over is executor time: not hidden behind the other expert
+
+
+def test_calibration_measures_the_hand_over_beyond_the_slowed_compute():
+    from zipmoe_ray.cli.calibrate_engine import _handoff_s
+
+    cpu = BUILTIN_PROFILES["orin-agx-64gb"].with_(cpu_cores=2, recombine_on_device=False, executor_cores=2)
+    events = [
+        (0.0, "ready", 0, 1, "disk"),
+        (0.010, "computed", 0, 1, None),
+        (0.010, "ready", 0, 2, "compressed"),
+        (0.016, "computed", 0, 2, None),
+        (0.020, "computed", 0, 3, None),  # a FULL hit: never delivered, not counted
+    ]
+    # spans 10 and 6 ms, mean 8; one expert's compute 1 ms alone, 2 ms with the executor's two threads
+    # and two busy lanes on two cores
+    assert _handoff_s(events, 0.001, cpu, 2) == pytest.approx(0.006)
+    assert _handoff_s(events, 0.001, cpu.with_(executor_cores=0), 2) == pytest.approx(0.007)  # a GPU
+    assert _handoff_s(events[-1:], 0.001, cpu, 2) is None

@@ -1,9 +1,12 @@
 """`zipmoe calibrate --engine`: measure the runtime itself into a device profile's fields.
 
 An all-hit run gives the time per layer outside the experts, per token outside the layers and the
-executor's real expert rate; a run under a small budget gives the scheduler round trip, the hand-off per
-expert and the decode rate of the lanes while everything else runs, which is what the simulator needs to
-predict this machine's engine. Passed to ``plan.calibrate.calibrate`` as its engine probe.
+executor's real expert rate; a run under a small budget with every cached expert compressed (so that the
+decode lanes are busy beside the model, as they are wherever a plan keeps compressed forms) gives the
+scheduler round trip, the executor's time taking over each delivered expert and the decode rate of the
+lanes while everything else runs, which is what the simulator needs to predict this machine's engine.
+Round trips and hand-overs are means, not medians: the simulator adds them up, one per layer and one per
+expert, as the engine's time does. Passed to ``plan.calibrate.calibrate`` as its engine probe.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def measure_engine(store: str, workers: int, base: DeviceProfile) -> tuple[dict,
     out["non_moe_s_per_token"] = max(0.0, per_token_outside - layers * out["non_moe_s_per_layer"])
     src["non_moe_s_per_layer"] = "measured: time outside MoE layers in an all-hit run, per layer"
     src["non_moe_s_per_token"] = "measured: the rest of that time, per token (embeddings, lm_head, sampling)"
-    with ZipMoEEngine(store, memory_budget="15%", **opts) as e:
+    loaded = {**opts, "policy": "compressed-only", "replan_every": 0}
+    with ZipMoEEngine(store, memory_budget="15%", **loaded) as e:
         e.generate(prompt, 16)
         e.reset_stats()
         e.generate(prompt, 24)
@@ -61,8 +65,17 @@ def measure_engine(store: str, workers: int, base: DeviceProfile) -> tuple[dict,
         st = e.stats()
     reqs = response_waits(tl)
     if reqs:
-        out["request_overhead_s"] = float(np.median(reqs))
-        src["request_overhead_s"] = "measured: scheduler round trip per layer (blocked on the response)"
+        out["request_overhead_s"] = float(np.mean(reqs))
+        src["request_overhead_s"] = (
+            "measured: scheduler round trip per layer (blocked on the response), mean, lanes busy"
+        )
+    handoff = _handoff_s(tl, expert_bytes / (out["executor_gbps"] * 1e9), base, workers)
+    if handoff is not None:
+        out["delivery_overhead_s"] = handoff
+        src["delivery_overhead_s"] = (
+            "measured: executor time per delivered expert beyond computing it (its compute taken as "
+            "slowed by busy lanes), mean, lanes busy"
+        )
     lanes = st["lanes"]
     if lanes["decode_busy_s"] > 0 and lanes["decoded_bytes"] > 0:
         observed = lanes["decoded_bytes"] / lanes["decode_busy_s"] / 1e9
@@ -72,8 +85,24 @@ def measure_engine(store: str, workers: int, base: DeviceProfile) -> tuple[dict,
         src["decompress_gbps_per_core"] = src["recombine_gbps_per_core"] = (
             f"measured: decode lanes in the engine ({observed:.2f} GB/s per lane while the model runs beside them)"
         )
-    out["delivery_overhead_s"] = 1.0e-3
-    src["delivery_overhead_s"] = (
-        "estimate: object-store hand-off and ray.wait per expert seen in Ray timelines here"
-    )
     return out, src
+
+
+def _handoff_s(events: list[tuple], compute_s: float, base: DeviceProfile, workers: int) -> float | None:
+    """The executor's mean time per delivered expert from its arrival (``ready``) to the end of its
+    computation (``computed``), less ``compute_s`` (one expert alone) slowed as the simulator slows it
+    with every lane busy (SimRunner.compute); None when no expert was delivered."""
+    arrived: dict[tuple[int, int], float] = {}
+    spans = []
+    for t, kind, layer, expert, _ in events:
+        if kind == "ready":
+            arrived[(layer, expert)] = t
+        elif kind == "computed" and (layer, expert) in arrived:
+            spans.append(t - arrived.pop((layer, expert)))
+    if not spans:
+        return None
+    threads = base.executor_cores + workers
+    slowed = compute_s * (
+        threads / base.cpu_cores if base.executor_cores and threads > base.cpu_cores else 1.0
+    )
+    return max(0.0, float(np.mean(spans)) - slowed)

@@ -155,6 +155,7 @@ def simulate_cluster(
                 profile.request_overhead_s,
                 released[0],
                 notes,
+                profile.delivery_overhead_s,
             )
             compute_busy[0] += busy
             # -- other devices: rows out, expert fetched and computed there, rows back ------------------------

@@ -58,7 +58,6 @@ class SimRunner:
         workers: int,
         *,
         on_device: bool = False,
-        delivery_overhead: float = 0.0,
         cores: int = 0,
         executor_cores: int = 0,
     ):
@@ -68,7 +67,6 @@ class SimRunner:
         self.costs = costs
         self.workers = workers
         self.on_device = on_device
-        self.delivery_overhead = delivery_overhead
         self.now = 0.0
         self.io_free = 0.0
         self.lane_free = [0.0] * workers
@@ -88,7 +86,6 @@ class SimRunner:
             costs or profile.costs(),
             profile.decode_workers,
             on_device=profile.recombine_on_device,
-            delivery_overhead=profile.delivery_overhead_s,
             cores=profile.cpu_cores,
             executor_cores=profile.executor_cores if executor else 0,
         )
@@ -147,7 +144,7 @@ class SimRunner:
         return self.decode_lane(lane, [(key, exp, sm, planes_only, part)])[0]
 
     def decode_lane(self, lane, jobs):
-        costs, sizes, overhead = self.costs, self.sizes, self.delivery_overhead
+        costs, sizes = self.costs, self.sizes
         planes_bps = costs.decompress_bps
         words_bps = planes_bps if self.on_device else costs.decode_bps
         free = self.lane_free[lane]
@@ -180,7 +177,7 @@ class SimRunner:
                 else:
                     intervals.append((start, free))
             busy += dt
-            out.append(SimHandle(free + overhead))
+            out.append(SimHandle(free))
         self.lane_free[lane] = free
         self.cpu_busy[lane] += busy
         return out

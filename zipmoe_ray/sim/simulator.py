@@ -218,12 +218,15 @@ def executor_layer(
     overhead: float,
     released: list,
     notes: list,
+    handoff: float = 0.0,
 ) -> tuple[float, float, list]:
     """One MoE layer on the executor's device from time ``t``, as the client runs it: held FULL experts are
     computed at once; the rest are requested (in waves, each after the last is computed) and computed in the
-    order they become ready. ``released`` goes out with the first request; hits without a request are added
-    to ``notes`` (reported with the step). Returns (the time the layer's experts are computed, the compute
-    seconds spent, the experts to release with the next request)."""
+    order they become ready, each after ``handoff`` seconds of the executor's own time taking it over (the
+    profile's ``delivery_overhead_s``: waiting on the handle, mapping the object, building the weights).
+    ``released`` goes out with the first request; hits without a request are added to ``notes`` (reported
+    with the step). Returns (the time the layer's experts are computed, the compute seconds spent, the
+    experts to release with the next request)."""
     entries, full = sched.cache.entries, Form.FULL
     stretch = runner.compute if runner.contended else None  # lanes slow a CPU executor down
     hits, misses = [], []
@@ -249,7 +252,7 @@ def executor_layer(
         timed.sort(key=_first)  # stable: deliveries ready at once are computed in the order given
         for r, e in timed:
             dt = sizes[(layer, e)].full / exec_bps
-            t_exec = t_exec if t_exec > r else r
+            t_exec = (t_exec if t_exec > r else r) + handoff
             t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
             busy += dt
             released.append((layer, e))
@@ -322,7 +325,17 @@ def simulate(
         for pos, picks in enumerate(step):
             layer = workload.layers[pos]
             t_exec, _, released = executor_layer(
-                sched, runner, layer, picks, t, sizes, exec_bps, profile.request_overhead_s, released, notes
+                sched,
+                runner,
+                layer,
+                picks,
+                t,
+                sizes,
+                exec_bps,
+                profile.request_overhead_s,
+                released,
+                notes,
+                profile.delivery_overhead_s,
             )
             t = runner.compute(t_exec, non_layer)
         t = runner.compute(t, non_token)
