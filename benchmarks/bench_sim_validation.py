@@ -9,9 +9,12 @@ one while recording its routing (zipmoe-trace/1); the simulator replays that sam
 engine runs its start-up plan throughout (online re-planning off, ``replan_every=0``): the simulator
 replays one plan, and a switch to full-only mid-run would compare two different things. Each row also
 gives the replay with the executor undisturbed by the lanes (``executor_cores=0``), as if it computed on
-another device.
+another device. The engine runs with prefetch on (its default) and records its predictions; the simulator
+replays them through the same precision gate, and each row compares the two runs' prefetch figures. On
+this skew-0 routing the gate stays shut; ``--checkpoint`` runs the same on another local checkpoint (the
+demo's SmolLM2 MoE, whose trained routing the next layer's router does predict).
 
-    python benchmarks/bench_sim_validation.py [--json OUT] [--budgets 15%,25%,50%]
+    python benchmarks/bench_sim_validation.py [--json OUT] [--budgets 15%,25%,50%] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -42,10 +45,18 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=0.5, help="emulated SSD GB/s")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--traces-dir", help="keep the recorded traces here (trace-<budget>.jsonl)")
+    ap.add_argument(
+        "--checkpoint",
+        help="a local transformers MoE checkpoint instead of the Qwen preset (compressed next to it once), "
+        "e.g. ~/.cache/zipmoe/demo/smollm2-moe after `zipmoe demo`",
+    )
     args = ap.parse_args()
-    store = stores_for(routed_model("qwen1.5-moe", args.layers, 0.0, log=log), codecs=("zstd",), log=log)[
-        "zstd"
-    ]
+    model = (
+        Path(args.checkpoint).expanduser()
+        if args.checkpoint
+        else routed_model("qwen1.5-moe", args.layers, 0.0, log=log)
+    )
+    store = stores_for(model, codecs=("zstd",), log=log)["zstd"]
     log("calibrating this machine with the engine (about a minute) ...")
     profile = calibrate(store, engine_probe=measure_engine, workers=2)
     profile = profile.with_(ssd_read_gbps=args.bandwidth, ssd_latency_s=0.0, name="calibrated, SSD capped")
@@ -99,13 +110,16 @@ def main() -> None:
                 "simulated_hit_rates": sim.hit_rates,
                 "engine_bytes_read": st["bytes_read"],
                 "simulated_bytes_read": sim.bytes_read,
+                "engine_prefetch": st["prefetch"],
+                "simulated_prefetch": sim.prefetch,
             }
         )
         print(
             f"budget {budget}: engine TPOT {st['tpot_s'] * 1e3:.0f} ms, simulated {sim.tpot_s * 1e3:.0f} ms "
             f"({err:+.0%}; {apart.tpot_s * 1e3:.0f} ms with the executor undisturbed by the lanes); "
             f"bytes read engine {st['bytes_read'] / 1e6:.0f} MB (prefill included), simulated "
-            f"{sim.bytes_read / 1e6:.0f} MB (decode steps)"
+            f"{sim.bytes_read / 1e6:.0f} MB (decode steps); prefetch {_prefetch(st['prefetch'])} in the "
+            f"engine, {_prefetch(sim.prefetch)} simulated"
         )
     if args.json:
         Path(args.json).write_text(
@@ -114,6 +128,13 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: Ray's atexit hooks can hang after the engine runs
+
+
+def _prefetch(p: dict | None) -> str:
+    if not p:
+        return "off"
+    recall = "n/a" if p["recall"] is None else f"{p['recall']:.0%}"
+    return f"{p['issued']} issued, {p['used']} used, recall {recall}, {p['gated']} layers gated"
 
 
 if __name__ == "__main__":

@@ -174,9 +174,10 @@ def ref_dispatch(self, wave):
 
 
 def ref_executor_layer(
-    sched, runner, layer, picks, t, sizes, exec_bps, overhead, released, notes, handoff=0.0
+    sched, runner, layer, picks, t, sizes, exec_bps, overhead, released, notes, handoff=0.0, ahead=None
 ):
-    """sim.simulator.executor_layer as first written."""
+    """sim.simulator.executor_layer as first written (no recorded predictions to replay)."""
+    assert ahead is None
     hits = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) == Form.FULL]
     misses = [(e, tok) for e, tok in picks if sched.cache.form((layer, e)) != Form.FULL]
     t_exec, busy = t, 0.0

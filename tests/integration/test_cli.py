@@ -192,10 +192,12 @@ def test_trace_plan_simulate_from_the_cli(tiny_stores, tmp_path, capsys):
         assert rc == 0 and {"tpot_s", "lower_bound_tpot_s", "hit_rates", "bytes_read"} <= set(r)
         assert r["lower_bound_tpot_s"] <= r["tpot_s"]
         assert r["replan"] is None  # off unless asked for
+        # the trace was recorded with prefetch on: its predictions are replayed, fetched or only scored
+        assert r["prefetch"]["predicted"] + r["prefetch"]["gated"] > 0
     rc, out, _ = run(capsys, "simulate", "--trace", trace, "--store", store, "--memory-budget", "30%",
                      "--replan-every", 4)  # fmt: skip
     # either a round ran, or the plan already was classic offloading's split and there is nothing to time
-    assert rc == 0 and "online re-planning:" in out
+    assert rc == 0 and "online re-planning:" in out and "prefetch (the trace's recorded predictions)" in out
     rc, js, _ = run(capsys, "simulate", "--trace", trace, "--store", store, "--memory-budget", "30%",
                     "--replan-every", 4, "--json")  # fmt: skip
     r = json.loads(js)

@@ -23,6 +23,8 @@ def test_engine_records_a_trace_that_converts(tiny_stores, tmp_path):
     assert [(s.request, s.kind) for s in tr.steps[:2]] == [(0, "prefill"), (0, "decode")]
     assert tr.steps[-1].batch == 2 and tr.layers == [0, 1, 2]
     assert all(sum(t for _, t in tr.steps[0].layers[layer]) == 4 * 2 for layer in tr.layers)  # prompt x top-k
+    # prefetch is on: every layer but the first was predicted by the one before it, in every step
+    assert all(set(s.predicted) == set(tr.layers[1:]) for s in tr.steps)
     ct = CountTrace.from_recorded(tr)
     assert len(ct.counts) == 2
     assert sum(map(sum, ct.counts[0])) == 5 * 3 * 2  # 5 decode steps x 3 layers x top-2

@@ -211,3 +211,27 @@ def test_calibration_measures_the_hand_over_beyond_the_slowed_compute():
     assert _handoff_s(events, 0.001, cpu, 2) == pytest.approx(0.006)
     assert _handoff_s(events, 0.001, cpu.with_(executor_cores=0), 2) == pytest.approx(0.007)  # a GPU
     assert _handoff_s(events[-1:], 0.001, cpu, 2) is None
+
+
+def test_recorded_predictions_are_replayed_through_the_prefetch_gate():
+    w = workload(1.0, prompts=4, tokens=60)
+    n = w.num_experts
+
+    def predicted(guess):
+        return [[[]] + [guess(picks) for picks in step[1:]] for step in w.steps]
+
+    budget = int(0.3 * w.expert_bytes)
+    plain = simulate(w, budget, ORIN, "full-lru", warm_start=False, measure_from=20)
+    assert plain.prefetch is None
+    right = dataclasses.replace(w, predictions=predicted(list))  # each layer's own routing: always right
+    wrong = dataclasses.replace(
+        w, predictions=predicted(lambda picks: [((e + n // 2) % n, t) for e, t in picks])
+    )
+    r = simulate(right, budget, ORIN, "full-lru", warm_start=False, measure_from=20)
+    assert r.prefetch["predicted"] > 0 and r.prefetch["wasted"] == 0 and r.prefetch["gated"] == 0
+    assert r.prefetch["recall"] > 0.3 and r.prefetch["running_precision"] == 1.0
+    assert r.tpot_s < plain.tpot_s  # the reads start a layer early
+    x = simulate(wrong, budget, ORIN, "full-lru", warm_start=False, measure_from=20)
+    assert x.prefetch["used"] == 0 and x.prefetch["gated"] > 0  # the gate shut after the first misses
+    assert x.prefetch["predicted"] < x.prefetch["gated"]
+    assert simulate(right, budget, ORIN, "full-lru", warm_start=False, measure_from=20) == r  # deterministic

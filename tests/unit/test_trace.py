@@ -85,3 +85,35 @@ def test_a_recorded_step_routing_to_an_expert_the_model_lacks_is_refused(tmp_pat
     p.write_text(json.dumps(head) + "\n" + json.dumps(step) + "\n")
     with pytest.raises(ConfigError, match="line 2 routes to expert 4, but the model has 4"):
         load_recorded(p)
+
+
+def test_recorded_predictions_round_trip_into_the_workload(tmp_path):
+    from zipmoe_ray.plan import Workload
+    from zipmoe_ray.trace import load_recorded
+    from zipmoe_ray.trace.recorded import RecordedTrace, TraceStep
+
+    model = {"layers": [0, 1], "num_experts": 4, "top_k": 1, "expert_bytes": 1000}
+    p = tmp_path / "t.jsonl"
+    RecordedTrace(model).write_header(p)
+    RecordedTrace.append(
+        p,
+        [
+            TraceStep(0, 0, "prefill", 1, {0: [(1, 3)], 1: [(2, 3)]}, {1: [(2, 2), (3, 1)]}),
+            TraceStep(0, 1, "decode", 1, {0: [(1, 1)], 1: [(3, 1)]}, {1: [(0, 1)]}),
+            TraceStep(0, 2, "decode", 1, {0: [(0, 1)], 1: [(3, 1)]}),  # prefetch off: no predictions
+        ],
+    )
+    tr = load_recorded(p)
+    assert tr.steps[0].predicted == {1: [(2, 2), (3, 1)]} and tr.steps[2].predicted == {}
+    w = Workload.from_recorded(tr)
+    assert w.predictions == [[[], [(0, 1)]], [[], []]]  # decode steps, per layer position
+    assert Workload.from_recorded(load_recorded(p), include_prefill=True).predictions[0] == [
+        [],
+        [(2, 2), (3, 1)],
+    ]
+    lines = p.read_text().splitlines()
+    assert "predicted" not in json.loads(lines[-1])  # written only where there are some
+    bad = json.loads(lines[2]) | {"predicted": {"1": [[9, 1]]}}
+    p.write_text("\n".join([*lines[:2], json.dumps(bad)]) + "\n")
+    with pytest.raises(ConfigError, match="line 3 routes to expert 9"):
+        load_recorded(p)

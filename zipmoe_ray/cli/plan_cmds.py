@@ -263,4 +263,11 @@ def cmd_simulate(args) -> int:
         print(
             "online re-planning: nothing to time, the start-up plan already is full-only (classic offloading)"
         )
+    if r.prefetch:
+        f = r.prefetch
+        recall = "n/a" if f["recall"] is None else f"{f['recall']:.0%}"
+        print(
+            f"prefetch (the trace's recorded predictions): {f['predicted']} experts asked ahead, {f['used']} "
+            f"used, {f['wasted']} wasted, recall {recall}; {f['gated']} layers only scored (precision gate shut)"
+        )
     return 0

@@ -41,6 +41,9 @@ class Workload:
     non_expert_bytes_per_layer: int | None = None
     access: dict[Key, float] = field(default_factory=dict)
     recorded: bool = False  # steps come from a recorded trace (real order), not drawn from counts
+    # per step, per layer position: the experts prefetch predicted for it (recorded traces with prefetch on;
+    # None: no predictions, the simulator fetches nothing ahead)
+    predictions: list[Step] | None = None
 
     def __post_init__(self):
         if not self.access:
@@ -88,11 +91,11 @@ class Workload:
         sizes = sizes or {
             (layer, e): estimated_sizes(m["expert_bytes"]) for layer in ids for e in range(m["num_experts"])
         }
-        steps = [
-            [list(s.layers.get(layer, [])) for layer in ids]
-            for s in trace.steps
-            if include_prefill or s.kind == "decode"
-        ]
+        kept = [s for s in trace.steps if include_prefill or s.kind == "decode"]
+        steps = [[list(s.layers.get(layer, [])) for layer in ids] for s in kept]
+        predictions = None
+        if any(s.predicted for s in kept):
+            predictions = [[list(s.predicted.get(layer, [])) for layer in ids] for s in kept]
         batch = max((s.batch for s in trace.steps), default=1)
         return cls(
             ids,
@@ -103,6 +106,7 @@ class Workload:
             batch,
             m.get("non_expert_bytes_per_layer"),
             recorded=True,
+            predictions=predictions,
         )
 
     @classmethod

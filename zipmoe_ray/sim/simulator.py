@@ -35,6 +35,7 @@ from ..runtime.config import check_replan_every
 from ..stages.scheduler import Scheduler, SchedulerConfig
 from . import background
 from .bound import executor_rates, lower_bound
+from .prefetch import SimPrefetch
 from .runner import SimHandle, SimRunner, ready_time
 
 __all__ = [
@@ -72,6 +73,9 @@ class SimResult:
     plan: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     replan: dict[str, Any] | None = None  # online re-planning, as the engine's stats()["replan"]
+    prefetch: dict[str, Any] | None = (
+        None  # replayed predictions (recorded traces with them), as the engine's
+    )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +110,7 @@ def choose_plan(workload, budget, profile, reserve):
         workload.non_expert_bytes_per_layer,
         access=workload.access,
         recorded=workload.recorded,
+        predictions=workload.predictions[:EVALUATE_STEPS] if workload.predictions else None,
     )
 
     def evaluate(forms, decay=None) -> float:
@@ -219,36 +224,74 @@ def executor_layer(
     released: list,
     notes: list,
     handoff: float = 0.0,
+    ahead: SimPrefetch | None = None,
 ) -> tuple[float, float, list]:
     """One MoE layer on the executor's device from time ``t``, as the client runs it: held FULL experts are
     computed at once; the rest are requested (in waves, each after the last is computed) and computed in the
     order they become ready, each after ``handoff`` seconds of the executor's own time taking it over (the
     profile's ``delivery_overhead_s``: waiting on the handle, mapping the object, building the weights).
     ``released`` goes out with the first request; hits without a request are added to ``notes`` (reported
-    with the step). Returns (the time the layer's experts are computed, the compute seconds spent, the
-    experts to release with the next request)."""
+    with the step). With ``ahead`` (recorded predictions replayed, sim/prefetch.py), experts prefetched for
+    this layer are taken from their prefetch and computed after the hits, and the next layer's prediction
+    (``ahead.guess``) goes out as the client sends it. Returns (the time the layer's experts are computed,
+    the compute seconds spent, the experts to release with the next request)."""
     entries, full = sched.cache.entries, Form.FULL
     stretch = runner.compute if runner.contended else None  # lanes slow a CPU executor down
-    hits, misses = [], []
-    for e, tok in picks:
-        (hits if entries[(layer, e)].form == full else misses).append((e, tok))
+    if ahead is None:
+        hits, misses, early = [], [], []
+        for e, tok in picks:
+            (hits if entries[(layer, e)].form == full else misses).append((e, tok))
+    else:
+        hits, early, misses, wrong = ahead.route(layer, picks, sched.cache)
+        released = released + wrong
+        early.sort(key=_first)
     t_exec, busy = t, 0.0
+    if not misses:
+        notes.extend((layer, e, tok) for e, tok in hits)
+        if ahead is not None:
+            released = ahead.issue(sched, runner, t, released)
     for e, _ in hits:
         dt = sizes[(layer, e)].full / exec_bps
         t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
         busy += dt
-    if not misses:
-        notes.extend((layer, e, tok) for e, tok in hits)
-        return t_exec, busy, released
-    pending, first_call = misses, True
-    while pending:
-        t_call = (t if first_call else max(t, t_exec)) + overhead
-        runner.now = t_call
-        resp = sched.request(layer, pending, hits if first_call else [], released)
-        released = []
+    if early:
+        if misses:  # the request goes out first; the prefetched experts were on their way before it
+            t_call = t + overhead
+            runner.now = t_call
+            used = ahead.take_used()
+            resp = sched.request(layer, misses, hits, released, used)
+            released = ahead.issue(sched, runner, t_call, [])
+        for r, e in early:
+            dt = sizes[(layer, e)].full / exec_bps
+            t_exec = (t_exec if t_exec > r else r) + handoff
+            t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
+            busy += dt
+            released.append((layer, e))
+        if not misses:
+            return t_exec, busy, released
+        pending, first_call = resp.deferred, False
         if t_call > t_exec:
             t_exec = t_call
         timed = [(_ready(d), d.expert) for d in resp.deliveries]
+    elif not misses:
+        return t_exec, busy, released
+    else:
+        pending, first_call, timed = misses, True, None
+    while True:
+        if timed is None:
+            t_call = (t if first_call else max(t, t_exec)) + overhead
+            runner.now = t_call
+            if ahead is None:
+                resp = sched.request(layer, pending, hits if first_call else [], released)
+                released = []
+            else:
+                used = ahead.take_used() if first_call else []
+                resp = sched.request(layer, pending, hits if first_call else [], released, used)
+                released = ahead.issue(sched, runner, t_call, []) if first_call else []
+            if t_call > t_exec:
+                t_exec = t_call
+            timed = [(_ready(d), d.expert) for d in resp.deliveries]
+            pending, first_call = resp.deferred, False
         timed.sort(key=_first)  # stable: deliveries ready at once are computed in the order given
         for r, e in timed:
             dt = sizes[(layer, e)].full / exec_bps
@@ -256,8 +299,9 @@ def executor_layer(
             t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
             busy += dt
             released.append((layer, e))
-        pending, first_call = resp.deferred, False
-    return t_exec, busy, released
+        if not pending:
+            return t_exec, busy, released
+        timed = None
 
 
 _first = itemgetter(0)
@@ -301,6 +345,10 @@ def simulate(
     else:
         warm, measured = workload.steps[:measure_from], workload.steps[measure_from:]
     first = len(warm)
+    preds = workload.predictions
+    ahead = SimPrefetch() if preds else None
+    if preds:  # aligned with the steps replayed: warm-up, then the measured ones
+        preds = preds[: len(warm)] + (preds if warm_start else preds[measure_from:])
     pending = None
     if bound:  # independent of the replay: a long one is computed on another core meanwhile
         big = len(measured) * len(workload.layers) >= BACKGROUND_BOUND_PAIRS
@@ -321,9 +369,14 @@ def simulate(
         if i == first:
             sched.reset_stats()
             marks = (t, runner.io_busy, list(runner.cpu_busy), runner.bytes_read)
+            if ahead is not None:
+                ahead.reset_stats()
         t0 = t
+        nxt = preds[i] if ahead is not None else None
         for pos, picks in enumerate(step):
             layer = workload.layers[pos]
+            if nxt is not None:  # the next layer's recorded prediction, sent while this one is served
+                ahead.guess = (workload.layers[pos + 1], nxt[pos + 1]) if pos + 1 < len(step) else None
             t_exec, _, released = executor_layer(
                 sched,
                 runner,
@@ -336,11 +389,13 @@ def simulate(
                 released,
                 notes,
                 profile.delivery_overhead_s,
+                ahead,
             )
             t = runner.compute(t_exec, non_layer)
         t = runner.compute(t, non_token)
         runner.now = t
-        sched.step(notes, released, timing=(t - t0, workload.batch))
+        used = ahead.take_used() if ahead is not None else ()
+        sched.step(notes, released, used, timing=(t - t0, workload.batch))
         notes, released = [], []
         if i >= first:
             step_times.append(t - t0)
@@ -375,4 +430,5 @@ def simulate(
         if plan is not None
         else None,
         replan=st.get("replan"),
+        prefetch={**ahead.report(), "issued": st["prefetch_issued"]} if ahead is not None else None,
     )

@@ -28,22 +28,15 @@ import torch
 
 from ..cache import Key
 from ..models.experts_impl import ExpertWeights
+from .prefetch_gate import MIN_PRECISION, PrefetchGate
 from .protocol import Delivery
 from .weights import WeightBuilder
 
-__all__ = ["ExpertClient", "response_waits"]
+__all__ = ["MIN_PRECISION", "ExpertClient", "response_waits"]
 
 log = logging.getLogger(__name__)
 
-# A wrong guess costs its read on the I/O lane; a right one saves at most that read's wait: prefetch pays
-# only while more than half of what it fetches is used. Below that the client stops sending predictions,
-# but goes on scoring them against the routing that follows, fetching nothing, so the gate opens again as
-# soon as the routing becomes predictable (another prompt, another phase) at no cost while it is not.
-MIN_PRECISION = 0.5
-# weight of the past in the running precision, per predicted layer: one sample a layer (the share of its
-# guesses it routed to), so that a prefill, whose prediction names most experts and is mostly right, counts
-# as much as one decode step and cannot hold the gate open for the decode steps after it
-PRECISION_MEMORY = 0.9
+# when predictions are fetched: see stages/prefetch_gate.py (MIN_PRECISION re-exported for the tests)
 
 
 @dataclass
@@ -105,16 +98,18 @@ class ExpertClient:
         self._prefetch: dict[int, Any] = {}  # layer -> the scheduler's pending answer to a prefetch
         self._prefetched: dict[Key, Delivery] = {}  # arrived, not yet used or released
         self._guess: tuple[int, list[int], list[int]] | None = None  # the next layer's prediction, unsent
-        self.precision = 1.0  # running share of a predicted layer's guesses it routed to (optimistic start)
+        self.gate = PrefetchGate()
         self._shadow: dict[int, list[int]] = {}  # layer -> gated prediction's picks, scored when it routes
         self.stats = ClientStats()
         self.events: list[tuple] | None = [] if timeline else None  # EngineConfig.timeline
         self.trace: list | None = None  # recorded steps while a traced generation runs
         self._trace_step: dict[int, list[tuple[int, int]]] = {}
+        self._trace_pred: dict[int, list[tuple[int, int]]] = {}  # layer -> its prediction this step
         self._trace_meta = (0, 1)  # (request, batch)
 
     def start_trace(self, request: int, batch: int) -> None:
         self.trace, self._trace_step, self._trace_meta = [], {}, (request, batch)
+        self._trace_pred = {}
 
     def stop_trace(self) -> list:
         out, self.trace = self.trace or [], None
@@ -139,6 +134,8 @@ class ExpertClient:
         right after the current layer's own request (``_ahead``), so that they queue behind it on the
         lanes. Does not block."""
         self._guess = (layer, experts, tokens)
+        if self.trace is not None:  # recorded whether fetched or gated: the simulator replays the gate
+            self._trace_pred[layer] = list(zip(experts, tokens))
 
     def _ahead(self) -> None:
         """Start fetching the noted prediction's experts that are not held or already on their way."""
@@ -152,7 +149,7 @@ class ExpertClient:
         ]
         if not picks:
             return
-        if self.precision < MIN_PRECISION:  # the gate is shut: score the guess when the layer routes
+        if not self.gate.open:  # the gate is shut: score the guess when the layer routes
             self._shadow[layer] = [e for e, _ in picks]
             self.stats.gated += 1
             return
@@ -174,8 +171,7 @@ class ExpertClient:
 
     def _scored(self, used: int, guessed: int) -> None:
         """A predicted layer routed to ``used`` of its ``guessed`` experts (fetched or only scored)."""
-        if guessed:
-            self.precision = PRECISION_MEMORY * self.precision + (1 - PRECISION_MEMORY) * used / guessed
+        self.gate.scored(used, guessed)
 
     def _unused(self, layer: int) -> int:
         """Release ``layer``'s prefetched experts that it did not route to; returns how many."""
@@ -368,8 +364,9 @@ class ExpertClient:
 
             req, batch = self._trace_meta
             n = len(self.trace)
-            self.trace.append(TraceStep(req, n, "prefill" if n == 0 else "decode", batch, self._trace_step))
-            self._trace_step = {}
+            kind = "prefill" if n == 0 else "decode"
+            self.trace.append(TraceStep(req, n, kind, batch, self._trace_step, self._trace_pred))
+            self._trace_step, self._trace_pred = {}, {}
         hits, self._hit_notes = self._hit_notes, []
         released, self._released = self._released, []
         used, self._used = self._used, []
@@ -410,7 +407,7 @@ class ExpertClient:
                 "wasted": s.prefetch_wasted,
                 "recall": s.prefetch_used / s.needed if s.needed else None,  # of the fetches a layer needed
                 "gated": s.gated,
-                "running_precision": self.precision,
+                "running_precision": self.gate.precision,
             }
             if self.prefetching
             else None,

@@ -20,6 +20,9 @@ File format ``zipmoe-trace/1`` (JSON Lines, one object per line, appendable):
 
   ``request`` numbers the ``generate`` calls (a batch of prompts is one request), ``step`` counts forward
   passes within it (0 is the prefill), ``tokens`` is how many tokens of the step were routed to the expert.
+  With prefetch on, a step also has ``"predicted": {"<layer id>": [[expert, tokens], ...]}``: what the
+  previous layer's input predicted for that layer (fetched ahead or, with the precision gate shut, only
+  scored), which the simulator replays. Optional: older traces and runs without prefetch have none.
 
 Loading needs only the standard library (no torch).
 """
@@ -46,15 +49,27 @@ class TraceStep:
     kind: str  # prefill | decode
     batch: int
     layers: dict[int, list[tuple[int, int]]]  # layer id -> [(expert, tokens)]
+    predicted: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # prefetch's guesses, per layer
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "request": self.request,
             "step": self.step,
             "kind": self.kind,
             "batch": self.batch,
-            "layers": {str(k): [list(x) for x in v] for k, v in self.layers.items()},
+            "layers": _picks_json(self.layers),
         }
+        if self.predicted:
+            d["predicted"] = _picks_json(self.predicted)
+        return d
+
+
+def _picks_json(layers: dict[int, list[tuple[int, int]]]) -> dict[str, list[list[int]]]:
+    return {str(k): [list(x) for x in v] for k, v in layers.items()}
+
+
+def _picks(d: dict) -> dict[int, list[tuple[int, int]]]:
+    return {int(k): [(int(e), int(t)) for e, t in v] for k, v in d.items()}
 
 
 @dataclass
@@ -157,12 +172,14 @@ def load_recorded(path: str | os.PathLike) -> RecordedTrace:
                 int(d["step"]),
                 d["kind"],
                 int(d.get("batch", 1)),
-                {int(k): [(int(e), int(t)) for e, t in v] for k, v in d["layers"].items()},
+                _picks(d["layers"]),
+                _picks(d.get("predicted") or {}),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{p}: line {i} is not a trace step ({e})") from None
         if isinstance(experts, int):
-            bad = [e for picks in step.layers.values() for e, _ in picks if not 0 <= e < experts]
+            every = [*step.layers.values(), *step.predicted.values()]
+            bad = [e for picks in every for e, _ in picks if not 0 <= e < experts]
             if bad:
                 raise ConfigError(
                     f"{p}: line {i} routes to expert {bad[0]}, but the model has {experts} (0..{experts - 1})"
