@@ -27,7 +27,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import emulated_engine, log, machine, prompt_ids, routed_model, stores_for, warm_then_measure
+from common import (
+    emulated_engine,
+    log,
+    machine,
+    prompt_ids,
+    prompts,
+    routed_model,
+    stores_for,
+    warm_then_measure,
+)
 
 from zipmoe_ray.cache.layout import expert_sizes
 from zipmoe_ray.cli.calibrate_engine import measure_engine
@@ -64,7 +73,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(store)
-    warm, prompt = prompt_ids(tok, 32, 20), prompt_ids(tok, 32, 0)
+    if args.checkpoint and tok.chat_template:  # a chat model stops at once on bare text: ask it properly
+        warm, prompt = _chat(tok, 20), _chat(tok, 0)
+    else:
+        warm, prompt = prompt_ids(tok, 32, 20), prompt_ids(tok, 32, 0)
     sizes = None
     rows = []
     for budget in args.budgets.split(","):
@@ -128,6 +140,14 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: Ray's atexit hooks can hang after the engine runs
+
+
+def _chat(tok, index: int) -> list[int]:
+    """Prompt ``index`` of the benchmark set as a user turn in the model's chat template."""
+    got = tok.apply_chat_template(
+        [{"role": "user", "content": prompts()[index]["prompt"]}], add_generation_prompt=True, tokenize=True
+    )
+    return list(got["input_ids"] if isinstance(got, dict) or hasattr(got, "keys") else got)
 
 
 def _prefetch(p: dict | None) -> str:
