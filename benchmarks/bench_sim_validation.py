@@ -37,6 +37,7 @@ from common import (
     stores_for,
     warm_then_measure,
 )
+from timeline import breakdown_ms
 
 from zipmoe_ray.cache.layout import expert_sizes
 from zipmoe_ray.cli.calibrate_engine import measure_engine
@@ -90,8 +91,10 @@ def main() -> None:
                 num_decompressors=2,
                 trace_path=trace,
                 replan_every=0,
+                timeline=True,
             ) as engine:
                 st = warm_then_measure(engine, warm, 24, prompt, args.new_tokens).stats
+                where = breakdown_ms(engine.timeline())
                 plan = engine.plan
                 sizes = sizes or expert_sizes(engine.store)
             if args.traces_dir:
@@ -122,6 +125,8 @@ def main() -> None:
                 "simulated_hit_rates": sim.hit_rates,
                 "engine_bytes_read": st["bytes_read"],
                 "simulated_bytes_read": sim.bytes_read,
+                "engine_breakdown_ms": where,
+                "simulated_breakdown_ms": {k: 1e3 * v for k, v in sim.breakdown_s.items()},
                 "engine_prefetch": st["prefetch"],
                 "simulated_prefetch": sim.prefetch,
             }
@@ -131,7 +136,8 @@ def main() -> None:
             f"({err:+.0%}; {apart.tpot_s * 1e3:.0f} ms with the executor undisturbed by the lanes); "
             f"bytes read engine {st['bytes_read'] / 1e6:.0f} MB (prefill included), simulated "
             f"{sim.bytes_read / 1e6:.0f} MB (decode steps); prefetch {_prefetch(st['prefetch'])} in the "
-            f"engine, {_prefetch(sim.prefetch)} simulated"
+            f"engine, {_prefetch(sim.prefetch)} simulated\n  per token, engine / simulated (ms): "
+            + ", ".join(f"{k} {where[k]:.0f} / {1e3 * v:.0f}" for k, v in sim.breakdown_s.items())
         )
     if args.json:
         Path(args.json).write_text(

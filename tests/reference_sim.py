@@ -174,7 +174,19 @@ def ref_dispatch(self, wave):
 
 
 def ref_executor_layer(
-    sched, runner, layer, picks, t, sizes, exec_bps, overhead, released, notes, handoff=0.0, ahead=None
+    sched,
+    runner,
+    layer,
+    picks,
+    t,
+    sizes,
+    exec_bps,
+    overhead,
+    released,
+    notes,
+    handoff=0.0,
+    ahead=None,
+    waits=None,
 ):
     """sim.simulator.executor_layer as first written (no recorded predictions to replay)."""
     assert ahead is None
@@ -194,10 +206,14 @@ def ref_executor_layer(
         runner.now = t_call
         resp = sched.request(layer, pending, hits if first_call else [], released)
         released = []
+        if waits is not None:
+            waits[0] += max(0.0, t_call - t_exec)
         t_exec = max(t_exec, t_call)
         ready = {d.expert: ref_ready_time(d.handle if d.parts is None else d.parts) for d in resp.deliveries}
         for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
             dt = sizes[(layer, d.expert)].full / exec_bps
+            if waits is not None:
+                waits[1] += max(0.0, ready[d.expert] - t_exec)
             t_exec = max(t_exec, ready[d.expert]) + handoff + dt
             busy += dt
             released.append((layer, d.expert))

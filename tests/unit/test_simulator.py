@@ -235,3 +235,16 @@ def test_recorded_predictions_are_replayed_through_the_prefetch_gate():
     assert x.prefetch["used"] == 0 and x.prefetch["gated"] > 0  # the gate shut after the first misses
     assert x.prefetch["predicted"] < x.prefetch["gated"]
     assert simulate(right, budget, ORIN, "full-lru", warm_start=False, measure_from=20) == r  # deterministic
+
+
+def test_the_breakdown_adds_up_to_the_step_time_like_the_engines():
+    w = workload(1.0)
+    for share, policy in ((0.3, "zipmoe"), (0.3, "full-lru"), (1.5, "full-lru")):
+        r = simulate(w, int(share * w.expert_bytes), ORIN, policy)
+        b = r.breakdown_s
+        assert set(b) == {"round_trips", "waiting_for_experts", "expert_compute", "outside_moe"}
+        assert sum(b.values()) == pytest.approx(r.tpot_s) and min(b.values()) >= 0
+        if share > 1:  # every expert held in full after the warm-up: nothing to wait for
+            assert b["round_trips"] == b["waiting_for_experts"] == 0
+        else:
+            assert b["waiting_for_experts"] > 0

@@ -73,9 +73,10 @@ class SimResult:
     plan: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     replan: dict[str, Any] | None = None  # online re-planning, as the engine's stats()["replan"]
-    prefetch: dict[str, Any] | None = (
-        None  # replayed predictions (recorded traces with them), as the engine's
-    )
+    prefetch: dict[str, Any] | None = None  # replayed predictions (recorded traces), as the engine reports
+    # per step, as the engine's timeline breakdown (benchmarks/timeline.py): the executor idle on the
+    # scheduler's answers, idle on experts, computing experts (hand-overs included), outside the MoE layers
+    breakdown_s: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +226,7 @@ def executor_layer(
     notes: list,
     handoff: float = 0.0,
     ahead: SimPrefetch | None = None,
+    waits: list[float] | None = None,
 ) -> tuple[float, float, list]:
     """One MoE layer on the executor's device from time ``t``, as the client runs it: held FULL experts are
     computed at once; the rest are requested (in waves, each after the last is computed) and computed in the
@@ -233,8 +235,10 @@ def executor_layer(
     ``released`` goes out with the first request; hits without a request are added to ``notes`` (reported
     with the step). With ``ahead`` (recorded predictions replayed, sim/prefetch.py), experts prefetched for
     this layer are taken from their prefetch and computed after the hits, and the next layer's prediction
-    (``ahead.guess``) goes out as the client sends it. Returns (the time the layer's experts are computed,
-    the compute seconds spent, the experts to release with the next request)."""
+    (``ahead.guess``) goes out as the client sends it. ``waits`` ([round trips, experts]), if given, gains
+    the seconds the executor sat idle on the scheduler's answers and on experts not yet ready. Returns (the
+    time the layer's experts are computed, the compute seconds spent, the experts to release with the next
+    request)."""
     entries, full = sched.cache.entries, Form.FULL
     stretch = runner.compute if runner.contended else None  # lanes slow a CPU executor down
     if ahead is None:
@@ -263,7 +267,11 @@ def executor_layer(
             released = ahead.issue(sched, runner, t_call, [])
         for r, e in early:
             dt = sizes[(layer, e)].full / exec_bps
-            t_exec = (t_exec if t_exec > r else r) + handoff
+            if r > t_exec:
+                if waits is not None:
+                    waits[1] += r - t_exec
+                t_exec = r
+            t_exec += handoff
             t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
             busy += dt
             released.append((layer, e))
@@ -271,6 +279,8 @@ def executor_layer(
             return t_exec, busy, released
         pending, first_call = resp.deferred, False
         if t_call > t_exec:
+            if waits is not None:
+                waits[0] += t_call - t_exec
             t_exec = t_call
         timed = [(_ready(d), d.expert) for d in resp.deliveries]
     elif not misses:
@@ -289,13 +299,19 @@ def executor_layer(
                 resp = sched.request(layer, pending, hits if first_call else [], released, used)
                 released = ahead.issue(sched, runner, t_call, []) if first_call else []
             if t_call > t_exec:
+                if waits is not None:
+                    waits[0] += t_call - t_exec
                 t_exec = t_call
             timed = [(_ready(d), d.expert) for d in resp.deliveries]
             pending, first_call = resp.deferred, False
         timed.sort(key=_first)  # stable: deliveries ready at once are computed in the order given
         for r, e in timed:
             dt = sizes[(layer, e)].full / exec_bps
-            t_exec = (t_exec if t_exec > r else r) + handoff
+            if r > t_exec:
+                if waits is not None:
+                    waits[1] += r - t_exec
+                t_exec = r
+            t_exec += handoff
             t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
             busy += dt
             released.append((layer, e))
@@ -359,6 +375,7 @@ def simulate(
     if progress is not None:
         progress.start(len(warm) + len(measured), 0)
     t = 0.0
+    waits, moe = [0.0, 0.0], 0.0  # idle on round trips and on experts, time inside MoE layers
     step_times: list[float] = []
     released: list = []
     notes: list = []
@@ -371,6 +388,7 @@ def simulate(
             marks = (t, runner.io_busy, list(runner.cpu_busy), runner.bytes_read)
             if ahead is not None:
                 ahead.reset_stats()
+            waits, moe = [0.0, 0.0], 0.0  # measured steps only
         t0 = t
         nxt = preds[i] if ahead is not None else None
         for pos, picks in enumerate(step):
@@ -390,7 +408,9 @@ def simulate(
                 notes,
                 profile.delivery_overhead_s,
                 ahead,
+                waits,
             )
+            moe += t_exec - t
             t = runner.compute(t_exec, non_layer)
         t = runner.compute(t, non_token)
         runner.now = t
@@ -405,6 +425,7 @@ def simulate(
     st = sched.stats()
     lb = pending.result() if pending is not None else {"tpot_s": float("nan"), "offline_tpot_s": float("nan")}
     tpot = sum(step_times) / len(step_times)
+    n = len(step_times)
     split = sched.split
     return SimResult(
         policy=policy,
@@ -431,4 +452,10 @@ def simulate(
         else None,
         replan=st.get("replan"),
         prefetch={**ahead.report(), "issued": st["prefetch_issued"]} if ahead is not None else None,
+        breakdown_s={
+            "round_trips": waits[0] / n,
+            "waiting_for_experts": waits[1] / n,
+            "expert_compute": (moe - waits[0] - waits[1]) / n,
+            "outside_moe": tpot - moe / n,
+        },
     )
