@@ -137,7 +137,10 @@ def main() -> None:
             f"bytes read engine {st['bytes_read'] / 1e6:.0f} MB (prefill included), simulated "
             f"{sim.bytes_read / 1e6:.0f} MB (decode steps); prefetch {_prefetch(st['prefetch'])} in the "
             f"engine, {_prefetch(sim.prefetch)} simulated\n  per token, engine / simulated (ms): "
-            + ", ".join(f"{k} {where[k]:.0f} / {1e3 * v:.0f}" for k, v in sim.breakdown_s.items())
+            + ", ".join(
+                f"{k} {where[k]:.0f} / {1e3 * v:.0f}" if where else f"{k} - / {1e3 * v:.0f}"
+                for k, v in sim.breakdown_s.items()
+            )
         )
     if args.json:
         Path(args.json).write_text(

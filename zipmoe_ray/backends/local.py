@@ -101,8 +101,8 @@ class LocalTransport:
         # in this process: answered at once (resolve hands the answer back as it is)
         return self.scheduler.request(layer, misses, hits, released, used)
 
-    def prefetch(self, layer, picks, released):
-        return self.scheduler.prefetch(layer, picks, released)  # in this process: answered at once
+    def prefetch(self, layer, picks, released, used):
+        return self.scheduler.prefetch(layer, picks, released, used)  # in this process: answered at once
 
     def resolve(self, pending):
         return pending

@@ -92,8 +92,8 @@ class RayTransport:
     def request(self, layer, misses, hits, released, used):
         return self.scheduler.request.remote(layer, misses, hits, released, used)  # resolved by resolve()
 
-    def prefetch(self, layer, picks, released):
-        return self.scheduler.prefetch.remote(layer, picks, released)  # ordered before the next request
+    def prefetch(self, layer, picks, released, used):
+        return self.scheduler.prefetch.remote(layer, picks, released, used)  # ordered before the next request
 
     def resolve(self, pending):
         import ray

@@ -14,8 +14,8 @@ executor_cores             CPU cores the executor computes on, shared with the d
                            threads); 0: it computes on an accelerator (the simulator then lets lanes
                            and executor run side by side undisturbed)
 request_overhead_s         one scheduler round trip per MoE layer that misses (Ray hops)
-delivery_overhead_s        executor time per delivered expert, beside computing it (waiting on its
-                           handle, mapping the object, building its weights)
+delivery_overhead_s        executor time per delivered expert, beside computing it (building its weights
+                           from the delivered buffers, the client's bookkeeping)
 non_moe_s_per_layer        executor time per layer outside the routed experts (attention, shared
                            experts, norms), per step; null: non-expert bytes of a layer / executor_gbps
 non_moe_s_per_token        per generated token outside the layers (embeddings, lm_head, sampling)

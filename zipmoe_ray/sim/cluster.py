@@ -179,7 +179,8 @@ def simulate_cluster(
                     ready = {d.expert: ready_time(d.parts or d.handle) for d in resp.deliveries}
                     for d in sorted(resp.deliveries, key=lambda d: max(ready[d.expert], arrive[d.expert])):
                         dt = sizes[(layer, d.expert)].full / exec_bps
-                        lane = max(lane, ready[d.expert], arrive[d.expert]) + dt
+                        # the node's ExpertHost takes the expert over (the profile's hand-over), then computes it
+                        lane = max(lane, ready[d.expert], arrive[d.expert]) + profile.delivery_overhead_s + dt
                         compute_busy[j] += dt
                         released[j].append((layer, d.expert))
                         nbytes = dict(wanted)[d.expert] * hidden_size * 2

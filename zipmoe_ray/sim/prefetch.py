@@ -75,7 +75,7 @@ class SimPrefetch:
             self.gated += 1
             return released
         runner.now = t
-        resp = sched.prefetch(layer, picks, released)
+        resp = sched.prefetch(layer, picks, released, self.take_used())
         self._pending[layer] = [
             _Arrival(d.expert, ready_time(d.handle if d.parts is None else d.parts)) for d in resp.deliveries
         ]

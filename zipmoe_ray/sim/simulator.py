@@ -3,8 +3,10 @@
 Nothing about caching or scheduling is re-implemented here: ``Scheduler`` (admission, demotion, waves,
 planning each layer) runs unchanged over a SimRunner whose tasks take the device profile's times. What is
 modelled is the executor: per MoE layer, one scheduler round trip when something misses
-(``request_overhead_s``), full-form hits computed first, each fetched expert computed when it is ready
-(``expert bytes / executor_gbps``), then the rest of the layer (``non_moe_s_per_layer``); per token,
+(``request_overhead_s``), full-form hits computed first, each fetched expert taken over
+(``delivery_overhead_s``) and computed when it is ready (``expert bytes / executor_gbps``), then the rest
+of the layer (``non_moe_s_per_layer``); a recorded trace's predictions are sent to the Scheduler's prefetch
+as the executor's client sends them (sim/prefetch.py); per token,
 ``non_moe_s_per_token``. On a CPU executor (the profile's ``executor_cores``) all of that work slows
 while decode lanes run on the same cores (``SimRunner.compute``). Time per step is the per-sequence TPOT;
 a step serves ``batch`` tokens.
@@ -32,6 +34,7 @@ from ..cache.split import SplitRule
 from ..errors import ConfigError
 from ..runtime.budget import minimum_budget
 from ..runtime.config import check_replan_every
+from ..runtime.stats import prefetch_stats
 from ..stages.scheduler import Scheduler, SchedulerConfig
 from . import background
 from .bound import executor_rates, lower_bound
@@ -231,7 +234,7 @@ def executor_layer(
     """One MoE layer on the executor's device from time ``t``, as the client runs it: held FULL experts are
     computed at once; the rest are requested (in waves, each after the last is computed) and computed in the
     order they become ready, each after ``handoff`` seconds of the executor's own time taking it over (the
-    profile's ``delivery_overhead_s``: waiting on the handle, mapping the object, building the weights).
+    profile's ``delivery_overhead_s``: building its weights from the delivered buffers, the bookkeeping).
     ``released`` goes out with the first request; hits without a request are added to ``notes`` (reported
     with the step). With ``ahead`` (recorded predictions replayed, sim/prefetch.py), experts prefetched for
     this layer are taken from their prefetch and computed after the hits, and the next layer's prediction
@@ -362,6 +365,11 @@ def simulate(
         warm, measured = workload.steps[:measure_from], workload.steps[measure_from:]
     first = len(warm)
     preds = workload.predictions
+    if preds and (len(preds) != len(workload.steps) or any(len(p) != len(workload.layers) for p in preds)):
+        raise ConfigError(
+            f"the workload's predictions cover {len(preds)} steps, its routing {len(workload.steps)}: "
+            "one list per layer for every step"
+        )
     ahead = SimPrefetch() if preds else None
     if preds:  # aligned with the steps replayed: warm-up, then the measured ones
         preds = preds[: len(warm)] + (preds if warm_start else preds[measure_from:])
@@ -451,7 +459,7 @@ def simulate(
         if plan is not None
         else None,
         replan=st.get("replan"),
-        prefetch={**ahead.report(), "issued": st["prefetch_issued"]} if ahead is not None else None,
+        prefetch=prefetch_stats(ahead.report(), st) if ahead is not None else None,
         breakdown_s={
             "round_trips": waits[0] / n,
             "waiting_for_experts": waits[1] / n,

@@ -153,9 +153,12 @@ class ExpertClient:
             self._shadow[layer] = [e for e, _ in picks]
             self.stats.gated += 1
             return
+        # used before released: an expert used and finished with since the last report is in both, and the
+        # scheduler must count its use before its flight is let go
         released, self._released = self._released, []
+        used, self._used = self._used, []
         self._event("prefetch", layer, len(picks))
-        self._prefetch[layer] = self.transport.prefetch(layer, picks, released)
+        self._prefetch[layer] = self.transport.prefetch(layer, picks, released, used)
         self.stats.predicted += len(picks)
 
     def _arrived(self, layer: int) -> None:

@@ -115,16 +115,18 @@ class ClusterScheduler:
                 out.deferred += resp.deferred
             return out
 
-    def prefetch(self, layer: int, picks, released=()) -> LayerResponse:
+    def prefetch(self, layer: int, picks, released=(), used=()) -> LayerResponse:
         """As Scheduler.prefetch for the experts homed on the executor's node (the others are computed
-        where they live, on request); releases go to every node."""
+        where they live, on request); releases and uses go to every node."""
         with self._lock:
             rel = self._by_home(released, tuple)
+            use = self._by_home(used, lambda u: (u[0], u[1]))
+            me = self.executor_node
             for name in self.alive:
-                if name != self.executor_node and name in rel:
-                    self.nodes[name].release(rel[name])
-            mine = [(e, t) for e, t in picks if self.home[(layer, e)] == self.executor_node]
-            return self.nodes[self.executor_node].prefetch(layer, mine, rel.get(self.executor_node, []))
+                if name != me and (name in rel or name in use):
+                    self.nodes[name].release(rel.get(name, []), use.get(name, []))
+            mine = [(e, t) for e, t in picks if self.home[(layer, e)] == me]
+            return self.nodes[me].prefetch(layer, mine, rel.get(me, []), use.get(me, []))
 
     def release(self, released=(), used=()) -> None:
         with self._lock:

@@ -118,8 +118,9 @@ class Transport(Protocol):
         (handles, which the scheduler gives at once), so the executor computes its hits meanwhile."""
         ...
 
-    def prefetch(self, layer: int, picks: list, released: list) -> Any:
-        """Have the scheduler start fetching ``picks`` ((expert, tokens) predicted for ``layer``); does not
+    def prefetch(self, layer: int, picks: list, released: list, used: list) -> Any:
+        """Have the scheduler start fetching ``picks`` ((expert, tokens) predicted for ``layer``), with the
+        reports gathered since the last call (``released``, ``used`` as for :meth:`request`); does not
         block: returns a pending answer for :meth:`resolve`."""
         ...
 

@@ -256,15 +256,23 @@ class Scheduler(Placement):
             if self.aside and self._quiet_steps > ASIDE_QUIET_STEPS:
                 self._set_aside(0)  # prefetches stopped (the gate shut): the cache takes the bytes back
 
-    def prefetch(self, layer: int, picks: list[tuple[int, int]], released: list[Key] = ()) -> LayerResponse:
+    def prefetch(
+        self,
+        layer: int,
+        picks: list[tuple[int, int]],
+        released: list[Key] = (),
+        used: list[tuple[int, int, int]] = (),
+    ) -> LayerResponse:
         """Start fetching ``picks`` ((expert, tokens) predicted for ``layer``, none of them held in FULL form
-        by the executor) ahead of the layer's routing. Nothing is counted as used until a later ``request``
-        or ``step`` names the expert in ``used``; what is never used is ``released`` like any fetch, its
+        by the executor) ahead of the layer's routing. Nothing is counted as used until a later call names
+        the expert in ``used`` (this one included, for earlier prefetches: uses are counted before
+        ``released`` lets their flights go); what is never used is ``released`` like any fetch, its
         admission decided by the ordinary rules. Only what fits the staging the cache gives up while
         prefetches arrive (``aside``; none on a budget too small to spare it) is fetched, so that a request
         never finds its reserve taken, and nothing already in flight. Returns handles at once, like
         ``request``."""
         with self._lock:
+            self._used(used)
             self._release(released)
             self._quiet_steps = 0
             self._set_aside(self._aside_bytes)
