@@ -268,16 +268,8 @@ def executor_layer(
             used = ahead.take_used()
             resp = sched.request(layer, misses, hits, released, used)
             released = ahead.issue(sched, runner, t_call, [])
-        for r, e in early:
-            dt = sizes[(layer, e)].full / exec_bps
-            if r > t_exec:
-                if waits is not None:
-                    waits[1] += r - t_exec
-                t_exec = r
-            t_exec += handoff
-            t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
-            busy += dt
-            released.append((layer, e))
+        t_exec, more = _computed(early, layer, t_exec, sizes, exec_bps, handoff, stretch, waits, released)
+        busy += more
         if not misses:
             return t_exec, busy, released
         pending, first_call = resp.deferred, False
@@ -308,22 +300,34 @@ def executor_layer(
             timed = [(_ready(d), d.expert) for d in resp.deliveries]
             pending, first_call = resp.deferred, False
         timed.sort(key=_first)  # stable: deliveries ready at once are computed in the order given
-        for r, e in timed:
-            dt = sizes[(layer, e)].full / exec_bps
-            if r > t_exec:
-                if waits is not None:
-                    waits[1] += r - t_exec
-                t_exec = r
-            t_exec += handoff
-            t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
-            busy += dt
-            released.append((layer, e))
+        t_exec, more = _computed(timed, layer, t_exec, sizes, exec_bps, handoff, stretch, waits, released)
+        busy += more
         if not pending:
             return t_exec, busy, released
         timed = None
 
 
 _first = itemgetter(0)
+
+
+def _computed(
+    arrivals, layer, t_exec, sizes, exec_bps, handoff, stretch, waits, released
+) -> tuple[float, float]:
+    """Compute ``arrivals`` ((ready time, expert), in order) from ``t_exec``: each once it is ready, after its
+    hand-over; idle time goes to ``waits[1]``, each expert to ``released``. Returns (the time the last is
+    computed, the compute seconds spent)."""
+    busy = 0.0
+    for r, e in arrivals:
+        dt = sizes[(layer, e)].full / exec_bps
+        if r > t_exec:
+            if waits is not None:
+                waits[1] += r - t_exec
+            t_exec = r
+        t_exec += handoff
+        t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
+        busy += dt
+        released.append((layer, e))
+    return t_exec, busy
 
 
 def simulate(
