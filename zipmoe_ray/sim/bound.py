@@ -193,9 +193,9 @@ def _project_simplex(x: np.ndarray) -> np.ndarray:
 
 def _lagrangian(pair, expert, npairs, costs, workers, budget, overheads=(0.0, 0.0), rounds=30, lr=0.5):
     """A lower bound on min over allocations (one form per expert within ``budget``) of the sum over
-    (step, layer) pairs of max(compute, round trip + max(reads, decodes / W, the longest expert chain:
-    read + decode over its pieces + hand-off + compute)), the round trip and hand-off (``overheads``)
-    paid only by a pair that fetches something.
+    (step, layer) pairs of max(compute + a hand-off per fetched expert (the executor takes each over in
+    turn), round trip + max(reads, decodes / W, the longest expert chain: read + decode over its pieces +
+    hand-off + compute)), the round trip and hand-off (``overheads``) paid only by a pair that fetches.
 
     For weights w (per pair, a point of the simplex over the four terms) and v (per pair, one active
     expert: its chain, and whether it is fetched, stand for the pair's), the pair's time is >= w . terms:
@@ -231,6 +231,9 @@ def _lagrangian(pair, expert, npairs, costs, workers, budget, overheads=(0.0, 0.
             v_exp, w3 / pieces[v_exp], n_exp
         )
         gamma = np.bincount(v_exp, np.where(empty, 0.0, trip * (w[0] + w[1] + w[3]) + handoff * w[3]), n_exp)
+        gamma += handoff * np.bincount(
+            expert, weights=w[2][pair], minlength=n_exp
+        )  # the executor's hand-offs
         const = float(np.sum(w[2] * cmp_pair) + np.sum(w3 * compute[v_exp]))
         cost = alpha[:, None] * read + beta[:, None] * dec + gamma[:, None] * fetch[None, :]
         value, choice = _mckp_lp(held, cost, budget)
@@ -241,7 +244,7 @@ def _lagrangian(pair, expert, npairs, costs, workers, budget, overheads=(0.0, 0.
             [
                 np.bincount(pair, weights=tab_read[opt], minlength=npairs) + ride,
                 np.bincount(pair, weights=tab_dec[opt], minlength=npairs) / workers + ride,
-                cmp_pair,
+                cmp_pair + handoff * np.bincount(pair, weights=fetch[choice[expert]], minlength=npairs),
                 np.where(empty, 0.0, tab_chain[v_exp * m + choice[v_exp]] + compute[v_exp]) + ride,
             ]
         )
