@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zipmoe_ray.stages.prefetch_gate import MIN_PRECISION
 from zipmoe_ray.stages.protocol import Delivery, LayerResponse
 from zipmoe_ray.store import open_store
 
@@ -179,7 +180,6 @@ def test_predicted_experts_arrive_bit_exact_without_a_request_and_wrong_guesses_
 
 def test_predictions_that_keep_missing_stop_being_fetched_and_are_scored_until_they_hit_again(store):
     from zipmoe_ray.cache import SplitRule
-    from zipmoe_ray.stages import client as client_mod
 
     # compressed form only: a wrong guess stays cached compressed and is decoded again when guessed again
     client, sched, runner = _pipeline(store, 1.0, split=SplitRule(full=0.0, compressed=1.0, sm=0.0))
@@ -197,7 +197,7 @@ def test_predictions_that_keep_missing_stop_being_fetched_and_are_scored_until_t
     try:
         steps(40, guess=5, route=2)  # always wrong
         rep = client.report()["prefetch"]
-        assert rep["running_precision"] < client_mod.MIN_PRECISION
+        assert rep["running_precision"] < MIN_PRECISION
         assert rep["gated"] > 0 and rep["predicted"] + rep["gated"] == 40
         fetched, gated = rep["predicted"], rep["gated"]
         assert fetched < 20  # the gate shut early: once shut, nothing more was fetched
@@ -206,7 +206,7 @@ def test_predictions_that_keep_missing_stop_being_fetched_and_are_scored_until_t
         assert rep["predicted"] == fetched and rep["gated"] == gated + 10  # scored, never fetched
         steps(40, guess=3, route=3)  # the routing turns predictable: the scored guesses reopen the gate
         rep = client.report()["prefetch"]
-        assert rep["running_precision"] >= client_mod.MIN_PRECISION
+        assert rep["running_precision"] >= MIN_PRECISION
         assert rep["predicted"] > fetched and rep["used"] > 0
         client.finish()
         assert sched.cache.staging == 0

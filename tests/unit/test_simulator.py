@@ -176,7 +176,7 @@ def test_a_delivered_expert_is_handed_over_on_the_executors_clock():
             entry = type("E", (), {"form": Form.DISK})()
             self.cache = type("C", (), {"entries": {(0, 0): entry, (0, 1): entry}})()
 
-        def request(self, layer, misses, hits, released):
+        def request(self, layer, misses, hits, released, used=()):
             from zipmoe_ray.sim.runner import SimHandle
             from zipmoe_ray.stages.protocol import Delivery, LayerResponse
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..cache.forms import Form
 from ..stages.prefetch_gate import PrefetchGate
-from .runner import ready_time
+from .runner import delivery_ready
 
 __all__ = ["SimPrefetch"]
 
@@ -22,17 +22,17 @@ class SimPrefetch:
     def __init__(self) -> None:
         self.gate = PrefetchGate()
         self.guess: tuple[int, list[tuple[int, int]]] | None = None  # (next layer, its recorded prediction)
-        self._pending: dict[int, list] = {}  # layer -> the deliveries of its prefetch's answer
+        self._pending: dict[int, list[tuple[int, float]]] = {}  # layer -> its prefetch's (expert, ready)
         self.prefetched: dict[tuple[int, int], float] = {}  # arrived for a layer not yet routed: ready time
         self._shadow: dict[int, list[int]] = {}  # gated predictions, scored when their layer routes
         self.used: list[tuple[int, int, int]] = []  # (layer, expert, tokens) to report
-        self.predicted = self.used_count = self.wasted = self.needed = self.gated = 0
+        self.reset_stats()
 
     def route(self, layer: int, picks, cache) -> tuple[list, list, list, list]:
         """``layer`` routes to ``picks``: its prefetch's answer arrives. Returns (FULL hits, prefetched
         experts it uses as (ready, expert), misses, the wrong guesses to release)."""
-        for d in self._pending.pop(layer, ()):
-            self.prefetched[(layer, d.expert)] = d.ready
+        for e, ready in self._pending.pop(layer, ()):
+            self.prefetched[(layer, e)] = ready
         entries = cache.entries
         hits, early, misses = [], [], []
         for e, tok in picks:
@@ -76,13 +76,12 @@ class SimPrefetch:
             return released
         runner.now = t
         resp = sched.prefetch(layer, picks, released, self.take_used())
-        self._pending[layer] = [
-            _Arrival(d.expert, ready_time(d.handle if d.parts is None else d.parts)) for d in resp.deliveries
-        ]
+        self._pending[layer] = [(d.expert, delivery_ready(d)) for d in resp.deliveries]
         self.predicted += len(picks)
         return []
 
     def reset_stats(self) -> None:
+        """Zero the counters (the gate and what is on its way are kept)."""
         self.predicted = self.used_count = self.wasted = self.needed = self.gated = 0
 
     def take_used(self) -> list[tuple[int, int, int]]:
@@ -98,10 +97,3 @@ class SimPrefetch:
             "gated": self.gated,
             "running_precision": self.gate.precision,
         }
-
-
-class _Arrival:
-    __slots__ = ("expert", "ready")
-
-    def __init__(self, expert: int, ready: float):
-        self.expert, self.ready = expert, ready

@@ -15,7 +15,7 @@ from collections import deque
 from ..cache.forms import ExpertSizes
 from ..schedule import CostModel
 
-__all__ = ["SimHandle", "SimRunner"]
+__all__ = ["SimHandle", "SimRunner", "delivery_ready"]
 
 
 class SimHandle:
@@ -48,6 +48,18 @@ def ready_time(x) -> float:
     if isinstance(x, (tuple, list)):
         return max((ready_time(y) for y in x), default=0.0)
     raise TypeError(f"not a simulated result: {type(x).__name__}")
+
+
+def delivery_ready(d) -> float:
+    """When a delivery (stages.protocol.Delivery) is usable: its handle's time, or its last piece's."""
+    parts = d.parts
+    if parts is None:
+        h = d.handle
+        return h.ready if type(h) is SimHandle else ready_time(h)
+    try:
+        return max([h.ready for h in parts])  # SimHandles (what the SimRunner makes)
+    except AttributeError:
+        return ready_time(parts)
 
 
 class SimRunner:

@@ -39,7 +39,7 @@ from ..stages.scheduler import Scheduler, SchedulerConfig
 from . import background
 from .bound import executor_rates, lower_bound
 from .prefetch import SimPrefetch
-from .runner import SimHandle, SimRunner, ready_time
+from .runner import SimRunner, delivery_ready
 
 __all__ = [
     "SIM_POLICIES",
@@ -204,18 +204,6 @@ def policy_setup(
     )
 
 
-def _ready(d) -> float:
-    """When a delivery is usable: its handle's time, or its last piece's."""
-    parts = d.parts
-    if parts is None:
-        h = d.handle
-        return h.ready if type(h) is SimHandle else ready_time(h)
-    try:
-        return max([h.ready for h in parts])  # SimHandles (what the SimRunner makes)
-    except AttributeError:
-        return ready_time(parts)
-
-
 def executor_layer(
     sched,
     runner,
@@ -255,56 +243,37 @@ def executor_layer(
     t_exec, busy = t, 0.0
     if not misses:
         notes.extend((layer, e, tok) for e, tok in hits)
-        if ahead is not None:
+        if ahead is not None:  # the next layer's prediction goes out at once
             released = ahead.issue(sched, runner, t, released)
     for e, _ in hits:
         dt = sizes[(layer, e)].full / exec_bps
         t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
         busy += dt
-    if early:
-        if misses:  # the request goes out first; the prefetched experts were on their way before it
-            t_call = t + overhead
-            runner.now = t_call
-            used = ahead.take_used()
-            resp = sched.request(layer, misses, hits, released, used)
-            released = ahead.issue(sched, runner, t_call, [])
+    if misses:  # the request (answered while the hits are computed), then the next layer's prediction
+        t_call = t + overhead
+        runner.now = t_call
+        used = ahead.take_used() if ahead is not None else ()
+        resp = sched.request(layer, misses, hits, released, used)
+        released = ahead.issue(sched, runner, t_call, []) if ahead is not None else []
+    if early:  # prefetched experts were on their way before the request went out
         t_exec, more = _computed(early, layer, t_exec, sizes, exec_bps, handoff, stretch, waits, released)
         busy += more
-        if not misses:
-            return t_exec, busy, released
-        pending, first_call = resp.deferred, False
+    if not misses:
+        return t_exec, busy, released
+    while True:  # each wave's deliveries, once its answer is in; a next wave once they are computed
         if t_call > t_exec:
             if waits is not None:
                 waits[0] += t_call - t_exec
             t_exec = t_call
-        timed = [(_ready(d), d.expert) for d in resp.deliveries]
-    elif not misses:
-        return t_exec, busy, released
-    else:
-        pending, first_call, timed = misses, True, None
-    while True:
-        if timed is None:
-            t_call = (t if first_call else max(t, t_exec)) + overhead
-            runner.now = t_call
-            if ahead is None:
-                resp = sched.request(layer, pending, hits if first_call else [], released)
-                released = []
-            else:
-                used = ahead.take_used() if first_call else []
-                resp = sched.request(layer, pending, hits if first_call else [], released, used)
-                released = ahead.issue(sched, runner, t_call, []) if first_call else []
-            if t_call > t_exec:
-                if waits is not None:
-                    waits[0] += t_call - t_exec
-                t_exec = t_call
-            timed = [(_ready(d), d.expert) for d in resp.deliveries]
-            pending, first_call = resp.deferred, False
-        timed.sort(key=_first)  # stable: deliveries ready at once are computed in the order given
+        timed = sorted([(delivery_ready(d), d.expert) for d in resp.deliveries], key=_first)  # stable
         t_exec, more = _computed(timed, layer, t_exec, sizes, exec_bps, handoff, stretch, waits, released)
         busy += more
-        if not pending:
+        if not resp.deferred:
             return t_exec, busy, released
-        timed = None
+        t_call = max(t, t_exec) + overhead
+        runner.now = t_call
+        resp = sched.request(layer, resp.deferred, [], released)
+        released = []
 
 
 _first = itemgetter(0)
@@ -436,8 +405,8 @@ def simulate(
     elapsed = t - marks[0] or 1e-12
     st = sched.stats()
     lb = pending.result() if pending is not None else {"tpot_s": float("nan"), "offline_tpot_s": float("nan")}
-    tpot = sum(step_times) / len(step_times)
     n = len(step_times)
+    tpot = sum(step_times) / n
     split = sched.split
     return SimResult(
         policy=policy,

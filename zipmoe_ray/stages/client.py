@@ -28,15 +28,13 @@ import torch
 
 from ..cache import Key
 from ..models.experts_impl import ExpertWeights
-from .prefetch_gate import MIN_PRECISION, PrefetchGate
+from .prefetch_gate import PrefetchGate
 from .protocol import Delivery
 from .weights import WeightBuilder
 
-__all__ = ["MIN_PRECISION", "ExpertClient", "response_waits"]
+__all__ = ["ExpertClient", "response_waits"]
 
 log = logging.getLogger(__name__)
-
-# when predictions are fetched: see stages/prefetch_gate.py (MIN_PRECISION re-exported for the tests)
 
 
 @dataclass
@@ -51,7 +49,7 @@ class ClientStats:
     prefetch_used: int = 0  # of those, the ones the layer really routed to
     prefetch_wasted: int = 0  # and the ones it did not
     needed: int = 0  # experts routed to that were not held in FULL form (predicted or not)
-    gated: int = 0  # layers predicted, not fetched (scored only): running precision below MIN_PRECISION
+    gated: int = 0  # layers predicted, not fetched (scored only): the gate shut (stages/prefetch_gate.py)
 
 
 def response_waits(events: list[tuple]) -> list[float]:
@@ -172,10 +170,6 @@ class ExpertClient:
             self._prefetched[(layer, d.expert)] = d
             self._owed.add((layer, d.expert))
 
-    def _scored(self, used: int, guessed: int) -> None:
-        """A predicted layer routed to ``used`` of its ``guessed`` experts (fetched or only scored)."""
-        self.gate.scored(used, guessed)
-
     def _unused(self, layer: int) -> int:
         """Release ``layer``'s prefetched experts that it did not route to; returns how many."""
         wrong = [k for k in self._prefetched if k[0] == layer]
@@ -230,7 +224,7 @@ class ExpertClient:
         wrong = self._unused(layer)
         shadow = self._shadow.pop(layer, ())
         routed = set(experts)
-        self._scored(len(ahead) + sum(e in routed for e in shadow), len(ahead) + wrong + len(shadow))
+        self.gate.scored(len(ahead) + sum(e in routed for e in shadow), len(ahead) + wrong + len(shadow))
         if not misses:
             self._hit_notes.extend((layer, e, t) for e, t in hits)
             self._ahead()
