@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -173,6 +174,28 @@ def server_metrics(base) -> str:
         return r.read().decode()
 
 
+def server_replan(text: str) -> dict | None:
+    """The server engine's online re-planning from its /metrics text: the split in use, rounds, and per
+    batch size the split chosen and its last round's median decode step (None: re-planning off)."""
+    out: dict = {"in_use": None, "rounds": 0, "by_batch": {}}
+    pat = re.compile(r"^(zipmoe_\w+)(?:\{(.*)\})? (\S+)$")
+    for line in text.splitlines():
+        m = pat.match(line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")), m.group(3)
+        if name == "zipmoe_split_in_use":
+            out["in_use"] = labels["split"]
+        elif name == "zipmoe_replan_rounds_total":
+            out["rounds"] = int(float(value))
+        elif name == "zipmoe_split_chosen":
+            out["by_batch"].setdefault(labels["batch"], {"step_s": {}})["split"] = labels["split"]
+        elif name == "zipmoe_replan_step_seconds":
+            b = out["by_batch"].setdefault(labels["batch"], {"step_s": {}})
+            b["step_s"][labels["split"]] = float(value)
+    return out if out["in_use"] else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the results here")
@@ -236,11 +259,13 @@ def main() -> None:
                 ray.shutdown()
         busy = sum(r["end"] - r["start"] for r in served)  # back to back, as one client would send them
         solo = summarize(served, busy, sum(r["tokens"] for r in served), 1)
+        solo["server_replan"] = server_replan(server_metrics(server.base))
         results.append(solo)
         log(f"  server {solo['output_tokens_per_s']:.2f} tok/s, TPOT p50 {solo['tpot_p50_s'] * 1e3:.0f} ms")
         for c in levels:
             log(f"{c} concurrent clients, {len(prompts)} requests ...")
             r = run_level(client, prompts, c, args.new_tokens)
+            r["server_replan"] = server_replan(server_metrics(server.base))  # as this level left it
             log(
                 f"  {r['output_tokens_per_s']:.2f} tok/s, {r['requests_per_s']:.3f} req/s, TTFT p50 "
                 f"{r['ttft_p50_s']:.2f} s, TPOT p50 {r['tpot_p50_s'] * 1e3:.0f} ms"
@@ -269,6 +294,7 @@ def main() -> None:
             "tpot_p95_s": pct([r["tpot_s"] for r in local], 0.95),
             "bytes_read": engine_stats["bytes_read"],
             "hits": engine_stats["hits"],
+            "replan": engine_stats.get("replan"),
         },
         "server": [{k: v for k, v in r.items() if k != "token_ids"} for r in results],
         "tokens_identical_one_at_a_time": same,
@@ -279,6 +305,15 @@ def main() -> None:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
+    rp = results[-1].get("server_replan")
+    if rp:
+        log(
+            "server's split per batch size: "
+            + ", ".join(
+                f"{b}: {v.get('split')}" for b, v in sorted(rp["by_batch"].items(), key=lambda x: int(x[0]))
+            )
+            + f" ({rp['rounds']} rounds)"
+        )
     print(
         f"bench_serve: {best['concurrency']} clients {best['output_tokens_per_s']:.2f} tok/s = {ratio:.2f}x one at a "
         f"time ({solo['output_tokens_per_s']:.2f}); TPOT at 1: server {tpot_srv * 1e3:.1f} ms, in-process "

@@ -2,7 +2,7 @@
 
 Request, token, latency, queue and batch metrics are counted where they happen (handlers and batcher); the
 engine's own counters (cache hits per form, disk misses, bytes read, cache peak) are read from
-``ZipMoEEngine.stats()`` at scrape time. They live in the server's own registry, on the API's port: Ray's
+``ZipMoEEngine.stats()`` at scrape time, with the online re-planning's choices. They live in the server's own registry, on the API's port: Ray's
 metrics route would need Ray's metrics agent port and a Prometheus scraping every node.
 """
 
@@ -45,6 +45,32 @@ class _EngineCollector:
             "zipmoe_cache_peak_bytes", "peak bytes held by the cache", value=s["peak_cache_bytes"]
         )
         yield GaugeMetricFamily("zipmoe_memory_budget_bytes", "the engine's memory budget", value=s["budget"])
+        yield from _replan(s.get("replan"))
+
+
+def _replan(r: dict[str, Any] | None):
+    """Online re-planning of the split between cache forms (stats()["replan"]; absent when off): the split
+    in use, and per batch size the split chosen and its last round's median decode step."""
+    if not r:
+        return
+    yield CounterMetricFamily("zipmoe_replan_rounds", "re-planning rounds completed", value=r["rounds"])
+    in_use = GaugeMetricFamily("zipmoe_split_in_use", "the cache split in use (1)", labels=["split"])
+    in_use.add_metric([r["in_use"]], 1)
+    yield in_use
+    chosen = GaugeMetricFamily(
+        "zipmoe_split_chosen", "the split kept for a batch size (1)", labels=["batch", "split"]
+    )
+    step = GaugeMetricFamily(
+        "zipmoe_replan_step_seconds",
+        "median decode step per candidate split in a batch size's last round",
+        labels=["batch", "split"],
+    )
+    for rows, b in sorted(r.get("by_batch", {}).items()):
+        chosen.add_metric([str(rows), b["split"]], 1)
+        for name, sec in b["step_s"].items():
+            step.add_metric([str(rows), name], sec)
+    yield chosen
+    yield step
 
 
 class ServeMetrics:
