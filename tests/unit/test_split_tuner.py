@@ -50,14 +50,39 @@ def test_rounds_repeat_every_n_decode_steps_and_follow_a_change_of_workload():
     assert t.name == "plan" and t.rounds == 2 and t.switches == 2
 
 
-def test_samples_of_another_batch_size_restart_the_round_from_the_split_in_use():
-    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=100, settle=0, window=4)
-    drive(t, {"plan": 0.5, "full-only": 0.3}, 4)  # the plan timed at batch 1; full-only now in use
-    assert t.name == "full-only"
-    rule = t.observe(2.0, rows=8)  # batch 8 arrives: its steps are not compared with batch 1's
-    assert rule == PLAN and t.name == "plan" and t.rounds == 0
-    drive(t, {"plan": 2.0, "full-only": 1.0}, 8, rows=8)
-    assert t.name == "full-only" and t.scores == {"plan": 2.0, "full-only": 1.0}
+def test_each_batch_size_has_its_own_rounds_and_its_own_choice():
+    """A server's generations alternate batch sizes and are shorter than a round: each size's round is
+    paused and resumed, never compared with another size's steps, and each size keeps its own split."""
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=100, settle=2, window=4)
+    cost = {1: {"plan": 0.2, "full-only": 0.3}, 8: {"plan": 2.0, "full-only": 1.0}}
+    for _ in range(6):  # generations of 5 decode steps, batch 8 then batch 1
+        for rows in (8, 1):
+            for _ in range(5):
+                t.observe(cost[rows][t.name], rows)
+    by = t.report()["by_batch"]
+    assert by[1] == {"split": "plan", "measuring": False, "step_s": {"plan": 0.2, "full-only": 0.3}}
+    assert by[8] == {"split": "full-only", "measuring": False, "step_s": {"plan": 2.0, "full-only": 1.0}}
+    assert t.rounds == 2 and t.switches == 1  # batch 8 began on the plan and left it; batch 1 kept it
+    # once chosen, a batch size gets its split at once, with no round until `every` steps of that size
+    assert t.name == "plan"
+    assert t.observe(5.0, rows=8) == FULL and t.name == "full-only"
+    assert t.observe(0.2, rows=1) == PLAN and t.name == "plan"
+    assert not t.measuring and t.rounds == 2
+
+
+def test_a_paused_round_resumes_with_the_samples_it_had():
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=100, settle=1, window=4)
+    for _ in range(3):  # batch 1: 1 settling step, 2 of the plan's 4 samples
+        t.observe(0.5, rows=1)
+    assert t.observe(9.0, rows=4) is None  # batch 4's round starts on the split in use: no switch
+    for _ in range(8):  # batch 4 times the plan (1 settling + 4 samples), then begins on full-only
+        t.observe(9.0, rows=4)
+    assert t.name == "full-only" and t.report()["by_batch"][4]["measuring"]
+    assert t.observe(0.5, rows=1) == PLAN  # batch 1's round again: the plan, settling first
+    for _ in range(2):  # the 2 samples it still needs
+        t.observe(0.5, rows=1)
+    assert t.name == "full-only"  # the plan's median is in: full-only's turn
+    assert t.report()["by_batch"][1]["measuring"]
 
 
 def test_bad_settings_are_refused():
@@ -180,7 +205,8 @@ def test_the_scheduler_re_plans_from_decode_step_times_and_reports_it(tiny_store
     assert r["step_s"] == {"start-up plan": 0.5, "full-only": 0.2}
     assert sched.stats()["plan"]["rule"] == FULL.describe()
     sched.step()  # a prefill step (no timing) is not a sample
-    assert sched.tuner._held == 0
+    assert sched.tuner._sizes[1].held == 0
+    assert r["by_batch"] == {1: {"split": "full-only", "measuring": False, "step_s": r["step_s"]}}
 
 
 def test_no_tuner_for_classic_offloading_or_when_off(tiny_stores):

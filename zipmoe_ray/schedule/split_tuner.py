@@ -7,10 +7,15 @@ engine measures instead of trusting the model: each round it runs every candidat
 classic offloading's split, full experts only, always among them) for a few decode steps, lets the cache
 settle into it, times the steps that follow, and keeps the candidate whose median step was the shortest.
 The split in use stays unless another is faster by more than ``MARGIN``. A round starts at once and then
-every ``every`` decode steps, so a change of workload (another prompt mix, batch size) is seen.
+every ``every`` decode steps, so a change of workload (another prompt mix) is seen.
 
 Only decode steps count (a prefill's length says nothing about the split), and only steps of one batch
-size are compared within a round: when the batch size changes, the round restarts from the split in use.
+size are compared: each batch size has its own rounds and its own choice. A server's batch size changes
+with every generation (a batch of 8 prompts, then 1, then 4) and a generation is often shorter than a
+round, so a round interrupted by another batch size is paused, not lost: when that size comes back, the
+split it was timing is put in use again, settles again, and the round goes on with the samples it had. A
+size whose round has ended gets the split chosen for it at once, until its next round is due.
+
 Each step is one sample; nothing here reads a clock or touches the cache: the Scheduler feeds it the step
 times the executor measured and applies the split it returns (Scheduler.set_split).
 """
@@ -30,34 +35,43 @@ MARGIN = 0.05  # another candidate must be this much faster than the split in us
 
 
 @dataclass
+class _Size:
+    """One batch size's re-planning: its choice, and its round while one runs."""
+
+    chosen: int  # the split kept for this size (before its first round ends: the one in use when it began)
+    queue: list[int] = field(default_factory=list)  # candidates still to time this round (the first: timing)
+    incumbent: int = 0  # the split in use when the round began
+    scores: dict[int, float] = field(default_factory=dict)  # this round's medians so far
+    samples: list[float] = field(default_factory=list)  # of the candidate being timed
+    seen: int = 0  # decode steps of this size since that candidate was (last) put in use
+    settle: int = 0  # of which not timed
+    held: int = 0  # decode steps of this size since its last round ended
+
+
+@dataclass
 class SplitTuner:
-    """Chooses among ``candidates`` ((name, SplitRule), the start-up split first) by measured step time.
-    ``every``: decode steps between rounds (the first round starts at once)."""
+    """Chooses among ``candidates`` ((name, SplitRule), the start-up split first) by measured step time, per
+    batch size. ``every``: decode steps of one batch size between its rounds (its first round starts at
+    once)."""
 
     candidates: list[tuple[str, SplitRule]]
     every: int = 256
     settle: int = SETTLE_STEPS
     window: int = WINDOW_STEPS
     current: int = 0  # index of the split in use
-    rounds: int = 0  # rounds completed
+    rounds: int = 0  # rounds completed (all batch sizes)
     switches: int = 0  # rounds that ended on another split than the one in use when they began
     changes: int = 0  # splits put in use (to time a candidate, to come back, or to keep a faster one)
     scores: dict[str, float] = field(default_factory=dict)  # the last round's median decode-step seconds
-    _queue: list[int] = field(default_factory=list)  # candidates still to time this round (the first in use)
-    _incumbent: int = 0  # the split in use when the round began
-    _round: dict[int, float] = field(default_factory=dict)
-    _rows: int | None = None  # batch size of this round's samples
-    _seen: int = 0  # decode steps since the candidate being timed was put in use
-    _settle_now: int = 0
-    _samples: list[float] = field(default_factory=list)
-    _held: int = 0  # decode steps since the last round ended
+    _sizes: dict[int, _Size] = field(default_factory=dict)  # by rows
+    _rows: int | None = None  # batch size of the last sample
+    _last: dict[int, dict[str, float]] = field(default_factory=dict)  # each size's last round's scores
 
     def __post_init__(self):
         if len(self.candidates) < 2:
             raise ValueError("a split tuner needs at least two candidates")
         if self.every < 1 or self.window < 1 or self.settle < 0:
             raise ValueError("every and window must be at least 1, settle at least 0")
-        self._begin(warm=False)
 
     @property
     def name(self) -> str:
@@ -66,61 +80,70 @@ class SplitTuner:
 
     @property
     def measuring(self) -> bool:
-        return bool(self._queue)
+        """A round runs for the batch size of the last sample (or, before any, will start at once)."""
+        s = self._sizes.get(self._rows) if self._rows is not None else None
+        return s is None or bool(s.queue)
 
-    def _begin(self, warm: bool) -> None:
-        self._incumbent = self.current
-        self._queue = [self.current] + [i for i in range(len(self.candidates)) if i != self.current]
-        self._round, self._samples, self._rows, self._seen = {}, [], None, 0
-        self._settle_now = 0 if warm else self.settle
+    def _begin(self, s: _Size, warm: bool) -> None:
+        s.incumbent = self.current
+        s.queue = [self.current] + [i for i in range(len(self.candidates)) if i != self.current]
+        s.scores, s.samples, s.seen = {}, [], 0
+        s.settle = 0 if warm else self.settle
 
     def observe(self, seconds: float, rows: int = 1) -> SplitRule | None:
         """One decode step of ``rows`` sequences took ``seconds``; returns the split to switch to now, or
         None to keep the one in use."""
-        rule = self._observe(seconds, rows)
-        self.changes += rule is not None
-        return rule
-
-    def _observe(self, seconds: float, rows: int) -> SplitRule | None:
-        if not self._queue:
-            self._held += 1
-            if self._held < self.every:
-                return None
-            self._begin(warm=True)  # the split in use has been running: time it at once
-        if self._rows is not None and rows != self._rows:  # another batch size: compare like with like
-            back = self.current != self._incumbent
-            self.current = self._incumbent
-            self._begin(warm=not back)
-            if back:
-                return self.candidates[self.current][1]
-        self._rows = rows
-        self._seen += 1
-        if self._seen <= self._settle_now:
+        before = self.current
+        self._observe(seconds, rows)
+        if self.current == before:
             return None
-        self._samples.append(seconds)
-        if len(self._samples) < self.window:
-            return None
-        self._round[self.current] = median(self._samples)
-        self._queue.pop(0)
-        self._samples, self._seen, self._settle_now = [], 0, self.settle
-        if self._queue:  # time the next candidate
-            self.current = self._queue[0]
-            return self.candidates[self.current][1]
-        return self._decide()
+        self.changes += 1
+        return self.candidates[self.current][1]
 
-    def _decide(self) -> SplitRule | None:
-        r = self._round
+    def _observe(self, seconds: float, rows: int) -> None:
+        s = self._sizes.get(rows)
+        if rows != self._rows:  # another batch size: its own round or choice, never compared with this one
+            self._rows = rows
+            if s is None:  # first seen: its round starts from the split in use, which it did not pick
+                s = self._sizes[rows] = _Size(chosen=self.current)
+                self._begin(s, warm=False)
+            elif s.queue:  # its round was paused: the split it was timing again (settled again if it changes)
+                if self.current != s.queue[0]:
+                    self.current = s.queue[0]
+                    s.seen, s.settle = 0, self.settle
+            else:
+                self.current = s.chosen
+        if not s.queue:
+            s.held += 1
+            if s.held < self.every:
+                return
+            self._begin(s, warm=True)  # the split in use has been running: time it at once
+        s.seen += 1
+        if s.seen <= s.settle:
+            return
+        s.samples.append(seconds)
+        if len(s.samples) < self.window:
+            return
+        s.scores[self.current] = median(s.samples)
+        s.queue.pop(0)
+        s.samples, s.seen, s.settle = [], 0, self.settle
+        if s.queue:  # time the next candidate
+            self.current = s.queue[0]
+            return
+        self._decide(s, rows)
+
+    def _decide(self, s: _Size, rows: int) -> None:
+        r = s.scores
         self.rounds += 1
-        self.scores = {self.candidates[i][0]: s for i, s in sorted(r.items())}
+        self.scores = self._last[rows] = {self.candidates[i][0]: v for i, v in sorted(r.items())}
         best = min(r, key=lambda i: (r[i], i))
-        keep = best if r[best] < r[self._incumbent] * (1 - MARGIN) else self._incumbent
-        self.switches += keep != self._incumbent
-        self._held = 0
-        timed_last, self.current = self.current, keep
-        return self.candidates[keep][1] if keep != timed_last else None
+        keep = best if r[best] < r[s.incumbent] * (1 - MARGIN) else s.incumbent
+        self.switches += keep != s.incumbent
+        s.held, s.chosen, self.current = 0, keep, keep
 
     def report(self) -> dict:
-        """For stats(): the split in use, the last round's scores, rounds and switches."""
+        """For stats(): the split in use, the last round's scores, rounds and switches, and per batch size
+        the split chosen (or still being timed) and its last round's scores."""
         return {
             "in_use": self.name,
             "measuring": self.measuring,
@@ -129,4 +152,12 @@ class SplitTuner:
             "switches": self.switches,
             "changes": self.changes,
             "every_steps": self.every,
+            "by_batch": {
+                rows: {
+                    "split": self.candidates[s.chosen][0],
+                    "measuring": bool(s.queue),
+                    "step_s": dict(self._last.get(rows, {})),
+                }
+                for rows, s in sorted(self._sizes.items())
+            },
         }
