@@ -53,16 +53,18 @@ def test_rounds_repeat_every_n_decode_steps_and_follow_a_change_of_workload():
 def test_each_batch_size_has_its_own_rounds_and_its_own_choice():
     """A server's generations alternate batch sizes and are shorter than a round: each size's round is
     paused and resumed, never compared with another size's steps, and each size keeps its own split."""
-    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=100, settle=2, window=4)
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=12, settle=2, window=4)
     cost = {1: {"plan": 0.2, "full-only": 0.3}, 8: {"plan": 2.0, "full-only": 1.0}}
-    for _ in range(6):  # generations of 5 decode steps, batch 8 then batch 1
+    for _ in range(5):  # generations of 5 decode steps, batch 8 then batch 1
         for rows in (8, 1):
             for _ in range(5):
                 t.observe(cost[rows][t.name], rows)
     by = t.report()["by_batch"]
     assert by[1] == {"split": "plan", "measuring": False, "step_s": {"plan": 0.2, "full-only": 0.3}}
     assert by[8] == {"split": "full-only", "measuring": False, "step_s": {"plan": 2.0, "full-only": 1.0}}
-    assert t.rounds == 2 and t.switches == 1  # batch 8 began on the plan and left it; batch 1 kept it
+    # batch 8, timed at once, began on the plan and left it; batch 1 began on what batch 8 kept then (the
+    # plan: its round had not ended) and kept it after its own round, 12 steps later
+    assert t.rounds == 2 and t.switches == 1
     # once chosen, a batch size gets its split at once, with no round until `every` steps of that size
     assert t.name == "plan"
     assert t.observe(5.0, rows=8) == FULL and t.name == "full-only"
@@ -70,12 +72,21 @@ def test_each_batch_size_has_its_own_rounds_and_its_own_choice():
     assert not t.measuring and t.rounds == 2
 
 
+def test_a_batch_size_seen_later_starts_on_the_split_in_use_and_is_timed_after_every_steps():
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=20, settle=0, window=2)
+    drive(t, {"plan": 0.5, "full-only": 0.3}, 4)  # batch 1: full-only kept
+    assert t.name == "full-only" and t.rounds == 1
+    assert drive(t, {"plan": 0.1, "full-only": 3.0}, 19, rows=8) == []  # not timed yet: stays
+    assert t.report()["by_batch"][8] == {"split": "full-only", "measuring": False, "step_s": {}}
+    assert drive(t, {"plan": 0.1, "full-only": 3.0}, 5, rows=8) == [(1, "plan")]  # due: timed, kept
+    assert t.report()["by_batch"][8]["split"] == "plan"
+
+
 def test_a_paused_round_resumes_with_the_samples_it_had():
-    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=100, settle=1, window=4)
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=8, settle=1, window=4)
     for _ in range(3):  # batch 1: 1 settling step, 2 of the plan's 4 samples
         t.observe(0.5, rows=1)
-    assert t.observe(9.0, rows=4) is None  # batch 4's round starts on the split in use: no switch
-    for _ in range(8):  # batch 4 times the plan (1 settling + 4 samples), then begins on full-only
+    for _ in range(7 + 4 + 1 + 2):  # batch 4: 7 steps, its round on the plan (4 samples), full-only (1 + 2)
         t.observe(9.0, rows=4)
     assert t.name == "full-only" and t.report()["by_batch"][4]["measuring"]
     assert t.observe(0.5, rows=1) == PLAN  # batch 1's round again: the plan, settling first

@@ -14,7 +14,11 @@ size are compared: each batch size has its own rounds and its own choice. A serv
 with every generation (a batch of 8 prompts, then 1, then 4) and a generation is often shorter than a
 round, so a round interrupted by another batch size is paused, not lost: when that size comes back, the
 split it was timing is put in use again, settles again, and the round goes on with the samples it had. A
-size whose round has ended gets the split chosen for it at once, until its next round is due.
+size whose round has ended gets the split chosen for it at once. Only the first batch size is timed at
+once; a size seen later starts on the split kept for the size before it and has its first round after
+``every`` of its own steps, like any later round: timing a losing candidate costs steps, and on a server that meets a new size
+with every generation, rounds at once would keep timing the loser (measured: bench_serve, 8 clients 9%
+slower that way on this project's 2-core VM, where full-only wins at every size).
 
 Each step is one sample; nothing here reads a clock or touches the cache: the Scheduler feeds it the step
 times the executor measured and applies the split it returns (Scheduler.set_split).
@@ -51,8 +55,8 @@ class _Size:
 @dataclass
 class SplitTuner:
     """Chooses among ``candidates`` ((name, SplitRule), the start-up split first) by measured step time, per
-    batch size. ``every``: decode steps of one batch size between its rounds (its first round starts at
-    once)."""
+    batch size. ``every``: decode steps of one batch size between its rounds (the first batch size's first
+    round starts at once)."""
 
     candidates: list[tuple[str, SplitRule]]
     every: int = 256
@@ -80,7 +84,7 @@ class SplitTuner:
 
     @property
     def measuring(self) -> bool:
-        """A round runs for the batch size of the last sample (or, before any, will start at once)."""
+        """A round runs for the batch size of the last sample (or, before any sample, will start at once)."""
         s = self._sizes.get(self._rows) if self._rows is not None else None
         return s is None or bool(s.queue)
 
@@ -103,10 +107,14 @@ class SplitTuner:
     def _observe(self, seconds: float, rows: int) -> None:
         s = self._sizes.get(rows)
         if rows != self._rows:  # another batch size: its own round or choice, never compared with this one
+            prev = self._sizes.get(self._rows) if self._rows is not None else None
             self._rows = rows
-            if s is None:  # first seen: its round starts from the split in use, which it did not pick
-                s = self._sizes[rows] = _Size(chosen=self.current)
-                self._begin(s, warm=False)
+            if s is None:  # first seen: timed at once if it is the first size, else on the last size's split
+                s = self._sizes[rows] = _Size(chosen=self.current if prev is None else prev.chosen)
+                if prev is None:
+                    self._begin(s, warm=False)
+                else:
+                    self.current = s.chosen
             elif s.queue:  # its round was paused: the split it was timing again (settled again if it changes)
                 if self.current != s.queue[0]:
                     self.current = s.queue[0]
