@@ -30,6 +30,13 @@ def open_backend(store_dir: str, store, config, stages=None) -> Backend:
 
         infos = discover_nodes(list(config.nodes) if config.nodes else None)
         if len(infos) > 1:
+            if config.lanes == "executor":
+                from ..errors import ConfigError
+
+                raise ConfigError(
+                    f"--lanes executor runs one node's lanes in its executor, but this cluster has {len(infos)} "
+                    "nodes: use --lanes actors, or name one node with --nodes"
+                )
             from .cluster import ClusterBackend
 
             return ClusterBackend(store_dir, store, config, started_ray=started, infos=infos)

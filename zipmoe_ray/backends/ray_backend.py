@@ -22,6 +22,7 @@ from .cluster_nodes import NodeInfo, node_entry, pin
 from .ray_stages import (
     Stages,
     kill_and_wait,
+    start_colocated_scheduler,
     start_decompressors,
     start_executor,
     start_loader,
@@ -180,11 +181,19 @@ class RayBackend(Backend):
             self._place = {"resources": dict(config.resources)}
 
     # -- start-up ----------------------------------------------------------------------------------------
+    @property
+    def colocated(self) -> bool:
+        """The lanes run as threads in the executor's process (``lanes="executor"``; backends/colocated.py)."""
+        return self.config.lanes == "executor" and self.given is None
+
     def start_lanes(self) -> None:
         if self.given is not None:
             self.loader, self.decompressors = self.given.loader, self.given.decompressors
             return
         cfg = self.config
+        if self.colocated:  # started by the executor, in its process
+            self.loader, self.decompressors = None, []
+            return
         self.loader = start_loader(self.store_dir, cfg.read_options(), **self._place)
         self.decompressors = start_decompressors(self.store_dir, cfg.workers, **self._place)
         self._owned = [self.loader, *self.decompressors]
@@ -193,6 +202,14 @@ class RayBackend(Backend):
     def calibrate(self):
         from ..schedule.costs import CostModel
 
+        if (
+            self.colocated
+        ):  # the lanes will run on this node: measure them here, as the executor will run them
+            from ..stages.decompressor import Decompressor
+            from ..stages.loader import IOLoader
+
+            io = IOLoader(self.store_dir, self.config.read_options()).calibrate(None, 16 << 20)
+            return CostModel.calibrated(io, Decompressor(self.store_dir, 0).calibrate(None, 16 << 20))
         io, dec = wait(
             [
                 self.loader.calibrate.remote(None, 16 << 20),
@@ -206,9 +223,20 @@ class RayBackend(Backend):
             self.scheduler, self.executor = self.given.scheduler, self.given.executor
         else:
             cfg = self.config
-            self.scheduler = start_scheduler(
-                self.store_dir, sched_config, self.loader, self.decompressors, **self._place
-            )
+            transport = None
+            if self.colocated:
+                from .colocated import ColocatedTransport
+
+                self.scheduler = start_colocated_scheduler(
+                    self.store_dir, sched_config, cfg.workers, **self._place
+                )
+                transport = ColocatedTransport(
+                    self.scheduler, self.store_dir, cfg.read_options(), cfg.workers
+                )
+            else:
+                self.scheduler = start_scheduler(
+                    self.store_dir, sched_config, self.loader, self.decompressors, **self._place
+                )
             self.executor = start_executor(
                 self.store_dir,
                 self.scheduler,
@@ -217,6 +245,7 @@ class RayBackend(Backend):
                 torch_threads=cfg.torch_threads,
                 timeline=cfg.timeline,
                 prefetch=cfg.prefetch,
+                transport=transport,
                 **self._place,
             )
             self._owned += [self.scheduler, self.executor]
@@ -249,13 +278,17 @@ class RayBackend(Backend):
 
     def lane_stats(self, sched: dict) -> LaneStats:
         name, address = (self.node.name, self.node.address) if self.node else ("local", "local")
-        got = wait([self.loader.stats.remote(), *(d.stats.remote() for d in self.decompressors)])
-        loader, decs = got[0], got[1:]
+        if self.colocated:
+            loader, decs = wait(self.executor.lane_stats.remote())
+        else:
+            got = wait([self.loader.stats.remote(), *(d.stats.remote() for d in self.decompressors)])
+            loader, decs = got[0], got[1:]
         homed = len(self.store.index.experts)
         return LaneStats({name: node_entry(address, loader, decs, None, sched, homed)}, [loader], decs)
 
     def _stages(self) -> list:
-        return [self.loader, *self.decompressors, self.scheduler, self.executor]
+        lanes = [] if self.loader is None else [self.loader, *self.decompressors]
+        return [*lanes, self.scheduler, self.executor]
 
     def reset_stats(self) -> None:
         wait([a.reset_stats.remote() for a in self._stages()])

@@ -19,9 +19,10 @@ from ..errors import ConfigError
 from ..store.io import READ_MODES, ReadOptions
 from .sizes import parse_bandwidth
 
-__all__ = ["BACKENDS", "CliOption", "EngineConfig", "check_replan_every", "parse_address"]
+__all__ = ["BACKENDS", "LANES", "CliOption", "EngineConfig", "check_replan_every", "parse_address"]
 
 BACKENDS = ("ray", "local")
+LANES = ("actors", "executor")  # where the Ray backend runs its I/O and decode lanes (backends/colocated.py)
 
 
 def check_replan_every(value) -> None:
@@ -83,6 +84,15 @@ class EngineConfig:
         default=None, metadata=_cli("decode lanes W (default: one per CPU core)", parse=int, metavar="W")
     )
     backend: str = field(default="ray", metadata=_cli("where the stages run", choices=BACKENDS))
+    lanes: str = field(
+        default="actors",
+        metadata=_cli(
+            "ray backend on one node: where the I/O and decode lanes run, as actors exchanging planes "
+            "through the object store, or as threads in the executor's process, the scheduler staying the "
+            "central actor (fewer copies and task submissions on the cores the model uses)",
+            choices=LANES,
+        ),
+    )
     address: str | None = field(
         default=None,
         metadata=_cli("attach to a running Ray cluster at HOST:PORT (default: start one in this process)"),
@@ -207,6 +217,12 @@ class EngineConfig:
             raise ConfigError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.address is not None and self.backend != "ray":
             raise ConfigError("--address needs the ray backend")
+        if self.lanes not in LANES:
+            raise ConfigError(f"lanes {self.lanes!r} is not one of {', '.join(LANES)}")
+        if self.lanes == "executor" and self.backend != "ray":
+            raise ConfigError(
+                "--lanes executor is for the ray backend (the local backend runs every lane as a thread)"
+            )
         if self.address is not None:
             if not isinstance(self.address, str):
                 raise ConfigError(f"address must be HOST:PORT, got {self.address!r}")

@@ -373,7 +373,8 @@ class ExpertClient:
         """The generation is over: release what was prefetched for layers it did not reach and, when it
         failed inside a layer, every expert delivered to it and not yet released (in use, arrived or still
         on its way: a result that lands later is dropped with its handle). Does not block but for prefetch
-        answers still on their way."""
+        answers still on their way, and with lanes in the executor for the scheduler's last answers
+        (backends/colocated.py)."""
         self._guess = None
         self._shadow.clear()
         for layer in list(self._prefetch):
@@ -387,6 +388,9 @@ class ExpertClient:
             released, self._released = self._released, []
             used, self._used = self._used, []
             self.transport.release(released, used)
+        settle = getattr(self.transport, "settle", None)
+        if settle is not None:
+            settle()
 
     def report(self) -> dict:
         s = self.stats

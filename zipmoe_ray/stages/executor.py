@@ -304,6 +304,17 @@ class Executor:
         self.client.reset_stats()
         if self.client.events is not None:
             self.client.events.clear()
+        reset_lanes = getattr(self.client.transport, "reset_lane_stats", None)
+        if reset_lanes is not None:  # lanes in this process (backends/colocated.py)
+            reset_lanes()
+
+    def held_results(self) -> set[int]:
+        """Lanes in this process: the scheduler's tokens whose results it holds (diagnostics)."""
+        return self.client.transport.held_results()
+
+    def lane_stats(self) -> tuple[dict, list[dict]]:
+        """(I/O loader, per decode lane) stats of the lanes that run in this process (``lanes="executor"``)."""
+        return self.client.transport.lane_stats()
 
     def timeline(self) -> list[tuple]:
         """The recorded MoE-layer events (with ``timeline``): (unix time, kind, layer, expert, extra)."""
