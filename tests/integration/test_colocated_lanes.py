@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from zipmoe_ray.engine import ZipMoEEngine
-from zipmoe_ray.errors import ConfigError
 
 from ..runtime_helpers import BATCH1, BATCH4, reference, start_ray
 
@@ -77,8 +76,3 @@ def test_re_planning_demotions_through_tokens_stay_bit_exact(tiny_stores, tiny_m
     assert all(torch.equal(out.logits[i], ref_logits[i][0]) for i in range(len(ref_logits)))
     assert s["replan"]["changes"] >= 2
     assert s["peak_cache_bytes"] <= s["budget"]
-
-
-def test_lanes_in_the_executor_need_the_ray_backend(tiny_stores):
-    with pytest.raises(ConfigError, match="ray backend"):
-        ZipMoEEngine(tiny_stores["qwen2_moe"], memory_budget="50%", backend="local", lanes="executor")

@@ -89,7 +89,8 @@ class EngineConfig:
         metadata=_cli(
             "ray backend on one node: where the I/O and decode lanes run, as actors exchanging planes "
             "through the object store, or as threads in the executor's process, the scheduler staying the "
-            "central actor (fewer copies and task submissions on the cores the model uses)",
+            "central actor (fewer copies and task submissions on the cores the model uses; the local "
+            "backend's lanes are always threads of its one process)",
             choices=LANES,
         ),
     )
@@ -219,10 +220,6 @@ class EngineConfig:
             raise ConfigError("--address needs the ray backend")
         if self.lanes not in LANES:
             raise ConfigError(f"lanes {self.lanes!r} is not one of {', '.join(LANES)}")
-        if self.lanes == "executor" and self.backend != "ray":
-            raise ConfigError(
-                "--lanes executor is for the ray backend (the local backend runs every lane as a thread)"
-            )
         if self.address is not None:
             if not isinstance(self.address, str):
                 raise ConfigError(f"address must be HOST:PORT, got {self.address!r}")
