@@ -36,9 +36,9 @@ def _start(store_dir, **kw):
 
 def test_one_node_runs_every_stage_as_an_actor_and_close_kills_them(tiny_stores, tiny_models, ray_cluster):
     ray = ray_cluster
-    backend = _start(tiny_stores["qwen3_moe"])
+    backend = _start(tiny_stores["qwen3_moe"], lanes="actors")  # lanes="auto" runs them in the executor
     try:
-        assert isinstance(backend, RayBackend) and backend.nodes == 1
+        assert isinstance(backend, RayBackend) and backend.nodes == 1 and not backend.colocated
         assert not backend.started_ray  # attached to the module's instance: close must not shut it down
         ref, _ = reference(tiny_models["qwen3_moe"], "qwen3_moe", BATCH1, 5)
         assert backend.call("executor", "generate", GenerateRequest(BATCH1, 5)).token_ids == ref

@@ -31,7 +31,12 @@ def test_killed_decompressor_restarts_and_tokens_are_identical(tiny_stores, tiny
     ref_ids, _ = reference(tiny_models["qwen2_moe"], "qwen2_moe", BATCH1, n)
     # a slow emulated SSD keeps the generation running long enough to kill a decompressor in the middle
     with ZipMoEEngine(
-        tiny_stores["qwen2_moe"], memory_budget="10%", backend="ray", num_decompressors=2, bandwidth=1.5e6
+        tiny_stores["qwen2_moe"],
+        memory_budget="10%",
+        backend="ray",
+        lanes="actors",  # restartable lane actors (lanes in the executor live and die with it)
+        num_decompressors=2,
+        bandwidth=1.5e6,
     ) as engine:
         victim = engine._backend.decompressors[0]
         before = ray.get(victim.stats.remote())["uptime_s"]

@@ -1,4 +1,4 @@
-"""The stages' contracts (stages/protocol.py): the three task runners and both transports keep them."""
+"""The stages' contracts (stages/protocol.py): every task runner and transport keeps them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 
+from zipmoe_ray.backends.colocated import ColocatedTransport, TokenRunner
 from zipmoe_ray.backends.local import LocalRunner, LocalTransport
 from zipmoe_ray.backends.ray_transport import RayRunner, RayTransport
 from zipmoe_ray.sim.runner import SimRunner
@@ -43,12 +44,12 @@ def mismatches(cls, proto) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("cls", [LocalRunner, RayRunner, SimRunner])
+@pytest.mark.parametrize("cls", [LocalRunner, RayRunner, SimRunner, TokenRunner])
 def test_task_runners_keep_the_contract(cls):
     assert mismatches(cls, TaskRunner) == []
 
 
-@pytest.mark.parametrize("cls", [LocalTransport, RayTransport])
+@pytest.mark.parametrize("cls", [LocalTransport, RayTransport, ColocatedTransport])
 def test_transports_keep_the_contract(cls):
     assert mismatches(cls, Transport) == []
 

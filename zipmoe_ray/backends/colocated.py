@@ -32,7 +32,14 @@ from ..stages.protocol import Delivery, LayerResponse
 from ..stages.scheduler import Scheduler
 from .ray_transport import RayTransport
 
-__all__ = ["ColocatedScheduler", "ColocatedTransport", "TaskTable", "Token", "TokenRunner"]
+__all__ = [
+    "ColocatedScheduler",
+    "ColocatedTransport",
+    "TaskTable",
+    "Token",
+    "TokenRunner",
+    "start_colocated_scheduler",
+]
 
 
 class Token:
@@ -136,6 +143,19 @@ class ColocatedScheduler(Scheduler):
         return set(self.runner.live)
 
 
+_actor_class: list = []
+
+
+def start_colocated_scheduler(store_path: str, config, workers: int, costs=None, **ray_options):
+    """Start the central Scheduler actor for lanes that run in the executor's process (``workers`` decode
+    lanes there), placed like every zipmoe actor (``num_cpus=0``)."""
+    if not _actor_class:
+        import ray
+
+        _actor_class.append(ray.remote(num_cpus=0)(ColocatedScheduler))
+    return _actor_class[0].options(**ray_options).remote(store_path, config, TokenRunner(workers), costs)
+
+
 class TaskTable:
     """The executor's side: runs the scheduler's task specs on a LocalRunner and maps tokens to Futures."""
 
@@ -185,6 +205,8 @@ class ColocatedTransport(RayTransport):
     """The executor's Transport when its lanes run in its own process: the scheduler actor as before, the
     results Futures of the executor's own threads. Built where the engine starts; the lanes start in the
     executor's process on first use."""
+
+    node_timeout = None  # one node: every expert is computed here
 
     def __init__(self, scheduler, store_path: str, read_options, workers: int):
         super().__init__(scheduler)

@@ -22,7 +22,6 @@ from .cluster_nodes import NodeInfo, node_entry, pin
 from .ray_stages import (
     Stages,
     kill_and_wait,
-    start_colocated_scheduler,
     start_decompressors,
     start_executor,
     start_loader,
@@ -183,8 +182,9 @@ class RayBackend(Backend):
     # -- start-up ----------------------------------------------------------------------------------------
     @property
     def colocated(self) -> bool:
-        """The lanes run as threads in the executor's process (``lanes="executor"``; backends/colocated.py)."""
-        return self.config.lanes == "executor" and self.given is None
+        """The lanes run as threads in the executor's process (``lanes`` "executor" or "auto" on one node,
+        stages not handed in; backends/colocated.py)."""
+        return self.name == "ray" and self.given is None and self.config.lanes in ("auto", "executor")
 
     def start_lanes(self) -> None:
         if self.given is not None:
@@ -225,7 +225,7 @@ class RayBackend(Backend):
             cfg = self.config
             transport = None
             if self.colocated:
-                from .colocated import ColocatedTransport
+                from .colocated import ColocatedTransport, start_colocated_scheduler
 
                 self.scheduler = start_colocated_scheduler(
                     self.store_dir, sched_config, cfg.workers, **self._place

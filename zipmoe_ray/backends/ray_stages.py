@@ -24,7 +24,6 @@ __all__ = [
     "kill_and_wait",
     "object_store_usage",
     "seeing_gpus",
-    "start_colocated_scheduler",
     "start_decompressors",
     "start_executor",
     "start_loader",
@@ -61,9 +60,6 @@ def actor_classes() -> dict[str, Any]:
             ExpertHost
         )
         _classes["ClusterScheduler"] = ray.remote(num_cpus=0)(ClusterScheduler)
-        from .colocated import ColocatedScheduler
-
-        _classes["ColocatedScheduler"] = ray.remote(num_cpus=0)(ColocatedScheduler)
     return _classes
 
 
@@ -147,18 +143,6 @@ def start_scheduler(store_path: str, config, loader, decompressors: list, costs=
         actor_classes()["Scheduler"]
         .options(**ray_options)
         .remote(store_path, config, RayRunner(loader, decompressors), costs)
-    )
-
-
-def start_colocated_scheduler(store_path: str, config, workers: int, costs=None, **ray_options):
-    """Start the central Scheduler actor for lanes that run in the executor's process (``workers`` decode
-    lanes there; backends/colocated.py)."""
-    from .colocated import TokenRunner
-
-    return (
-        actor_classes()["ColocatedScheduler"]
-        .options(**ray_options)
-        .remote(store_path, config, TokenRunner(workers), costs)
     )
 
 

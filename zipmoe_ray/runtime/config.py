@@ -22,7 +22,7 @@ from .sizes import parse_bandwidth
 __all__ = ["BACKENDS", "LANES", "CliOption", "EngineConfig", "check_replan_every", "parse_address"]
 
 BACKENDS = ("ray", "local")
-LANES = ("actors", "executor")  # where the Ray backend runs its I/O and decode lanes (backends/colocated.py)
+LANES = ("auto", "executor", "actors")  # where the Ray backend runs its lanes (backends/colocated.py)
 
 
 def check_replan_every(value) -> None:
@@ -85,12 +85,13 @@ class EngineConfig:
     )
     backend: str = field(default="ray", metadata=_cli("where the stages run", choices=BACKENDS))
     lanes: str = field(
-        default="actors",
+        default="auto",
         metadata=_cli(
-            "ray backend on one node: where the I/O and decode lanes run, as actors exchanging planes "
-            "through the object store, or as threads in the executor's process, the scheduler staying the "
-            "central actor (fewer copies and task submissions on the cores the model uses; the local "
-            "backend's lanes are always threads of its one process)",
+            "ray backend: where the I/O and decode lanes run: 'executor', threads in the executor's "
+            "process, the scheduler staying the central actor (fewer copies and task submissions on the "
+            "cores the model uses); 'actors', actors exchanging planes through the object store (their "
+            "own processes, restarted by Ray if they die); 'auto' (default): executor on one node, actors "
+            "on every node of a cluster. The local backend's lanes are always threads of its one process",
             choices=LANES,
         ),
     )
