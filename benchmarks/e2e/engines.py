@@ -4,7 +4,8 @@
                     as MoE-Infinity and mixtral-offloading do)
     full-lru-local  the same on the local backend (threads in one process): the strongest plain offloader
     zipmoe-local    compressed store, planned cache forms, LFU-like popularity, local backend
-    zipmoe-ray      the same on the Ray backend
+    zipmoe-ray      the same on the Ray backend (its default lanes: threads of the executor on one node)
+    zipmoe-ray-actors  the same with every lane an actor, planes through the object store (--lanes actors)
 
 Every engine system reads its store past the page cache (O_DIRECT), paced by its own limiter at the
 emulated bandwidth, inside the same cgroup throttle as the other systems (storage.py).
@@ -19,7 +20,9 @@ ENGINES = {  # system -> (store codec, policy, popularity, backend)
     "full-lru-local": ("none", "full-only", "lru", "local"),
     "zipmoe-local": ("zstd", "zipmoe", "lfu", "local"),
     "zipmoe-ray": ("zstd", "zipmoe", "lfu", "ray"),
+    "zipmoe-ray-actors": ("zstd", "zipmoe", "lfu", "ray"),
 }
+LANES = {"zipmoe-ray-actors": "actors"}  # system -> EngineConfig.lanes where not the default ("auto")
 ALL_HIT_BUDGET = "150%"  # every expert FULL, with room to spare for the staging reserve
 
 
@@ -63,6 +66,7 @@ def run_engine(spec: dict, bytes_read=lambda: None) -> dict:
         memory_budget=spec["budget"],
         device=spec["device"],
         backend=backend,
+        lanes=LANES.get(spec["system"], "auto"),
         num_decompressors=spec["workers"],
         policy=policy,
         popularity=popularity,

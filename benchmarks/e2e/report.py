@@ -5,6 +5,7 @@ from __future__ import annotations
 
 SYSTEMS = (
     "transformers", "accelerate-disk", "llama.cpp", "full-lru", "full-lru-local", "zipmoe-local", "zipmoe-ray",
+    "zipmoe-ray-actors",
 )  # fmt: skip
 PRESET_LABEL = {"qwen1.5-moe": "Qwen1.5-MoE", "deepseek-v2-lite": "DeepSeek-V2-Lite"}
 
