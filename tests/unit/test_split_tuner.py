@@ -89,7 +89,9 @@ def test_a_paused_round_resumes_with_the_samples_it_had():
     for _ in range(7 + 4 + 1 + 2):  # batch 4: 7 steps, its round on the plan (4 samples), full-only (1 + 2)
         t.observe(9.0, rows=4)
     assert t.name == "full-only" and t.report()["by_batch"][4]["measuring"]
-    assert t.observe(0.5, rows=1) == PLAN  # batch 1's round again: the plan, settling first
+    assert t.observe(0.5, rows=1) == PLAN  # ran on full-only: not a sample; the plan is put back
+    t.observe(0.5, rows=1)  # the cache refills in the plan's forms
+    assert t._sizes[1].samples == [0.5, 0.5]  # the two it had
     for _ in range(2):  # the 2 samples it still needs
         t.observe(0.5, rows=1)
     assert t.name == "full-only"  # the plan's median is in: full-only's turn
@@ -246,3 +248,26 @@ def test_a_full_hit_on_an_expert_the_re_plan_just_demoted_counts_as_a_full_hit(t
     assert (0, 3) in [tuple(k) for k in resp.drop_full]
     sched.step(hits=[(0, 3, 1)])
     assert sched.stats()["hits"]["full"] == 2
+
+
+def test_a_step_that_ran_on_another_split_is_never_a_sample():
+    """Found in review: a batch size's round could come due just as that size came back from a generation
+    of another size run on another split; the step that ran on that split, and the refilling steps after
+    the switch back, counted as the first samples."""
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=2, settle=2, window=2)
+    drive(t, {"plan": 0.5, "full-only": 0.3}, 2 + 2 + 2 + 2)  # batch 1: the plan, then full-only, kept
+    assert t.name == "full-only" and t.rounds == 1
+    t.observe(0.3, rows=1)  # held 1 of 2
+    t.observe(1.0, rows=8)  # batch 8 begins on full-only, what batch 1 keeps
+    t._sizes[8].chosen = 0  # as if batch 8 had kept the plan
+    t.observe(0.3, rows=1)  # batch 1's round is due: full-only, settled, gives its first sample
+    assert t.measuring and t._sizes[1].samples == [0.3]
+    assert t.observe(1.0, rows=8) == PLAN  # batch 8's steps run on the plan
+    # batch 1 is back: full-only is put back, but neither the step that ran on the plan nor the 2 refilling
+    # steps are samples
+    assert t.observe(9.0, rows=1) == FULL
+    t.observe(9.0, rows=1)
+    t.observe(9.0, rows=1)
+    assert t._sizes[1].samples == [0.3]
+    assert t.observe(0.3, rows=1) == PLAN  # the second sample: full-only's median in, the plan's turn
+    assert t._sizes[1].scores == {1: 0.3}

@@ -24,6 +24,13 @@ def open_backend(store_dir: str, store, config, stages=None) -> Backend:
 
     started = connect_ray(config)
     try:
+        if stages is not None and config.lanes == "executor":
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                "--lanes executor starts the lanes in the executor, but stages were handed in (stages=...): "
+                "their lanes are the loader and decompressors given; leave lanes at 'auto'"
+            )
         if stages is not None or config.resources:
             return RayBackend(store_dir, store, config, started_ray=started, stages=stages)
         from .cluster_nodes import discover_nodes

@@ -12,17 +12,19 @@ answer (``LayerResponse.tasks``), and the executor's transport (:class:`Colocate
 the order they were made, on an I/O thread and decode-lane threads of its own (the local backend's
 LocalRunner), mapping each token to the Future of its result (:class:`TaskTable`). The Scheduler holds
 tokens where it held ObjectRefs (cached compressed extents, SM planes, FULL weights kept for demotion), and
-a result lives in the executor exactly as long as the Scheduler holds its token: when the last reference
-to a token is dropped in the scheduler, its number is sent back with the next answer and the executor
+a result lives in the executor while the Scheduler holds its token: when the last reference to a token
+is dropped in the scheduler, its number is sent back with the next answer and the executor
 forgets the result (the object store's reference counting, by hand).
 
-Tasks made between answers (demotions after a release or a re-plan) wait in the scheduler for the next
-answer; nothing uses their results before that answer, which is the first to name them.
+Tasks made between a layer's answers (demotions after a release or a re-plan) come back as the answer to
+that step or release, which the executor applies at its next step or answer; nothing uses their results
+before an answer that names them, and answers are applied in the order they were asked for.
 """
 
 from __future__ import annotations
 
 import collections
+import pickle
 import threading
 import weakref
 from concurrent.futures import Future
@@ -30,6 +32,7 @@ from typing import Any
 
 from ..stages.protocol import Delivery, LayerResponse
 from ..stages.scheduler import Scheduler
+from .local import LocalRunner, LocalTransport
 from .ray_transport import RayTransport
 
 __all__ = [
@@ -64,9 +67,8 @@ class TokenRunner:
         self.workers = workers
         self._next = 0
         self._outbox: list[tuple] = []
-        self._forget: list[int] = []  # tokens let go of (by finalizers, at any point: list.append is atomic)
+        self._forget: list[int] = []  # tokens let go of, by their finalizers (on the scheduler's thread)
         self.live: set[int] = set()  # tokens not yet let go of
-        self._lock = threading.Lock()
 
     def __getstate__(self):
         return {"workers": self.workers}
@@ -106,19 +108,23 @@ class TokenRunner:
         self._outbox.append(("derive", t, lane, key, words, part))
         return t
 
-    def drain(self) -> tuple[list[tuple], list[int]]:
-        """The tasks made since the last drain, in order, and the tokens the scheduler let go of since."""
-        with self._lock:
-            out, self._outbox = self._outbox, []
-            gone, self._forget = self._forget, []
-        return out, gone
+    def drain(self) -> tuple[bytes, list[int]]:
+        """The tasks made since the last drain, in order (pickled: the tokens only they named are let go of
+        here, not after the answer is sent), and the tokens the scheduler let go of since the last drain.
+        The executor runs the tasks before it forgets, so a token made and let go of in one drain (a read
+        whose result only a decode uses) still gets its task run."""
+        out, self._outbox = self._outbox, []
+        blob = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+        del out  # finalizers of tokens named only here run now (the scheduler's thread: CPython refcounts)
+        gone, self._forget = self._forget, []
+        return blob, gone
 
 
 class ColocatedScheduler(Scheduler):
     """The Scheduler whose every answer carries the tasks made since the last one (its runner a TokenRunner):
     requests and prefetches in their LayerResponse, step and release (else fire and forget) as a bare
-    ``(specs, tokens let go of)``, so that demotions start and dropped results go without waiting for the
-    next layer."""
+    ``(specs, tokens let go of)``, which the executor applies at its next step or answer, whichever comes
+    first (a demotion after a re-plan starts then, not at the next miss)."""
 
     def request(self, *args, **kwargs) -> LayerResponse:
         resp = super().request(*args, **kwargs)
@@ -157,44 +163,69 @@ def start_colocated_scheduler(store_path: str, config, workers: int, costs=None,
 
 
 class TaskTable:
-    """The executor's side: runs the scheduler's task specs on a LocalRunner and maps tokens to Futures."""
+    """The executor's side: runs the scheduler's task specs on a LocalRunner and maps tokens to Futures.
+    Changed by the generation thread only; ``held`` may be read from any thread."""
 
     def __init__(self, runner):
         self.runner = runner
         self.results: dict[int, Future] = {}
+        self._lock = threading.Lock()
 
     def _h(self, x: Any) -> Any:
         return self.results[x.id] if isinstance(x, Token) else x
 
+    def held(self) -> set[int]:
+        with self._lock:
+            return set(self.results)
+
     def apply(self, resp: LayerResponse) -> LayerResponse:
         """Run ``resp``'s tasks, let go of the results the scheduler dropped, and return ``resp`` with its
         deliveries' tokens replaced by Futures."""
-        specs, gone = resp.tasks or ((), ())
+        specs, gone = resp.tasks or (b"", ())
         self.run(specs)
         deliveries = [self._delivery(d) for d in resp.deliveries]
         self.forget(gone)
         return LayerResponse(resp.layer, deliveries, resp.drop_full, resp.deferred)
 
     def forget(self, gone) -> None:
-        for i in gone:
-            self.results.pop(i, None)
+        with self._lock:
+            for i in gone:
+                self.results.pop(i, None)
 
-    def run(self, specs) -> None:
-        """Submit ``specs`` to the lanes in order (each task starts once its inputs have arrived)."""
-        r, h = self.runner, self._h
+    def run(self, specs: bytes | list) -> None:
+        """Submit ``specs`` (as TokenRunner.drain made them) to the lanes in order; each task starts once
+        its inputs have arrived. Every input is checked first: nothing is submitted from a batch that
+        names a result this process does not have (a bug, never a state to run on)."""
+        if isinstance(specs, bytes):
+            specs = pickle.loads(specs) if specs else []
+        made = set()
         for spec in specs:
-            op = spec[0]
-            if op == "read":
-                _, t, key, part = spec
-                self.results[t.id] = r.read(key, part)
-            elif op == "decode_lane":
-                _, tokens, lane, jobs = spec
-                jobs = [(key, h(exp), h(sm), planes, part) for key, exp, sm, planes, part in jobs]
-                for t, f in zip(tokens, r.decode_lane(lane, jobs)):
-                    self.results[t.id] = f
-            else:  # derive
-                _, t, lane, key, words, part = spec
-                self.results[t.id] = r.derive(lane, key, h(words), part)
+            inputs = {
+                "read": lambda sp: (),
+                "decode_lane": lambda sp: [x for job in sp[3] for x in job[1:3]],
+                "derive": lambda sp: (sp[4],),
+            }[spec[0]](spec)
+            for x in inputs:
+                if isinstance(x, Token) and x.id not in made and x.id not in self.results:
+                    raise RuntimeError(
+                        f"lane task {spec[0]} names {x!r}, whose result this executor does not hold"
+                    )
+            made.update(t.id for t in (spec[1] if spec[0] == "decode_lane" else [spec[1]]))
+        r, h = self.runner, self._h
+        with self._lock:
+            for spec in specs:
+                op = spec[0]
+                if op == "read":
+                    _, t, key, part = spec
+                    self.results[t.id] = r.read(key, part)
+                elif op == "decode_lane":
+                    _, tokens, lane, jobs = spec
+                    jobs = [(key, h(exp), h(sm), planes, part) for key, exp, sm, planes, part in jobs]
+                    for t, f in zip(tokens, r.decode_lane(lane, jobs)):
+                        self.results[t.id] = f
+                else:  # derive
+                    _, t, lane, key, words, part = spec
+                    self.results[t.id] = r.derive(lane, key, h(words), part)
 
     def _delivery(self, d: Delivery) -> Delivery:
         parts = [self._h(p) for p in d.parts] if d.parts is not None else None
@@ -203,8 +234,9 @@ class TaskTable:
 
 class ColocatedTransport(RayTransport):
     """The executor's Transport when its lanes run in its own process: the scheduler actor as before, the
-    results Futures of the executor's own threads. Built where the engine starts; the lanes start in the
-    executor's process on first use."""
+    results Futures of the executor's own threads. Built where the engine starts; its lanes start when it
+    arrives in the executor's process. Used by the executor's generation thread only (its ``held_results``
+    and lane statistics excepted)."""
 
     node_timeout = None  # one node: every expert is computed here
 
@@ -227,18 +259,21 @@ class ColocatedTransport(RayTransport):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._table, self._order, self._answers = None, collections.deque(), {}
+        self._order, self._answers = collections.deque(), {}
+        self._table = self._start_lanes()  # in the executor's process, before any thread can ask
+
+    def _start_lanes(self) -> TaskTable:
+        from ..stages.decompressor import Decompressor
+        from ..stages.loader import IOLoader
+
+        loader = IOLoader(self.store_path, self.read_options)
+        decs = [Decompressor(self.store_path, i) for i in range(self.workers)]
+        return TaskTable(LocalRunner(loader, decs))
 
     @property
     def table(self) -> TaskTable:
-        if self._table is None:
-            from ..stages.decompressor import Decompressor
-            from ..stages.loader import IOLoader
-            from .local import LocalRunner
-
-            loader = IOLoader(self.store_path, self.read_options)
-            decs = [Decompressor(self.store_path, i) for i in range(self.workers)]
-            self._table = TaskTable(LocalRunner(loader, decs))
+        if self._table is None:  # used where it was built (tests)
+            self._table = self._start_lanes()
         return self._table
 
     def request(self, layer, misses, hits, released, used):
@@ -252,10 +287,19 @@ class ColocatedTransport(RayTransport):
         return ref
 
     def step(self, hits, released, used, timing=None) -> None:
+        self._apply_arrived()
         self._order.append(self.scheduler.step.remote(hits, released, used, timing))  # applied later
 
     def release(self, released, used) -> None:
         self._order.append(self.scheduler.release.remote(released, used))
+
+    def _apply_arrived(self) -> None:
+        """Apply the answers at the head of the queue that are already here (does not block): in a run of
+        steps without a request (every expert held in full), demotions and dropped results would wait."""
+        import ray
+
+        while self._order and ray.wait([self._order[0]], timeout=0)[0]:
+            self._apply_next()
 
     def _apply_next(self) -> None:
         ref = self._order.popleft()
@@ -274,20 +318,22 @@ class ColocatedTransport(RayTransport):
         return self._answers.pop(pending)
 
     def settle(self) -> None:
-        """Apply every answer still on its way (the end of a generation: the results its last step let go
-        of are dropped now, not with the next generation's first answer)."""
+        """The end of a generation: apply every answer still on its way (the results its last step let go
+        of are dropped now, not with the next generation's first answer), and release the experts of
+        answers nobody took (a generation that failed between sending a request and taking its answer),
+        so that their staging and pins go back to the cache."""
         while self._order:
-            self._apply_next()
+            while self._order:
+                self._apply_next()
+            if self._answers:
+                unclaimed, self._answers = list(self._answers.values()), {}
+                self.release([(r.layer, d.expert) for r in unclaimed for d in r.deliveries], [])
 
     def held_results(self) -> set[int]:
         """The tokens whose results this process holds (diagnostics)."""
-        return set(self.table.results)
+        return self.table.held()
 
-    def wait_any(self, handles: list, timeout: float | None = None) -> list:
-        import concurrent.futures as cf
-
-        done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
-        return [h for h in handles if h in done]
+    wait_any = LocalTransport.wait_any  # results are this process's Futures
 
     def get(self, handle):
         return handle.result() if isinstance(handle, Future) else handle
@@ -301,7 +347,3 @@ class ColocatedTransport(RayTransport):
         r = self.table.runner
         for s in (r.loader, *r.decompressors):
             s.reset_stats()
-
-    def close(self) -> None:
-        if self._table is not None:
-            self._table.runner.shutdown()

@@ -154,6 +154,16 @@ def _from_creation_error(e: BaseException) -> ZipMoEError | None:
     return None
 
 
+def _calibrate_lanes(store_dir: str, read_options) -> tuple[dict, dict]:
+    """An I/O lane's and a decode lane's calibration, measured where this runs (a task on the executor's
+    node, for lanes that will run in the executor)."""
+    from ..stages.decompressor import Decompressor
+    from ..stages.loader import IOLoader
+
+    io = IOLoader(store_dir, read_options).calibrate(None, 16 << 20)
+    return io, Decompressor(store_dir, 0).calibrate(None, 16 << 20)
+
+
 class RayBackend(Backend):
     """Stages as actors on one node: this program's (``node``), the node ``config.resources`` pins them to,
     or wherever the caller placed the ``stages`` it hands in (those are never killed here)."""
@@ -181,6 +191,11 @@ class RayBackend(Backend):
 
     # -- start-up ----------------------------------------------------------------------------------------
     @property
+    def pieces_in_place(self) -> bool:  # type: ignore[override]
+        """Lanes in the executor decode an expert's pieces into one shared buffer, as the local backend's."""
+        return self.colocated
+
+    @property
     def colocated(self) -> bool:
         """The lanes run as threads in the executor's process (``lanes`` "executor" or "auto" on one node,
         stages not handed in; backends/colocated.py)."""
@@ -202,14 +217,11 @@ class RayBackend(Backend):
     def calibrate(self):
         from ..schedule.costs import CostModel
 
-        if (
-            self.colocated
-        ):  # the lanes will run on this node: measure them here, as the executor will run them
-            from ..stages.decompressor import Decompressor
-            from ..stages.loader import IOLoader
+        if self.colocated:  # the lanes will run in the executor: measured on its node, in one short task
+            import ray
 
-            io = IOLoader(self.store_dir, self.config.read_options()).calibrate(None, 16 << 20)
-            return CostModel.calibrated(io, Decompressor(self.store_dir, 0).calibrate(None, 16 << 20))
+            task = ray.remote(num_cpus=0)(_calibrate_lanes).options(**self._place)
+            return CostModel.calibrated(*wait(task.remote(self.store_dir, self.config.read_options())))
         io, dec = wait(
             [
                 self.loader.calibrate.remote(None, 16 << 20),

@@ -47,8 +47,6 @@ class _Size:
     incumbent: int = 0  # the split in use when the round began
     scores: dict[int, float] = field(default_factory=dict)  # this round's medians so far
     samples: list[float] = field(default_factory=list)  # of the candidate being timed
-    seen: int = 0  # decode steps of this size since that candidate was (last) put in use
-    settle: int = 0  # of which not timed
     held: int = 0  # decode steps of this size since its last round ended
 
 
@@ -70,6 +68,7 @@ class SplitTuner:
     _sizes: dict[int, _Size] = field(default_factory=dict)  # by rows
     _rows: int | None = None  # batch size of the last sample
     _last: dict[int, dict[str, float]] = field(default_factory=dict)  # each size's last round's scores
+    _since: int = 0  # decode steps run on the split in use since it was put in use (any batch size)
 
     def __post_init__(self):
         if len(self.candidates) < 2:
@@ -88,21 +87,28 @@ class SplitTuner:
         s = self._sizes.get(self._rows) if self._rows is not None else None
         return s is None or bool(s.queue)
 
-    def _begin(self, s: _Size, warm: bool) -> None:
+    def _begin(self, s: _Size) -> None:
         s.incumbent = self.current
         s.queue = [self.current] + [i for i in range(len(self.candidates)) if i != self.current]
-        s.scores, s.samples, s.seen = {}, [], 0
-        s.settle = 0 if warm else self.settle
+        s.scores, s.samples = {}, []
 
     def observe(self, seconds: float, rows: int = 1) -> SplitRule | None:
         """One decode step of ``rows`` sequences took ``seconds``; returns the split to switch to now, or
         None to keep the one in use."""
         before = self.current
+        self._since += 1  # the step just timed ran on the split in use
         self._observe(seconds, rows)
         if self.current == before:
             return None
         self.changes += 1
+        self._since = 0
         return self.candidates[self.current][1]
+
+    def _put(self, index: int) -> None:
+        """Put split ``index`` in use now: the step just observed ran on the one before, and the cache
+        refills for ``settle`` steps before a step counts as a sample."""
+        if index != self.current:
+            self.current, self._since = index, 0
 
     def _observe(self, seconds: float, rows: int) -> None:
         s = self._sizes.get(rows)
@@ -112,31 +118,30 @@ class SplitTuner:
             if s is None:  # first seen: timed at once if it is the first size, else on the last size's split
                 s = self._sizes[rows] = _Size(chosen=self.current if prev is None else prev.chosen)
                 if prev is None:
-                    self._begin(s, warm=False)
+                    self._begin(s)
                 else:
-                    self.current = s.chosen
-            elif s.queue:  # its round was paused: the split it was timing again (settled again if it changes)
-                if self.current != s.queue[0]:
-                    self.current = s.queue[0]
-                    s.seen, s.settle = 0, self.settle
+                    self._put(s.chosen)
+            elif (
+                s.queue
+            ):  # its round was paused: the split it was timing again (settling again if it changes)
+                self._put(s.queue[0])
             else:
-                self.current = s.chosen
+                self._put(s.chosen)
         if not s.queue:
             s.held += 1
             if s.held < self.every:
                 return
-            self._begin(s, warm=True)  # the split in use has been running: time it at once
-        s.seen += 1
-        if s.seen <= s.settle:
+            self._begin(s)  # times the split in use first: at once if it has settled
+        if self._since <= self.settle:  # this step ran on another split, or on a cache still refilling
             return
         s.samples.append(seconds)
         if len(s.samples) < self.window:
             return
         s.scores[self.current] = median(s.samples)
         s.queue.pop(0)
-        s.samples, s.seen, s.settle = [], 0, self.settle
+        s.samples = []
         if s.queue:  # time the next candidate
-            self.current = s.queue[0]
+            self._put(s.queue[0])
             return
         self._decide(s, rows)
 
@@ -147,11 +152,13 @@ class SplitTuner:
         best = min(r, key=lambda i: (r[i], i))
         keep = best if r[best] < r[s.incumbent] * (1 - MARGIN) else s.incumbent
         self.switches += keep != s.incumbent
-        s.held, s.chosen, self.current = 0, keep, keep
+        s.held, s.chosen = 0, keep
+        self._put(keep)
 
     def report(self) -> dict:
         """For stats(): the split in use, the last round's scores, rounds and switches, and per batch size
-        the split chosen (or still being timed) and its last round's scores."""
+        the split it keeps (while its round runs: the one in use when the round began), whether a round
+        runs, and its last round's scores."""
         return {
             "in_use": self.name,
             "measuring": self.measuring,

@@ -390,7 +390,10 @@ class ExpertClient:
             self.transport.release(released, used)
         settle = getattr(self.transport, "settle", None)
         if settle is not None:
-            settle()
+            try:
+                settle()
+            except Exception as e:  # never hides the generation's own error; the next request meets it
+                log.warning("the scheduler's last answers could not be applied: %s", e)
 
     def report(self) -> dict:
         s = self.stats
