@@ -50,6 +50,15 @@ def reference(model_dir, arch: str, batch: list[list[int]], max_new: int, **kw):
     return gen, [x.float() for x in out.logits]
 
 
+def assert_bit_exact(outs, ref_ids, ref_logits) -> None:
+    """Every row's token ids and every step's logits equal the reference's (from :func:`reference`)."""
+    assert [o.token_ids for o in outs] == ref_ids
+    for i, o in enumerate(outs):
+        assert o.logits.shape[0] >= len(ref_logits)  # every reference step is there
+        for s in range(len(ref_logits)):
+            assert torch.equal(o.logits[s], ref_logits[s][i]), f"prompt {i}, step {s}: logits differ"
+
+
 def start_ray(num_cpus: int = 2, **system_config):
     """One Ray cluster on loopback for a test module (the caller shuts it down)."""
     import ray

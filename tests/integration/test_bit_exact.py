@@ -9,7 +9,7 @@ import torch
 from zipmoe_ray.engine import ZipMoEEngine
 
 from ..conftest import ARCHS
-from ..runtime_helpers import BATCH1, BATCH4, reference, start_ray
+from ..runtime_helpers import BATCH1, BATCH4, assert_bit_exact, reference, start_ray
 
 MAX_NEW = 10
 
@@ -36,14 +36,7 @@ def references(tiny_models):
 
 def check(engine, references, arch):
     for batch in (BATCH1, BATCH4):
-        ref_ids, ref_logits = references(arch, batch)
-        outs = engine.generate(batch, MAX_NEW, output_logits=True)
-        assert [o.token_ids for o in outs] == ref_ids
-        for i, o in enumerate(outs):
-            steps = min(len(ref_logits), o.logits.shape[0])
-            assert steps == len(ref_logits)
-            for s in range(steps):
-                assert torch.equal(o.logits[s], ref_logits[s][i]), f"prompt {i}, step {s}: logits differ"
+        assert_bit_exact(engine.generate(batch, MAX_NEW, output_logits=True), *references(arch, batch))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

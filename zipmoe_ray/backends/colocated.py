@@ -3,7 +3,7 @@
 With lanes as actors, every expert fetched crosses the object store twice (the loader's read, then the
 decoded weights) and the scheduler makes a Ray task submission per read and per decode piece; on a small
 CPU board those copies and submissions take the cores the model runs on (measured: the same engine, same
-scheduler, on threads in one process is 30-40% faster per token than on actors, docs/architecture.md).
+scheduler, on threads in one process is about 30% faster per token than on actors, docs/architecture.md).
 
 Here the Scheduler stays the central actor that owns the cache state and makes every decision; what moves
 is where its tasks run. Its TaskRunner (:class:`TokenRunner`) records each task as a small spec and hands
