@@ -1,5 +1,6 @@
-"""Lossless, proven: every architecture, both backends, a budget that holds everything and one that forces
-constant misses (~10%), batch 1 and batch 4: token ids and every step's logits equal plain transformers."""
+"""Lossless, proven: every architecture, both backends (Ray with its default lanes, in the executor), a budget
+that holds everything and one that forces constant misses (~10%), batch 1 and batch 4: token ids and every
+step's logits equal plain transformers."""
 
 from __future__ import annotations
 
@@ -70,13 +71,14 @@ def test_ray_backend(arch, tiny_stores, references, ray_cluster):
                 assert s["misses"]["disk"] > 0
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
+@pytest.mark.parametrize("backend,lanes", [("local", "auto"), ("ray", "auto"), ("ray", "actors")])
 def test_online_re_planning_changes_forms_mid_generation_and_stays_bit_exact(
-    backend, tiny_stores, tiny_models, request
+    backend, lanes, tiny_stores, tiny_models, request
 ):
     """Rounds every 2 decode steps: the split flips between the plan and full-only many times while a
     generation runs (experts demoted, re-split, fetched again in other forms); every token and logit
-    stays the reference's."""
+    stays the reference's. On Ray with the lanes in the executor (the default) demotions travel as tokens
+    (backends/colocated.py), with actor lanes as ObjectRefs."""
     if backend == "ray":
         request.getfixturevalue("ray_cluster")
     new = 40
@@ -85,6 +87,7 @@ def test_online_re_planning_changes_forms_mid_generation_and_stays_bit_exact(
         tiny_stores["qwen2_moe"],
         memory_budget="30%",
         backend=backend,
+        lanes=lanes,
         num_decompressors=2,
         calibrate=False,
         replan_every=2,
