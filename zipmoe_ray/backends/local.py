@@ -39,7 +39,7 @@ class LocalRunner:
         self._lanes = [
             cf.ThreadPoolExecutor(1, thread_name_prefix=f"zipmoe-lane{i}") for i in range(self.workers)
         ]
-        self._buffers: dict = {}  # key -> [buffer, pieces still to submit] (scheduler thread only)
+        self._buffers: dict = {}  # key -> [buffer, pieces still to submit] (the submitting thread only: the scheduler's, or the executor's generation thread with lanes in the executor)
 
     def read(self, key, part):
         return self._io.submit(self.loader.read, key[0], key[1], part)
