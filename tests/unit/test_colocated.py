@@ -87,3 +87,10 @@ def test_a_token_pickles_as_its_number_without_a_finalizer():
     # executor applies tasks first, forgets second
     assert [s[0] for s in pickle.loads(blob)] == ["read"] and gone == [0] and runner.live == set()
     assert runner.drain() == (pickle.dumps([], protocol=pickle.HIGHEST_PROTOCOL), [])
+
+
+def test_a_task_naming_a_result_this_process_does_not_hold_is_refused(pair):
+    _, _, _, table = pair
+    with pytest.raises(RuntimeError, match=r"Token\(5\)"):
+        table.run([("derive", Token(99), 0, (0, 0), Token(5), "raw")])
+    assert 99 not in table.results

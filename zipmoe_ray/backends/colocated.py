@@ -172,7 +172,12 @@ class TaskTable:
         self._lock = threading.Lock()
 
     def _h(self, x: Any) -> Any:
-        return self.results[x.id] if isinstance(x, Token) else x
+        if not isinstance(x, Token):
+            return x
+        try:
+            return self.results[x.id]
+        except KeyError:  # a protocol bug, never a state to run on
+            raise RuntimeError(f"a lane task names {x!r}, whose result this executor does not hold") from None
 
     def held(self) -> set[int]:
         with self._lock:
@@ -194,23 +199,9 @@ class TaskTable:
 
     def run(self, specs: bytes | list) -> None:
         """Submit ``specs`` (as TokenRunner.drain made them) to the lanes in order; each task starts once
-        its inputs have arrived. Every input is checked first: nothing is submitted from a batch that
-        names a result this process does not have (a bug, never a state to run on)."""
+        its inputs have arrived."""
         if isinstance(specs, bytes):
             specs = pickle.loads(specs) if specs else []
-        made = set()
-        for spec in specs:
-            inputs = {
-                "read": lambda sp: (),
-                "decode_lane": lambda sp: [x for job in sp[3] for x in job[1:3]],
-                "derive": lambda sp: (sp[4],),
-            }[spec[0]](spec)
-            for x in inputs:
-                if isinstance(x, Token) and x.id not in made and x.id not in self.results:
-                    raise RuntimeError(
-                        f"lane task {spec[0]} names {x!r}, whose result this executor does not hold"
-                    )
-            made.update(t.id for t in (spec[1] if spec[0] == "decode_lane" else [spec[1]]))
         r, h = self.runner, self._h
         with self._lock:
             for spec in specs:
@@ -333,10 +324,9 @@ class ColocatedTransport(RayTransport):
         """The tokens whose results this process holds (diagnostics)."""
         return self.table.held()
 
-    wait_any = LocalTransport.wait_any  # results are this process's Futures
-
-    def get(self, handle):
-        return handle.result() if isinstance(handle, Future) else handle
+    # results are this process's Futures, waited on and read as on the local backend
+    wait_any = LocalTransport.wait_any
+    get = LocalTransport.get
 
     def lane_stats(self) -> tuple[dict, list[dict]]:
         """(I/O loader stats, per decode lane stats) of this process's lanes."""
