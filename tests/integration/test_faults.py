@@ -88,7 +88,8 @@ def test_budget_too_small_is_refused_at_start_with_the_minimum(tiny_stores):
         ZipMoEEngine(tiny_stores["mixtral"], memory_budget="plenty", backend="local")
 
 
-def test_close_releases_actors_and_object_store_memory(tiny_stores, ray_cluster):
+@pytest.mark.parametrize("lanes", ["actors", "executor"])
+def test_close_releases_actors_and_object_store_memory(tiny_stores, ray_cluster, lanes):
     ray = ray_cluster
     from zipmoe_ray.actors import object_store_usage
 
@@ -96,16 +97,22 @@ def test_close_releases_actors_and_object_store_memory(tiny_stores, ray_cluster)
     while object_store_usage()["objects"] > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
     base = object_store_usage()
-    engine = ZipMoEEngine(tiny_stores["qwen3_moe"], memory_budget="30%", backend="ray", num_decompressors=2)
+    engine = ZipMoEEngine(
+        tiny_stores["qwen3_moe"], memory_budget="30%", backend="ray", num_decompressors=2, lanes=lanes
+    )
     engine.generate(BATCH1[0], 6)
-    during = object_store_usage()
-    deadline = time.monotonic() + 10  # the raylet's object statistics lag a little
-    while during["objects"] <= base["objects"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-        during = object_store_usage()
     actors = list(engine._backend._stages())
+    if lanes == "actors":  # the lanes' results (the cache's planes) live in the object store
+        during = object_store_usage()
+        deadline = time.monotonic() + 10  # the raylet's object statistics lag a little
+        while during["objects"] <= base["objects"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+            during = object_store_usage()
+        assert during["objects"] > base["objects"]
+    else:  # executor lanes: the cache lives in the executor's process, held while the scheduler names it
+        assert engine._backend.colocated
+        assert ray.get(engine._backend.executor.held_results.remote(), timeout=30)
     engine.close()
-    assert during["objects"] > base["objects"]  # the cache really lived in the object store
     for a in actors:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(a.ping.remote(), timeout=30)
