@@ -9,6 +9,8 @@ Data:
     sentence-transformers/all-MiniLM-L6-v2 (every 2D weight of its 6 layers), FP32 rounded to BF16.
 Compared on the same tensors in the same run:
   * zipmoe: our codec (default settings: zstd tuned for exponent planes, automatic shards);
+  * zipmoe-numpy-planes: the same decode with the bit planes merged by numpy instead of the C extension
+    (what a build without a C compiler gets);
   * zipmoe-decompress-only: our exponent decompression alone (what a GPU recombination path costs the CPU);
   * zstd-raw: zstd level 1 on the raw BF16 bytes (what a generic compressor gives);
   * zipnn (when installed): ZipNN, a peer byte-grouping + Huffman codec (never a dependency).
@@ -42,6 +44,7 @@ from zipmoe_ray.codec import (
     encode,
     entropy_bits,
     exponent_histogram,
+    planes,
 )
 
 
@@ -120,6 +123,23 @@ def bench(name: str, tensors: list[torch.Tensor], repeat: int, threads: int) -> 
         f"gbps_{threads}_threads": nbytes / timed(ours(threads), repeat) / 1e9,
         "gbps_2_experts_at_once": 2 * nbytes / timed(two_at_once(ours), repeat) / 1e9,
     }
+    if planes.IMPLEMENTATION == "c":  # the same decode with numpy's bit-plane merge (the fallback build)
+
+        def numpy_planes(th):
+            def run():
+                saved, planes._c = planes._c, None
+                try:
+                    ours(th)()
+                finally:
+                    planes._c = saved
+
+            return run
+
+        r["systems"]["zipmoe-numpy-planes"] = {
+            "ratio": stored / nbytes,
+            "gbps_1_thread": nbytes / timed(numpy_planes(1), repeat) / 1e9,
+            f"gbps_{threads}_threads": nbytes / timed(numpy_planes(threads), repeat) / 1e9,
+        }
     r["systems"]["zipmoe-decompress-only"] = {
         "ratio": stored / nbytes,
         "gbps_1_thread": nbytes / timed(ours_exp(1), repeat) / 1e9,
@@ -176,6 +196,7 @@ def main() -> None:
     threads = os.cpu_count() or 1
     torch.set_num_threads(1)
     results = {
+        "planes": planes.IMPLEMENTATION,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": threads,
@@ -208,6 +229,11 @@ def main() -> None:
             f"{z['gbps_2_experts_at_once']:.2f}; decompress-only {d['gbps_1_thread']:.2f} GB/s"
             + (f"; zipnn ratio {zn['ratio']:.4f}, {zn['gbps_1_thread']:.2f} GB/s" if zn else "")
             + f"; zstd-raw ratio {r['systems']['zstd-raw']['ratio']:.4f}"
+            + (
+                f"; with numpy's plane merge {npl['gbps_1_thread']:.2f} GB/s on 1 thread"
+                if (npl := r["systems"].get("zipmoe-numpy-planes"))
+                else ""
+            )
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -21,10 +22,23 @@ from zipmoe_ray.codec import (
     entropy_bits,
     exponent_histogram,
     layout_for,
+    planes,
 )
 from zipmoe_ray.errors import ChecksumError, ConfigError, DTypeError, StoreCorruptError
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.fixture(autouse=True, params=["c", "numpy"])
+def planes_implementation(request, monkeypatch):
+    """Every test of this module runs with the C bit-plane kernels and with numpy's: same bits."""
+    if request.param == "numpy":
+        monkeypatch.setattr(planes, "_c", None)
+    elif planes._c is None:
+        pytest.skip("zipmoe_ray.codec._planes was not built (no C compiler at install)")
+    return request.param
+
+
 INT = {2: torch.int16, 4: torch.int32}
 
 
@@ -235,3 +249,51 @@ def test_fuzz_round_trip(dtype, n, shards, seed, raw_bits):
     else:
         x = (torch.randn(n, generator=g) * 10 ** float(torch.randint(-8, 4, (1,), generator=g))).to(dtype)
     assert_bit_equal(decode(encode(x, shards=shards), threads=2), x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_c_and_numpy_planes_agree_on_random_bits_and_ranges(dtype, planes_implementation):
+    if planes_implementation == "numpy":
+        pytest.skip("compares the two")
+    layout = layout_for(dtype)
+    rng = np.random.default_rng(7)
+    n = 300_001
+    words = rng.integers(0, np.iinfo(layout.word).max, n, dtype=layout.word, endpoint=True)
+    planes_c = (np.empty(n, np.uint8), np.empty(n * layout.raw_width, np.uint8))
+    planes_np = (np.empty(n, np.uint8), np.empty(n * layout.raw_width, np.uint8))
+    layout.split(words, *planes_c)
+    layout.split_numpy(words, *planes_np)
+    assert np.array_equal(planes_c[0], planes_np[0]) and np.array_equal(planes_c[1], planes_np[1])
+    out_c, out_np = np.zeros_like(words), np.zeros_like(words)
+    for a, b in [(0, 1), (1, 4097), (4097, 200_000), (200_000, n)]:  # pieces of one tensor, as lanes merge
+        layout.merge(*planes_c, out_c, a, b)
+        layout.merge_numpy(*planes_np, out_np, a, b)
+    assert np.array_equal(out_c, words) and np.array_equal(out_np, words)
+
+
+def test_c_planes_refuse_what_they_cannot_do_safely(planes_implementation):
+    if planes_implementation == "numpy":
+        pytest.skip("the C kernels' own checks")
+    exp, raw = np.zeros(8, np.uint8), np.zeros(8, np.uint8)
+    out = np.zeros(8, np.uint16)
+    with pytest.raises(ValueError, match="outside the output"):
+        planes._c.merge(0, exp, raw, out, 0, 9)
+    with pytest.raises(ValueError, match="exponent plane is shorter"):
+        planes._c.merge(0, exp[:4], raw, out, 0, 8)
+    with pytest.raises(ValueError, match="raw plane is shorter"):
+        planes._c.merge(2, exp, raw, np.zeros(8, np.uint32), 0, 8)  # float32 needs 3 raw bytes an element
+    with pytest.raises(ValueError, match="aligned"):
+        planes._c.merge(0, exp, raw, np.zeros(17, np.uint8)[1:], 0, 8)
+    with pytest.raises((BufferError, ValueError), match="contiguous"):
+        planes._c.merge(0, exp, raw, np.zeros(16, np.uint16)[::2], 0, 8)
+    with pytest.raises(ValueError, match="unknown plane layout"):
+        planes._c.merge(3, exp, raw, out, 0, 8)
+    with pytest.raises(ValueError, match="too short"):
+        planes._c.split(2, np.zeros(8, np.uint32), exp, raw)
+
+
+def test_the_c_planes_are_in_use_in_ci():
+    """CI installs with a C compiler: a build that silently fell back to numpy would halve decode speed."""
+    if os.environ.get("CI") != "true":
+        pytest.skip("only CI promises a compiler")
+    assert planes.IMPLEMENTATION == "c"

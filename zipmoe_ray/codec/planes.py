@@ -19,17 +19,30 @@ float32 is bfloat16's split on the high 16 bits plus 16 raw mantissa bits.
 
 ``merge`` works on element ranges so that a shard can be decoded and recombined by one thread while its
 bytes are still in cache. All functions write into caller-owned buffers and allocate only scratch.
+
+``split`` and ``merge`` run in C (``_planes.c``: one pass per element, the GIL released) where the package
+was built with its extension, and in numpy otherwise; both give the same bits (tests/unit/test_codec.py runs
+both). ``IMPLEMENTATION`` says which is in use; ``ZIPMOE_PLANES=numpy`` forces numpy.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["LAYOUTS", "PlaneLayout", "layout_for"]
+__all__ = ["IMPLEMENTATION", "LAYOUTS", "PlaneLayout", "layout_for"]
+
+_c = None
+if os.environ.get("ZIPMOE_PLANES", "").lower() != "numpy":
+    try:
+        from . import _planes as _c
+    except ImportError:  # built without a C compiler: numpy does the same bit moves
+        _c = None
+IMPLEMENTATION = "c" if _c is not None else "numpy"
 
 _BLOCK = 1 << 17  # elements per merge step: big enough to amortise Python, small enough for L2
 _tls = threading.local()
@@ -70,12 +83,26 @@ class PlaneLayout:
         signed = {1: torch.int8, 2: torch.int16, 4: torch.int32}[self.itemsize]
         return tensor.view(signed).reshape(-1).numpy().view(self.word)
 
+    kind: int  # the C extension's number for this layout
+
     def split(self, words: np.ndarray, exp_out: np.ndarray, raw_out: np.ndarray) -> None:
         """Fill ``exp_out`` (uint8[n]) and ``raw_out`` (uint8[n * raw_width]) from ``words``."""
-        raise NotImplementedError
+        if _c is not None and words.flags.c_contiguous:
+            _c.split(self.kind, words, exp_out, raw_out)
+        else:
+            self.split_numpy(words, exp_out, raw_out)
 
     def merge(self, exp: np.ndarray, raw: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
         """Write elements ``[start, stop)`` of ``out`` (words) from the full planes ``exp`` and ``raw``."""
+        if _c is not None:
+            _c.merge(self.kind, exp, raw, out, start, stop)
+        else:
+            self.merge_numpy(exp, raw, out, start, stop)
+
+    def split_numpy(self, words: np.ndarray, exp_out: np.ndarray, raw_out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def merge_numpy(self, exp: np.ndarray, raw: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
         raise NotImplementedError
 
     def exponent_field(self, words: np.ndarray) -> np.ndarray:
@@ -91,7 +118,7 @@ class PlaneLayout:
 
 
 class _BF16(PlaneLayout):
-    def split(self, words, exp_out, raw_out):
+    def split_numpy(self, words, exp_out, raw_out):
         n = words.size
         for a in range(0, n, _BLOCK):
             w = words[a : a + _BLOCK]
@@ -105,7 +132,7 @@ class _BF16(PlaneLayout):
             np.bitwise_or(t, u, out=t)
             np.copyto(raw_out[a : a + w.size], t, casting="unsafe")
 
-    def merge(self, exp, raw, out, start, stop):
+    def merge_numpy(self, exp, raw, out, start, stop):
         o16 = out.view(np.int16)
         sm = raw.view(np.int8)
         for a in range(start, stop, _BLOCK):
@@ -129,7 +156,7 @@ class _BF16(PlaneLayout):
 
 
 class _FP16(PlaneLayout):
-    def split(self, words, exp_out, raw_out):
+    def split_numpy(self, words, exp_out, raw_out):
         n = words.size
         for a in range(0, n, _BLOCK):
             w = words[a : a + _BLOCK]
@@ -138,7 +165,7 @@ class _FP16(PlaneLayout):
             np.copyto(exp_out[a : a + w.size], t, casting="unsafe")
             np.copyto(raw_out[a : a + w.size], w, casting="unsafe")  # truncates to the low byte
 
-    def merge(self, exp, raw, out, start, stop):
+    def merge_numpy(self, exp, raw, out, start, stop):
         for a in range(start, stop, _BLOCK):
             b = min(stop, a + _BLOCK)
             o = out[a:b]
@@ -159,7 +186,7 @@ class _FP16(PlaneLayout):
 
 class _FP32(PlaneLayout):
     # raw plane: [low 16 mantissa bits as uint16 little-endian, n of them][sign | mantissa top 7, n bytes]
-    def split(self, words, exp_out, raw_out):
+    def split_numpy(self, words, exp_out, raw_out):
         n = words.size
         lo16 = raw_out[: 2 * n].view(np.uint16)
         hi = raw_out[2 * n :]
@@ -178,7 +205,7 @@ class _FP32(PlaneLayout):
             np.bitwise_or(t, u, out=t)
             np.copyto(hi[a : a + m], t, casting="unsafe")
 
-    def merge(self, exp, raw, out, start, stop):
+    def merge_numpy(self, exp, raw, out, start, stop):
         n = out.size
         lo16 = raw[: 2 * n].view(np.uint16)
         hi = raw[2 * n :].view(np.int8)
@@ -210,9 +237,9 @@ class _FP32(PlaneLayout):
 
 
 LAYOUTS: dict[str, PlaneLayout] = {
-    "bfloat16": _BF16("bfloat16", torch.bfloat16, np.dtype(np.uint16), 1, 8, 7),
-    "float16": _FP16("float16", torch.float16, np.dtype(np.uint16), 1, 5, 10),
-    "float32": _FP32("float32", torch.float32, np.dtype(np.uint32), 3, 8, 23),
+    "bfloat16": _BF16("bfloat16", torch.bfloat16, np.dtype(np.uint16), 1, 8, 7, 0),
+    "float16": _FP16("float16", torch.float16, np.dtype(np.uint16), 1, 5, 10, 1),
+    "float32": _FP32("float32", torch.float32, np.dtype(np.uint32), 3, 8, 23, 2),
 }
 _BY_TORCH = {layout.torch_dtype: layout for layout in LAYOUTS.values()}
 
