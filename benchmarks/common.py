@@ -58,12 +58,15 @@ def base_model(preset: str, layers: int, seed: int = 0, log=print) -> Path:
 def machine() -> dict:
     import torch
 
+    from zipmoe_ray.codec import planes
+
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "planes": planes.IMPLEMENTATION,  # bit-plane merge: "c" (the extension) or "numpy" (the fallback)
     }
 
 
