@@ -51,7 +51,7 @@ def test_an_error_reaches_the_caller_and_the_thread_goes_on():
 
 
 def test_the_executor_actor_gets_a_short_openmp_spin_unless_the_user_set_a_wait_policy(monkeypatch):
-    from zipmoe_ray.backends.ray_stages import EXECUTOR_SPINCOUNT, executor_env
+    from zipmoe_ray.backends.ray_stages import EXECUTOR_SPINCOUNT, SEE_GPUS, executor_env
 
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -59,5 +59,16 @@ def test_the_executor_actor_gets_a_short_openmp_spin_unless_the_user_set_a_wait_
     assert env["env_vars"]["GOMP_SPINCOUNT"] == EXECUTOR_SPINCOUNT and env["env_vars"]["A"] == "1"
     assert env["pip"] == ["x"]
     assert "GOMP_SPINCOUNT" not in executor_env({"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})["env_vars"]
-    monkeypatch.setenv("GOMP_SPINCOUNT", "5")  # the user's own, inherited by Ray's workers: kept
+    monkeypatch.setenv(
+        "GOMP_SPINCOUNT", "5"
+    )  # the user's own: passed on (a cluster's workers do not inherit it)
+    assert executor_env(None)["env_vars"]["GOMP_SPINCOUNT"] == "5"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert executor_env(None)["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
     assert "GOMP_SPINCOUNT" not in executor_env(None)["env_vars"]
+    # the caller's runtime_env wins over this process's environment
+    assert executor_env({"env_vars": {"GOMP_SPINCOUNT": "7"}})["env_vars"] == {
+        "GOMP_SPINCOUNT": "7",
+        **SEE_GPUS["env_vars"],
+    }

@@ -99,13 +99,20 @@ def seeing_gpus(runtime_env: dict | None) -> dict:
 EXECUTOR_SPINCOUNT = "30000"
 
 
+_WAIT_POLICY = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
 def executor_env(runtime_env: dict | None) -> dict:
     """The executor actor's runtime_env: ``runtime_env`` (the caller's) seeing the GPUs, with the OpenMP
-    spin count above unless the caller's, or this process's, environment sets a wait policy."""
+    spin count above unless the caller's runtime_env, or this process's environment, sets a wait policy.
+    A wait policy of this process's environment is passed on explicitly: Ray's workers inherit the
+    environment of the node's raylet, which is this process's only for a Ray instance it started itself
+    (not with ``--address``)."""
     env = seeing_gpus(runtime_env)
     mine = env["env_vars"]
-    if not any(k in mine or k in os.environ for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")):
-        env["env_vars"] = {**mine, "GOMP_SPINCOUNT": EXECUTOR_SPINCOUNT}
+    if not any(k in mine for k in _WAIT_POLICY):
+        ours = {k: os.environ[k] for k in _WAIT_POLICY if k in os.environ}
+        env["env_vars"] = {**mine, **(ours or {"GOMP_SPINCOUNT": EXECUTOR_SPINCOUNT})}
     return env
 
 
