@@ -290,6 +290,31 @@ def test_c_planes_refuse_what_they_cannot_do_safely(planes_implementation):
         planes._c.merge(3, exp, raw, out, 0, 8)
     with pytest.raises(ValueError, match="too short"):
         planes._c.split(2, np.zeros(8, np.uint32), exp, raw)
+    both = np.zeros(32, np.uint8)
+    planes._c.merge(0, both[:8], raw, both[8:24].view(np.uint16), 0, 8)  # side by side in one buffer: fine
+    with pytest.raises(ValueError, match="overlaps"):
+        planes._c.merge(0, both[:8], raw, both[:16].view(np.uint16), 0, 8)
+    with pytest.raises(ValueError, match="overlap"):
+        planes._c.split(0, both[:16].view(np.uint16), both[8:16], raw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_words_fall_back_to_numpy(dtype):
+    """A tensor at an odd byte offset (torch.frombuffer of a packed file) still splits and merges."""
+    layout = layout_for(dtype)
+    n = 1001
+    x = (torch.randn(n) * 0.02).to(dtype)
+    raw_bytes = bytearray(1 + n * layout.itemsize)
+    buf = np.frombuffer(raw_bytes, np.uint8)[1:]
+    buf[:] = layout.words(x).view(np.uint8)
+    words = buf.view(layout.word)
+    assert not words.flags.aligned
+    exp, raw = np.empty(n, np.uint8), np.empty(n * layout.raw_width, np.uint8)
+    layout.split(words, exp, raw)
+    out_bytes = np.zeros(1 + n * layout.itemsize, np.uint8)[1:]
+    out = out_bytes.view(layout.word)
+    layout.merge(exp, raw, out, 0, n)
+    assert np.array_equal(out, layout.words(x))
 
 
 def test_the_c_planes_are_in_use_in_ci():

@@ -14,6 +14,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#define restrict __restrict
+#endif
+
 enum kind { BF16 = 0, FP16 = 1, FP32 = 2 };
 
 static const char *const kind_names[] = {"bfloat16", "float16", "float32"};
@@ -92,6 +96,12 @@ static int get_buffers(PyObject *objs[3], Py_buffer bufs[3], int writable) {
     return 0;
 }
 
+/* the kernels' pointers are restrict: the output may not overlap what it is made from */
+static int overlap(const Py_buffer *a, const Py_buffer *b) {
+    const char *x = (const char *)a->buf, *y = (const char *)b->buf;
+    return a->len > 0 && b->len > 0 && x < y + b->len && y < x + a->len;
+}
+
 static void release(Py_buffer bufs[3]) {
     for (int k = 0; k < 3; k++)
         PyBuffer_Release(&bufs[k]);
@@ -123,6 +133,8 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
         bad = "the exponent plane is shorter than the range";
     else if (kind == FP32 ? b[2].len < 3 * n : b[2].len < stop)
         bad = "the raw plane is shorter than the range";
+    else if (overlap(&b[0], &b[1]) || overlap(&b[0], &b[2]))
+        bad = "the output overlaps a plane";
     if (bad != NULL) {
         PyErr_Format(PyExc_ValueError, "%s merge: %s (%zd elements, range [%zd, %zd))", kind_names[kind], bad, n,
                      start, stop);
@@ -162,6 +174,11 @@ static PyObject *py_split(PyObject *self, PyObject *args) {
         release(b);
         return NULL;
     }
+    if (overlap(&b[0], &b[1]) || overlap(&b[0], &b[2]) || overlap(&b[1], &b[2])) {
+        PyErr_Format(PyExc_ValueError, "%s split: the words and the planes overlap", kind_names[kind]);
+        release(b);
+        return NULL;
+    }
     if (b[1].len < n || b[2].len < n * raw_widths[kind]) {
         PyErr_Format(PyExc_ValueError, "%s split: planes too short for %zd elements (exponent %zd, raw %zd bytes)",
                      kind_names[kind], n, b[1].len, b[2].len);
@@ -187,7 +204,8 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_planes", "Bit-plane split and merge in C.", -1,
-                                    methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_planes", "Bit-plane split and merge in C.", -1, methods, NULL, NULL, NULL, NULL,
+};
 
 PyMODINIT_FUNC PyInit__planes(void) { return PyModule_Create(&module); }

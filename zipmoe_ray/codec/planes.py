@@ -87,14 +87,14 @@ class PlaneLayout:
 
     def split(self, words: np.ndarray, exp_out: np.ndarray, raw_out: np.ndarray) -> None:
         """Fill ``exp_out`` (uint8[n]) and ``raw_out`` (uint8[n * raw_width]) from ``words``."""
-        if _c is not None and words.flags.c_contiguous:
+        if _c is not None and words.flags.c_contiguous and words.flags.aligned:
             _c.split(self.kind, words, exp_out, raw_out)
         else:
             self.split_numpy(words, exp_out, raw_out)
 
     def merge(self, exp: np.ndarray, raw: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
         """Write elements ``[start, stop)`` of ``out`` (words) from the full planes ``exp`` and ``raw``."""
-        if _c is not None:
+        if _c is not None and out.flags.c_contiguous and out.flags.aligned:
             _c.merge(self.kind, exp, raw, out, start, stop)
         else:
             self.merge_numpy(exp, raw, out, start, stop)

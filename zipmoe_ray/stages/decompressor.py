@@ -170,6 +170,10 @@ class Decompressor:
             pieces, nbytes = [], 0
             for t, pos, plane, (a, b) in work:
                 raw = np.frombuffer(by_name[t.name].raw, dtype=np.uint8)
+                if raw.size != t.numel * layout.raw_width:
+                    raise StoreCorruptError(
+                        f"raw plane holds {raw.size} bytes, expected {t.numel * layout.raw_width}"
+                    )
                 dst = words[pos : pos + t.numel] if words is not None else np.empty(t.numel, layout.word)
                 layout.merge(plane, raw, dst, a, b)
                 pieces.append((pos + a, dst[a:b]))
