@@ -155,6 +155,28 @@ def test_decode_shards_pieces_make_the_whole(dtype):
         decode_shards(enc, 3, 6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recombine_after_decompress_shards_and_a_short_raw_plane_refused(dtype):
+    """The lanes' disk-miss path: exponents first, the raw plane later; a raw plane of the wrong size is a
+    damaged store, refused before anything is recombined from it."""
+    from dataclasses import replace
+
+    from zipmoe_ray.codec import decompress_shards, recombine
+
+    x = (torch.randn(20_003) * 0.02).to(dtype)
+    enc = encode(x, shards=4)
+    layout = layout_for(dtype)
+    exp = np.empty(enc.numel, np.uint8)
+    words = np.zeros(enc.numel, layout.word)
+    for lo, hi in [(0, 1), (1, 4)]:
+        a, b = decompress_shards(enc, lo, hi, exp)
+        recombine(enc, exp, words, a, b)
+    assert np.array_equal(words, layout.words(x))
+    short = replace(enc, raw=bytes(np.asarray(enc.raw))[:-1])
+    with pytest.raises(StoreCorruptError, match="raw plane holds"):
+        recombine(short, exp, words, 0, enc.numel)
+
+
 @pytest.mark.parametrize("level", [None, -3, 1, 3, 19])
 def test_zstd_levels(level):
     x = (torch.randn(20_000) * 0.02).to(torch.bfloat16)

@@ -23,6 +23,7 @@ _WHERE = {
     "decompress_exponents": ".core",
     "decompress_shards": ".core",
     "encode": ".core",
+    "recombine": ".core",
     "EncodedTensor": ".encoded",
     "crc32": ".encoded",
     "LAYOUTS": ".planes",
@@ -50,12 +51,21 @@ __all__ = [
     "exponent_histogram",
     "get_codec",
     "layout_for",
+    "recombine",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
     from .backends import CODECS, get_codec
-    from .core import decode, decode_many, decode_shards, decompress_exponents, decompress_shards, encode
+    from .core import (
+        decode,
+        decode_many,
+        decode_shards,
+        decompress_exponents,
+        decompress_shards,
+        encode,
+        recombine,
+    )
     from .encoded import EncodedTensor, auto_shards, crc32
     from .planes import LAYOUTS, PlaneLayout, layout_for
     from .stats import bound_ratio, entropy_bits, exponent_histogram

@@ -150,6 +150,12 @@ def _raw_plane(enc: EncodedTensor) -> np.ndarray:
     return enc.raw if isinstance(enc.raw, np.ndarray) else np.frombuffer(enc.raw, dtype=np.uint8)
 
 
+def _check_raw(enc: EncodedTensor, raw: np.ndarray, layout) -> None:
+    """A raw plane of the wrong size is a damaged store: refused before anything is recombined from it."""
+    if raw.size != enc.numel * layout.raw_width:
+        raise StoreCorruptError(f"raw plane holds {raw.size} bytes, expected {enc.numel * layout.raw_width}")
+
+
 def _shard_tasks(enc: EncodedTensor, exp: np.ndarray, words: np.ndarray):
     """One closure per shard: decompress into ``exp`` and recombine that range into ``words``."""
     layout = layout_for(enc.dtype)
@@ -167,8 +173,8 @@ def _shard_tasks(enc: EncodedTensor, exp: np.ndarray, words: np.ndarray):
             np.copyto(words, raw.view(layout.word))
 
         return [copy]
-    if words is not None and raw.size != enc.numel * layout.raw_width:  # decompressing alone needs no raw
-        raise StoreCorruptError(f"raw plane holds {raw.size} bytes, expected {enc.numel * layout.raw_width}")
+    if words is not None:  # decompressing alone needs no raw plane
+        _check_raw(enc, raw, layout)
     if sum(enc.shard_elems) != enc.numel:
         raise StoreCorruptError(f"shards cover {sum(enc.shard_elems)} elements, tensor has {enc.numel}")
     tasks = []
@@ -279,7 +285,7 @@ def shard_range(encoded: EncodedTensor, lo: int, hi: int) -> tuple[int, int]:
 def decompress_shards(encoded: EncodedTensor, lo: int, hi: int, exp: np.ndarray) -> tuple[int, int]:
     """Decompress exponent shards ``[lo, hi)`` into their elements of ``exp`` (uint8, the whole plane) on
     this thread, without the raw plane (which may still be on its way: ``encoded.raw`` is not read); returns
-    the elements ``[a, b)`` written. Recombine them later with ``layout_for(dtype).merge``."""
+    the elements ``[a, b)`` written. Recombine them later with :func:`recombine`."""
     if encoded.codec == "none" or not 0 <= lo < hi <= encoded.shards:
         raise ConfigError(f"cannot decode shards [{lo}, {hi}) of a tensor with {encoded.shards} shards")
     if exp.dtype != np.uint8 or exp.size != encoded.numel:
@@ -287,6 +293,16 @@ def decompress_shards(encoded: EncodedTensor, lo: int, hi: int, exp: np.ndarray)
     for t in _shard_tasks(encoded, exp, None)[lo:hi]:
         t()
     return shard_range(encoded, lo, hi)
+
+
+def recombine(encoded: EncodedTensor, exp: np.ndarray, words: np.ndarray, a: int, b: int) -> None:
+    """Recombine elements ``[a, b)`` of a tensor into ``words`` (its unsigned words) from ``exp`` (its whole
+    exponent plane, as decompress_shards wrote it) and its raw plane, once that is in (its size checked:
+    StoreCorruptError)."""
+    layout = layout_for(encoded.dtype)
+    raw = _raw_plane(encoded)
+    _check_raw(encoded, raw, layout)
+    layout.merge(exp, raw, words, a, b)
 
 
 def decompress_exponents(

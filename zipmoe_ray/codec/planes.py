@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -69,6 +70,7 @@ class PlaneLayout:
     raw_width: int  # raw-plane bytes per element
     exponent_bits: int
     mantissa_bits: int
+    kind: ClassVar[int]  # the C extension's number for this layout (each subclass's)
 
     @property
     def itemsize(self) -> int:
@@ -82,8 +84,6 @@ class PlaneLayout:
         """The tensor's bits as a flat numpy array of unsigned words, sharing its memory."""
         signed = {1: torch.int8, 2: torch.int16, 4: torch.int32}[self.itemsize]
         return tensor.view(signed).reshape(-1).numpy().view(self.word)
-
-    kind: int  # the C extension's number for this layout
 
     def split(self, words: np.ndarray, exp_out: np.ndarray, raw_out: np.ndarray) -> None:
         """Fill ``exp_out`` (uint8[n]) and ``raw_out`` (uint8[n * raw_width]) from ``words``."""
@@ -118,6 +118,8 @@ class PlaneLayout:
 
 
 class _BF16(PlaneLayout):
+    kind = 0
+
     def split_numpy(self, words, exp_out, raw_out):
         n = words.size
         for a in range(0, n, _BLOCK):
@@ -156,6 +158,8 @@ class _BF16(PlaneLayout):
 
 
 class _FP16(PlaneLayout):
+    kind = 1
+
     def split_numpy(self, words, exp_out, raw_out):
         n = words.size
         for a in range(0, n, _BLOCK):
@@ -185,6 +189,8 @@ class _FP16(PlaneLayout):
 
 
 class _FP32(PlaneLayout):
+    kind = 2
+
     # raw plane: [low 16 mantissa bits as uint16 little-endian, n of them][sign | mantissa top 7, n bytes]
     def split_numpy(self, words, exp_out, raw_out):
         n = words.size
@@ -237,9 +243,9 @@ class _FP32(PlaneLayout):
 
 
 LAYOUTS: dict[str, PlaneLayout] = {
-    "bfloat16": _BF16("bfloat16", torch.bfloat16, np.dtype(np.uint16), 1, 8, 7, 0),
-    "float16": _FP16("float16", torch.float16, np.dtype(np.uint16), 1, 5, 10, 1),
-    "float32": _FP32("float32", torch.float32, np.dtype(np.uint32), 3, 8, 23, 2),
+    "bfloat16": _BF16("bfloat16", torch.bfloat16, np.dtype(np.uint16), 1, 8, 7),
+    "float16": _FP16("float16", torch.float16, np.dtype(np.uint16), 1, 5, 10),
+    "float32": _FP32("float32", torch.float32, np.dtype(np.uint32), 3, 8, 23),
 }
 _BY_TORCH = {layout.torch_dtype: layout for layout in LAYOUTS.values()}
 

@@ -18,7 +18,15 @@ import time
 import numpy as np
 import torch
 
-from ..codec import decode_many, decode_shards, decompress_exponents, decompress_shards, encode, layout_for
+from ..codec import (
+    decode_many,
+    decode_shards,
+    decompress_exponents,
+    decompress_shards,
+    encode,
+    layout_for,
+    recombine,
+)
 from ..codec.encoded import crc32
 from ..errors import ChecksumError, ConfigError, StoreCorruptError
 from ..store import open_store
@@ -169,13 +177,8 @@ class Decompressor:
                 words = layout.words(flat)
             pieces, nbytes = [], 0
             for t, pos, plane, (a, b) in work:
-                raw = np.frombuffer(by_name[t.name].raw, dtype=np.uint8)
-                if raw.size != t.numel * layout.raw_width:
-                    raise StoreCorruptError(
-                        f"raw plane holds {raw.size} bytes, expected {t.numel * layout.raw_width}"
-                    )
                 dst = words[pos : pos + t.numel] if words is not None else np.empty(t.numel, layout.word)
-                layout.merge(plane, raw, dst, a, b)
+                recombine(by_name[t.name], plane, dst, a, b)
                 pieces.append((pos + a, dst[a:b]))
                 nbytes += (b - a) * layout.itemsize
         except ChecksumError:
