@@ -254,12 +254,7 @@ class ColocatedTransport(RayTransport):
         self._table = self._start_lanes()  # in the executor's process, before any thread can ask
 
     def _start_lanes(self) -> TaskTable:
-        from ..stages.decompressor import Decompressor
-        from ..stages.loader import IOLoader
-
-        loader = IOLoader(self.store_path, self.read_options)
-        decs = [Decompressor(self.store_path, i) for i in range(self.workers)]
-        return TaskTable(LocalRunner(loader, decs))
+        return TaskTable(LocalRunner.for_store(self.store_path, self.read_options, self.workers))
 
     @property
     def table(self) -> TaskTable:

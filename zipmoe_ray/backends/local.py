@@ -41,6 +41,16 @@ class LocalRunner:
         ]
         self._buffers: dict = {}  # key -> [buffer, pieces still to submit] (the submitting thread only: the scheduler's, or the executor's generation thread with lanes in the executor)
 
+    @classmethod
+    def for_store(cls, store_path: str, read_options, workers: int) -> LocalRunner:
+        """An I/O lane and ``workers`` decode lanes on ``store_path`` (the local backend's, and the
+        executor's own with lanes in the executor)."""
+        return cls(IOLoader(store_path, read_options), [Decompressor(store_path, i) for i in range(workers)])
+
+    def calibrate(self) -> tuple[dict, dict]:
+        """The I/O lane's and one decode lane's calibration, measured on this process's cores."""
+        return self.loader.calibrate(None, 16 << 20), self.decompressors[0].calibrate(None, 16 << 20)
+
     def read(self, key, part):
         return self._io.submit(self.loader.read, key[0], key[1], part)
 
@@ -143,16 +153,13 @@ class LocalBackend(Backend):
 
     def start_lanes(self) -> None:
         cfg = self.config
-        self.loader = IOLoader(self.store_dir, cfg.read_options())
-        self.decompressors = [Decompressor(self.store_dir, i) for i in range(cfg.workers)]
-        self.runner = LocalRunner(self.loader, self.decompressors)
+        self.runner = LocalRunner.for_store(self.store_dir, cfg.read_options(), cfg.workers)
+        self.loader, self.decompressors = self.runner.loader, self.runner.decompressors
 
     def calibrate(self):
         from ..schedule.costs import CostModel
 
-        return CostModel.calibrated(
-            self.loader.calibrate(None, 16 << 20), self.decompressors[0].calibrate(None, 16 << 20)
-        )
+        return CostModel.calibrated(*self.runner.calibrate())
 
     def start_pipeline(self, sched_config, costs) -> None:
         from ..stages.executor import Executor

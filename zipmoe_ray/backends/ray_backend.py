@@ -157,11 +157,13 @@ def _from_creation_error(e: BaseException) -> ZipMoEError | None:
 def _calibrate_lanes(store_dir: str, read_options) -> tuple[dict, dict]:
     """An I/O lane's and a decode lane's calibration, measured where this runs (a task on the executor's
     node, for lanes that will run in the executor)."""
-    from ..stages.decompressor import Decompressor
-    from ..stages.loader import IOLoader
+    from .local import LocalRunner
 
-    io = IOLoader(store_dir, read_options).calibrate(None, 16 << 20)
-    return io, Decompressor(store_dir, 0).calibrate(None, 16 << 20)
+    runner = LocalRunner.for_store(store_dir, read_options, 1)
+    try:
+        return runner.calibrate()
+    finally:
+        runner.shutdown()
 
 
 class RayBackend(Backend):
