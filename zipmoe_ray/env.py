@@ -32,6 +32,12 @@ VARIABLES: dict[str, EnvVar] = {
             "threads for shard decompression in codec.decode when none are given (default: CPU count)",
         ),
         EnvVar(
+            "ZIPMOE_PLANES",
+            "auto",
+            "bit-plane split and merge: auto (the C extension where the package was built with it, else "
+            "numpy), c (the extension or an error), numpy (always numpy: same bits, slower)",
+        ),
+        EnvVar(
             "ZIPMOE_LOG_LEVEL",
             "WARNING",
             "log level of the zipmoe_ray loggers when run from the CLI (DEBUG, INFO, WARNING, ...)",

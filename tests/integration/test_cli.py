@@ -92,6 +92,16 @@ def test_bad_input_exits_nonzero_with_a_message(tmp_path, capsys, argv, message)
     assert message in err and "error:" in err
 
 
+def test_env_lists_every_variable_and_the_kernels_in_use(capsys):
+    from zipmoe_ray import env
+    from zipmoe_ray.codec import checksum, planes
+
+    rc, out, _ = run(capsys, "env")
+    assert rc == 0
+    assert all(f"{name}=" in out for name in env.VARIABLES)
+    assert f"in use: bit planes by {planes.IMPLEMENTATION}, crc32 by {checksum.IMPLEMENTATION}" in out
+
+
 def test_unknown_choice_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compress", str(tmp_path), str(tmp_path / "s"), "--codec", "brotli"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -344,3 +345,25 @@ def test_the_c_planes_are_in_use_in_ci():
     if os.environ.get("CI") != "true":
         pytest.skip("only CI promises a compiler")
     assert planes.IMPLEMENTATION == "c"
+
+
+def test_zipmoe_planes_chooses_the_implementation(monkeypatch):
+    """ZIPMOE_PLANES: auto takes the extension where it is built, numpy never, c insists; anything else is a
+    ConfigError naming the choices, and so is c on a build without the extension."""
+    monkeypatch.setenv("ZIPMOE_PLANES", "numpy")
+    assert planes._load_extension() is None
+    monkeypatch.setenv("ZIPMOE_PLANES", "fast")
+    with pytest.raises(ConfigError, match="auto, c, numpy"):
+        planes._load_extension()
+    if planes._c is not None:  # built: auto and c both load it
+        for choice in ("auto", "C", ""):
+            monkeypatch.setenv("ZIPMOE_PLANES", choice)
+            assert planes._load_extension() is planes._c
+    # what a build without the extension looks like
+    monkeypatch.setitem(sys.modules, "zipmoe_ray.codec._planes", None)
+    monkeypatch.delattr(sys.modules["zipmoe_ray.codec"], "_planes", raising=False)
+    monkeypatch.setenv("ZIPMOE_PLANES", "auto")
+    assert planes._load_extension() is None
+    monkeypatch.setenv("ZIPMOE_PLANES", "c")
+    with pytest.raises(ConfigError, match="not built"):
+        planes._load_extension()

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_commands(sub)
     add_plan_commands(sub)
     add_serve_command(sub)
-    p = sub.add_parser("env", help="list the ZIPMOE_* environment variables")
+    p = sub.add_parser(
+        "env", help="list the ZIPMOE_* environment variables and which codec kernels this install uses"
+    )
     p.set_defaults(func=_cmd_env)
     return parser
 
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_env(args) -> int:
     for v in env.VARIABLES.values():
         print(f"{v.name}={env.get_str(v.name)!s:<20} {v.help} (default {v.default!r})")
+    from ..codec import checksum, planes
+
+    print(f"in use: bit planes by {planes.IMPLEMENTATION}, crc32 by {checksum.IMPLEMENTATION}")
     return 0
 
 

@@ -22,12 +22,12 @@ bytes are still in cache. All functions write into caller-owned buffers and allo
 
 ``split`` and ``merge`` run in C (``_planes.c``: one pass per element, the GIL released) where the package
 was built with its extension, and in numpy otherwise; both give the same bits (tests/unit/test_codec.py runs
-both). ``IMPLEMENTATION`` says which is in use; ``ZIPMOE_PLANES=numpy`` forces numpy.
+both). ``IMPLEMENTATION`` says which is in use; ``ZIPMOE_PLANES=numpy`` forces numpy and ``ZIPMOE_PLANES=c``
+requires the extension (ConfigError without it), see zipmoe_ray/env.py.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from typing import ClassVar
@@ -35,14 +35,33 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from .. import env
+from ..errors import ConfigError
+
 __all__ = ["IMPLEMENTATION", "LAYOUTS", "PlaneLayout", "layout_for"]
 
-_c = None
-if os.environ.get("ZIPMOE_PLANES", "").lower() != "numpy":
+
+def _load_extension():
+    """The C extension, or None where ZIPMOE_PLANES asks for numpy or the package was built without it."""
+    choice = env.get_str("ZIPMOE_PLANES").strip().lower() or "auto"
+    if choice not in ("auto", "c", "numpy"):
+        raise ConfigError(f"ZIPMOE_PLANES={choice!r} is not one of auto, c, numpy")
+    if choice == "numpy":
+        return None
     try:
-        from . import _planes as _c
+        from . import _planes
     except ImportError:  # built without a C compiler: numpy does the same bit moves
-        _c = None
+        if choice == "c":
+            raise ConfigError(
+                "ZIPMOE_PLANES=c but zipmoe_ray.codec._planes is not built: reinstall with a C compiler "
+                "(pip install --no-build-isolation -e . or pip install --force-reinstall zipmoe-ray), or "
+                "unset ZIPMOE_PLANES to use numpy"
+            ) from None
+        return None
+    return _planes
+
+
+_c = _load_extension()
 IMPLEMENTATION = "c" if _c is not None else "numpy"
 
 _BLOCK = 1 << 17  # elements per merge step: big enough to amortise Python, small enough for L2
