@@ -7,7 +7,7 @@ import pytest
 
 from zipmoe_ray.cache import ExpertCache, ExpertSizes, Form, Popularity, SplitRule
 from zipmoe_ray.cache.layout import expert_sizes
-from zipmoe_ray.schedule.split_tuner import MARGIN, SplitTuner
+from zipmoe_ray.schedule.split_tuner import MARGIN, SplitTuner, wide_batch
 from zipmoe_ray.stages.scheduler import Scheduler, SchedulerConfig
 from zipmoe_ray.store import open_store
 
@@ -80,6 +80,33 @@ def test_a_batch_size_seen_later_starts_on_the_split_in_use_and_is_timed_after_e
     assert t.report()["by_batch"][8] == {"split": "full-only", "measuring": False, "step_s": {}}
     assert drive(t, {"plan": 0.1, "full-only": 3.0}, 5, rows=8) == [(1, "plan")]  # due: timed, kept
     assert t.report()["by_batch"][8]["split"] == "plan"
+
+
+def test_a_wide_batch_size_after_a_narrow_one_starts_on_the_start_up_plan():
+    """Where a step's experts cannot fit a cache of full experts, the batch-1 choice does not carry over: a
+    wide size that follows a narrow one starts on the start-up plan; sizes on the same side inherit."""
+    t = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=20, settle=0, window=2, wide_from=6)
+    drive(t, {"plan": 0.5, "full-only": 0.3}, 4)  # batch 1 (narrow): full-only kept
+    assert t.name == "full-only"
+    assert t.observe(0.3, rows=4) is None and t.name == "full-only"  # narrow after narrow: inherited
+    assert t.observe(1.0, rows=8) == PLAN  # wide after narrow: the start-up plan, before any round of 8
+    assert t.report()["by_batch"][8] == {"split": "plan", "measuring": False, "step_s": {}}
+    assert t.observe(1.0, rows=16) is None and t.name == "plan"  # wide after wide: inherited
+    assert t.observe(0.3, rows=1) == FULL  # batch 1 keeps its own choice
+    assert t.report()["wide_from"] == 6
+    # without wide_from (or with no wide size), a new size inherits whatever it follows
+    u = SplitTuner([("plan", PLAN), ("full-only", FULL)], every=20, settle=0, window=2)
+    drive(u, {"plan": 0.5, "full-only": 0.3}, 4)
+    assert u.observe(1.0, rows=8) is None and u.name == "full-only"
+
+
+def test_wide_batch_is_where_a_steps_experts_outgrow_a_cache_of_full_experts():
+    # 60 experts, top-4: 4 distinct at batch 1, 14.5 expected at 4, 17.5 at 5
+    assert wide_batch(60, 4, 14) == 4
+    assert wide_batch(60, 4, 15) == 5
+    assert wide_batch(60, 4, 3.5) == 1  # not even one token's experts fit
+    assert wide_batch(60, 4, 60) is None  # every expert fits: no batch is wide
+    assert wide_batch(8, 2, 7.99) is not None and wide_batch(8, 2, 8) is None
 
 
 def test_a_paused_round_resumes_with_the_samples_it_had():
@@ -230,6 +257,12 @@ def test_no_tuner_for_classic_offloading_or_when_off(tiny_stores):
         return Scheduler(str(store), SchedulerConfig(budget=total // 2, **kw), Runner()).tuner
 
     assert tuner(split=PLAN) is None  # off (replan_every 0)
+    # half the expert bytes, less the reserve, in full experts: the batch at which a step outgrows them
+    sched = Scheduler(str(store), SchedulerConfig(budget=total // 2, split=PLAN, replan_every=8), Runner())
+    sizes = expert_sizes(open_store(store))
+    layers = len({k[0] for k in sizes})
+    held = (total // 2 - sched.reserve) / (total / len(sizes)) / layers
+    assert sched.tuner.wide_from == wide_batch(len(sizes) / layers, sched.top_k, held) is not None
     assert tuner(split=FULL, replan_every=8) is None  # the start-up plan already is classic offloading
     t = tuner(split=PLAN, popularity="lru", replan_every=8)
     assert t.candidates == [("start-up plan", PLAN), ("full-only", FULL)]

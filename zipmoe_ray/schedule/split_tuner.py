@@ -15,10 +15,16 @@ with every generation (a batch of 8 prompts, then 1, then 4) and a generation is
 round, so a round interrupted by another batch size is paused, not lost: when that size comes back, the
 split it was timing is put in use again, settles again, and the round goes on with the samples it had. A
 size whose round has ended gets the split chosen for it at once. Only the first batch size is timed at
-once; a size seen later starts on the split kept for the size before it and has its first round after
-``every`` of its own steps, like any later round: timing a losing candidate costs steps, and on a server that meets a new size
-with every generation, rounds at once would keep timing the loser (measured: bench_serve, 8 clients 9%
-slower that way on this project's 2-core VM, where full-only wins at every size).
+once; a size seen later has its first round after ``every`` of its own steps, like any later round: timing
+a losing candidate costs steps, and on a server that meets a new size with every generation, rounds at once
+would keep timing the loser (measured: bench_serve, 8 clients 9% slower that way on this project's 2-core
+VM, when full-only won at every size). Until its round, a new size starts on the split kept for the size
+before it, unless it is *wide* and that one was not (``wide_from``, see ``wide_batch``): its decode steps
+touch more distinct experts per layer than a cache of full experts only can hold, so that no cache of full
+experts keeps even one step's experts and the reuse between consecutive steps, which a full LRU exploits at
+small batches and the start-up plan's cost model ignores, no longer decides; there it starts on the
+start-up plan (measured: bench_serve, 8 clients after 1 at 25%, 0.5 GB/s, 1.78x one at a time against
+1.59x on the inherited full-only, one run each, 2026-12-07).
 
 Each step is one sample; nothing here reads a clock or touches the cache: the Scheduler feeds it the step
 times the executor measured and applies the split it returns (Scheduler.set_split).
@@ -31,11 +37,25 @@ from statistics import median
 
 from ..cache.split import SplitRule
 
-__all__ = ["MARGIN", "SETTLE_STEPS", "WINDOW_STEPS", "SplitTuner"]
+__all__ = ["MARGIN", "SETTLE_STEPS", "WINDOW_STEPS", "SplitTuner", "wide_batch"]
 
 SETTLE_STEPS = 3  # decode steps not timed after a switch: the cache refills in the new split's forms
 WINDOW_STEPS = 6  # decode steps timed per candidate and round (their median is the candidate's score)
 MARGIN = 0.05  # another candidate must be this much faster than the split in use to replace it
+
+
+def wide_batch(experts: float, top_k: int, full_held: float, limit: int = 4096) -> int | None:
+    """The smallest batch size whose decode step routes, on uniform routing, to more distinct experts of a
+    layer (of ``experts``, ``top_k`` each row: ``experts * (1 - (1 - top_k / experts) ** rows)`` expected)
+    than the ``full_held`` experts of a layer that a cache of full experts only holds; None if no size up
+    to ``limit`` does (the cache holds nearly every expert)."""
+    if experts <= 0 or top_k <= 0:
+        return None
+    miss = 1.0 - min(top_k, experts) / experts
+    for rows in range(1, limit + 1):
+        if experts * (1.0 - miss**rows) > full_held:
+            return rows
+    return None
 
 
 @dataclass
@@ -54,10 +74,12 @@ class _Size:
 class SplitTuner:
     """Chooses among ``candidates`` ((name, SplitRule), the start-up split first) by measured step time, per
     batch size. ``every``: decode steps of one batch size between its rounds (the first batch size's first
-    round starts at once)."""
+    round starts at once). ``wide_from``: the smallest wide batch size (``wide_batch``; None: none is), which
+    starts on the start-up plan (the first candidate) when it follows a narrower size."""
 
     candidates: list[tuple[str, SplitRule]]
     every: int = 256
+    wide_from: int | None = None
     settle: int = SETTLE_STEPS
     window: int = WINDOW_STEPS
     current: int = 0  # index of the split in use
@@ -113,10 +135,13 @@ class SplitTuner:
     def _observe(self, seconds: float, rows: int) -> None:
         s = self._sizes.get(rows)
         if rows != self._rows:  # another batch size: its own round or choice, never compared with this one
-            prev = self._sizes.get(self._rows) if self._rows is not None else None
+            before = self._rows
+            prev = self._sizes.get(before) if before is not None else None
             self._rows = rows
-            if s is None:  # first seen: timed at once if it is the first size, else on the last size's split
-                s = self._sizes[rows] = _Size(chosen=self.current if prev is None else prev.chosen)
+            if s is None:  # first seen: timed at once if it is the first size, else started (_first_split)
+                s = self._sizes[rows] = _Size(
+                    chosen=self.current if prev is None else self._first_split(rows, before)
+                )
                 if prev is None:
                     self._begin(s)
                 else:
@@ -145,6 +170,13 @@ class SplitTuner:
             return
         self._decide(s, rows)
 
+    def _first_split(self, rows: int, before: int) -> int:
+        """The split a batch size seen after ``before`` starts on until its first round: the one kept for
+        ``before``, or the start-up plan where ``rows`` is wide and ``before`` was not (module docstring)."""
+        if self.wide_from is not None and rows >= self.wide_from > before:
+            return 0
+        return self._sizes[before].chosen
+
     def _decide(self, s: _Size, rows: int) -> None:
         r = s.scores
         self.rounds += 1
@@ -167,6 +199,7 @@ class SplitTuner:
             "switches": self.switches,
             "changes": self.changes,
             "every_steps": self.every,
+            "wide_from": self.wide_from,
             "by_batch": {
                 rows: {
                     "split": self.candidates[s.chosen][0],

@@ -26,7 +26,7 @@ from ..cache.popularity import DEFAULT_DECAY, DEFAULT_POPULARITY
 from ..errors import BudgetError
 from ..runtime.budget import minimum_budget
 from ..schedule import CostModel
-from ..schedule.split_tuner import SplitTuner
+from ..schedule.split_tuner import SplitTuner, wide_batch
 from .placement import Placement
 from .protocol import Delivery, LayerResponse, TaskRunner
 
@@ -113,7 +113,11 @@ class Scheduler(Placement):
         # well at batch 1 and batch 8: cache/popularity.py)
         full_only = SplitRule.for_policy("full-only")
         self.tuner = (
-            SplitTuner([("start-up plan", self.split), ("full-only", full_only)], every=config.replan_every)
+            SplitTuner(
+                [("start-up plan", self.split), ("full-only", full_only)],
+                every=config.replan_every,
+                wide_from=self._wide_from(full_only),
+            )
             if config.replan_every and self.split != full_only
             else None
         )
@@ -151,6 +155,14 @@ class Scheduler(Placement):
             split = SplitRule(full=1.0, compressed=0.0, sm=0.0)  # a raw store has only the FULL form
         total = sum(s.full for s in self.sizes.values())
         return split, split.capacities(self.config.budget - self.reserve - self.aside, total)
+
+    def _wide_from(self, full_only: SplitRule) -> int | None:
+        """The smallest batch size whose step routes to more distinct experts of a layer than full-only's
+        cache holds of it (schedule/split_tuner.py, wide_batch), from the mean layer of this store."""
+        layers = {k[0] for k in self.sizes}
+        mean_full = sum(s.full for s in self.sizes.values()) / len(self.sizes)
+        held = self._capacities(full_only)[1][Form.FULL] / mean_full / len(layers)
+        return wide_batch(len(self.sizes) / len(layers), self.top_k, held)
 
     def _set_aside(self, nbytes: int) -> None:
         """Resize the forms for ``nbytes`` of prefetch staging set aside (demotions as for a re-plan)."""
