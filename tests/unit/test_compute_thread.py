@@ -59,9 +59,8 @@ def test_the_executor_actor_gets_a_short_openmp_spin_unless_the_user_set_a_wait_
     assert env["env_vars"]["GOMP_SPINCOUNT"] == EXECUTOR_SPINCOUNT and env["env_vars"]["A"] == "1"
     assert env["pip"] == ["x"]
     assert "GOMP_SPINCOUNT" not in executor_env({"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})["env_vars"]
-    monkeypatch.setenv(
-        "GOMP_SPINCOUNT", "5"
-    )  # the user's own: passed on (a cluster's workers do not inherit it)
+    # the user's own: passed on (a cluster's workers do not inherit it)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
     assert executor_env(None)["env_vars"]["GOMP_SPINCOUNT"] == "5"
     monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")

@@ -154,7 +154,6 @@ class LocalBackend(Backend):
     def start_lanes(self) -> None:
         cfg = self.config
         self.runner = LocalRunner.for_store(self.store_dir, cfg.read_options(), cfg.workers)
-        self.loader, self.decompressors = self.runner.loader, self.runner.decompressors
 
     def calibrate(self):
         from ..schedule.costs import CostModel
@@ -191,13 +190,13 @@ class LocalBackend(Backend):
     def lane_stats(self, sched: dict) -> LaneStats:
         from .cluster_nodes import node_entry
 
-        loader = self.loader.stats()
-        decs = [d.stats() for d in self.decompressors]
+        loader = self.runner.loader.stats()
+        decs = [d.stats() for d in self.runner.decompressors]
         homed = len(self.store.index.experts)
         return LaneStats({"local": node_entry("local", loader, decs, None, sched, homed)}, [loader], decs)
 
     def reset_stats(self) -> None:
-        for stage in (self.loader, *self.decompressors, self.scheduler, self.executor):
+        for stage in (self.runner.loader, *self.runner.decompressors, self.scheduler, self.executor):
             stage.reset_stats()
 
     def close(self) -> None:
