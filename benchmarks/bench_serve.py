@@ -16,6 +16,14 @@ Per concurrency: requests/s and output tokens/s over the wall time of all reques
 token) and TPOT (mean gap between a request's tokens) p50/p95 as clients see them. The one-at-a-time server
 run's tokens are checked against the in-process run's (both solo, greedy: they must be identical).
 
+Where the time goes, per concurrency: the bytes the server read (its /metrics), the seconds the emulated SSD
+needed for them and that share of the wall time, and an I/O floor: the server records the routing it served
+(--trace-out) and Belady's rule (evict what is used furthest ahead; optimal for any cache, even one knowing
+the future, with the budget in compressed extents, zipmoe_ray/sim/bound.py) replays it over the whole run,
+so no cache of this budget reads fewer bytes for that level's steps. A level cannot take less wall time
+than its floor's bytes over the bandwidth, which bounds the concurrent-over-one-at-a-time ratio reachable
+against this run's one-at-a-time speed (``tokens_per_s_N_over_1_io_bound``).
+
     flock /work/bench.lock python benchmarks/bench_serve.py [--json OUT] [--skew none|S] [--budget 25%]
 """
 
@@ -77,6 +85,9 @@ class Server:
         cmd += ["--read-mode", "bypass", "--ssd-bandwidth", f"{args.bandwidth}GB"]
         self.log_path = Path(args.out_dir) / "bench_serve-server.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.trace = Path(args.out_dir) / "bench_serve-trace.jsonl"
+        self.trace.unlink(missing_ok=True)  # a trace is appended to; this run's alone
+        cmd += ["--trace-out", str(self.trace)]
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 900
@@ -174,6 +185,58 @@ def server_metrics(base) -> str:
         return r.read().decode()
 
 
+def read_bytes(text: str) -> float:
+    """The server engine's bytes read so far, from its /metrics text."""
+    m = re.search(r"^zipmoe_read_bytes_total (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def served_requests(trace: Path, rows: int, timeout_s: float = 60.0) -> int:
+    """The number of generations recorded once they hold ``rows`` sequences (the engine appends a
+    generation's steps as it ends, which may be just after its last token reached the client)."""
+    from zipmoe_ray.trace.recorded import load_recorded
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        steps = load_recorded(trace).steps if trace.exists() else []
+        prefills = [s for s in steps if s.step == 0]
+        if sum(s.batch for s in prefills) >= rows or time.monotonic() > deadline:
+            return len(prefills)
+        time.sleep(0.2)
+
+
+def io_floors(trace: Path, bounds: list[int], store: Path, budget: str) -> tuple[list[int], int]:
+    """Per level (generations ``bounds[i-1]..bounds[i]-1`` of the trace, in order), the fewest bytes any
+    cache of ``budget`` must read for its steps: Belady's rule on every step of the run in order, with the
+    budget in compressed extents (sim/bound.py, belady_misses), misses times the extent. Also the extent."""
+    from zipmoe_ray.cache.layout import ModelLayout
+    from zipmoe_ray.runtime.budget import Budget
+    from zipmoe_ray.sim.bound import belady_misses
+    from zipmoe_ray.store import open_store
+    from zipmoe_ray.trace.recorded import load_recorded
+
+    st = open_store(store)
+    try:
+        layout = ModelLayout.of_store(st)
+    finally:
+        st.close()
+    extent = min(s.extent for s in layout.sizes.values())
+    capacity = Budget.parse(budget, layout).bytes // extent
+    steps = load_recorded(trace).steps
+    order = sorted({s.request for s in steps})
+    level_of = {}
+    for lvl, (lo, hi) in enumerate(zip([0, *bounds], bounds)):
+        for r in order[lo:hi]:
+            level_of[r] = lvl
+    requests = [[(layer, e) for layer, picks in s.layers.items() for e, _ in picks] for s in steps]
+    misses = belady_misses(requests, capacity)
+    out = [0] * len(bounds)
+    for s, m in zip(steps, misses):
+        if s.request in level_of:
+            out[level_of[s.request]] += m * extent
+    return out, extent
+
+
 def server_replan(text: str) -> dict | None:
     """The server engine's online re-planning from its /metrics text: the split in use, rounds, and per
     batch size the split chosen and its last round's median decode step (None: re-planning off)."""
@@ -248,6 +311,9 @@ def main() -> None:
         try:
             engine.generate(warm, args.new_tokens)  # the same warm-up for both
             one_request(client, warm, args.new_tokens)
+            sent = 1
+            bounds = [served_requests(server.trace, sent)]  # the warm-up's generation(s) come first
+            read0 = read_bytes(server_metrics(server.base))
             log(f"one at a time, in-process and server alternately, {len(prompts)} requests ...")
             local, served = paired_one_at_a_time(engine, client, prompts, args.new_tokens)
             engine_stats = engine.stats()
@@ -259,13 +325,21 @@ def main() -> None:
                 ray.shutdown()
         busy = sum(r["end"] - r["start"] for r in served)  # back to back, as one client would send them
         solo = summarize(served, busy, sum(r["tokens"] for r in served), 1)
-        solo["server_replan"] = server_replan(server_metrics(server.base))
+        sent += len(prompts)
+        bounds.append(served_requests(server.trace, sent))
+        text = server_metrics(server.base)
+        solo["server_replan"] = server_replan(text)
+        solo["read_bytes"], read0 = read_bytes(text) - read0, read_bytes(text)
         results.append(solo)
         log(f"  server {solo['output_tokens_per_s']:.2f} tok/s, TPOT p50 {solo['tpot_p50_s'] * 1e3:.0f} ms")
         for c in levels:
             log(f"{c} concurrent clients, {len(prompts)} requests ...")
             r = run_level(client, prompts, c, args.new_tokens)
-            r["server_replan"] = server_replan(server_metrics(server.base))  # as this level left it
+            sent += len(prompts)
+            bounds.append(served_requests(server.trace, sent))
+            text = server_metrics(server.base)
+            r["server_replan"] = server_replan(text)  # as this level left it
+            r["read_bytes"], read0 = read_bytes(text) - read0, read_bytes(text)
             log(
                 f"  {r['output_tokens_per_s']:.2f} tok/s, {r['requests_per_s']:.3f} req/s, TTFT p50 "
                 f"{r['ttft_p50_s']:.2f} s, TPOT p50 {r['tpot_p50_s'] * 1e3:.0f} ms"
@@ -274,6 +348,18 @@ def main() -> None:
         metrics = server_metrics(server.base)
     finally:
         server.stop()
+    floors, extent = io_floors(server.trace, bounds, store, args.budget)
+    bps = args.bandwidth * 1e9
+    for r, floor in zip(results, floors[1:]):  # floors[0]: the warm-up
+        tokens = r["output_tokens_per_s"] * r["wall_s"]
+        r["read_gb"] = r.pop("read_bytes") / 1e9
+        r["ssd_busy_s"] = r["read_gb"] * 1e9 / bps
+        r["ssd_busy_share"] = r["ssd_busy_s"] / r["wall_s"]
+        r["io_floor_gb"] = floor / 1e9
+        r["io_floor_s"] = floor / bps
+        r["io_floor_tokens_per_s"] = tokens / r["io_floor_s"] if floor else None
+    for r, lo, hi in zip(results, bounds, bounds[1:]):
+        r["generations"] = hi - lo  # how the server batched the level's requests
     same = solo["token_ids"] == [r["token_ids"] for r in local]
     gaps = [b["tpot_s"] - a["tpot_s"] for a, b in zip(local, served) if a["tpot_s"] and b["tpot_s"]]
     tpot_in = statistics.median(r["tpot_s"] for r in local)
@@ -301,6 +387,16 @@ def main() -> None:
         "overhead_per_token_s": overhead,
         "overhead_per_token_p95_s": pct(gaps, 0.95),
         f"tokens_per_s_{best['concurrency']}_over_1": ratio,
+        f"tokens_per_s_{best['concurrency']}_over_1_io_bound": (
+            best["io_floor_tokens_per_s"] / solo["output_tokens_per_s"]
+            if best["io_floor_tokens_per_s"]
+            else None
+        ),
+        "io_floor": {
+            "rule": "Belady over the served routing (every level in order), budget in compressed extents",
+            "extent_bytes": extent,
+            "trace": str(server.trace),
+        },
         "server_metrics": metrics,
     }
     if args.json:
@@ -314,6 +410,15 @@ def main() -> None:
             )
             + f" ({rp['rounds']} rounds)"
         )
+    for r in results:
+        log(
+            f"  {r['concurrency']} client(s): {r['generations']} generations, read {r['read_gb']:.2f} GB = "
+            f"{r['ssd_busy_s']:.1f} s of SSD ({r['ssd_busy_share']:.0%} of {r['wall_s']:.1f} s); I/O floor "
+            f"{r['io_floor_gb']:.2f} GB = {r['io_floor_s']:.1f} s"
+        )
+    bound = doc[f"tokens_per_s_{best['concurrency']}_over_1_io_bound"]
+    if bound:
+        log(f"  {best['concurrency']} clients over one at a time, at most {bound:.2f}x by the I/O floor")
     print(
         f"bench_serve: {best['concurrency']} clients {best['output_tokens_per_s']:.2f} tok/s = {ratio:.2f}x one at a "
         f"time ({solo['output_tokens_per_s']:.2f}); TPOT at 1: server {tpot_srv * 1e3:.1f} ms, in-process "

@@ -83,6 +83,8 @@ def test_minus_v_shows_the_traceback(tiny_stores, capsys, no_engine):
         (["generate", "{store}", "--prompt", "hi", "--address", "127.0.0.1:1"], r"no Ray cluster at 127\.0\.0\.1:1"),
         (["generate", "{store}", "--prompt", "hi", "--memory-budget", "100TB", "--backend", "local"], "more than this machine's memory"),
         (["compress", "{model}", "/proc/nope/s"], "cannot create /proc/nope"),
+        (["serve", "{store}", "--memory-budget", "25%", "--trace-out", "/proc/nope/t.jsonl"], "cannot write the trace"),
+        (["serve", "{store}", "--memory-budget", "25%", "--plan", "/proc/nope/plan.json"], "cannot read the plan"),
     ],
 )  # fmt: skip
 def test_more_mistakes_get_one_line(tiny_stores, tiny_models, capsys, argv, message):

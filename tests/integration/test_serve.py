@@ -58,8 +58,11 @@ def server(tiny_stores, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "zipmoe_ray.cli.main", "serve", str(tiny_stores["qwen2_moe"])]
     cmd += ["--memory-budget", "25%", "--port", str(port), "--model-name", MODEL, "--no-calibrate"]
+    cmd += ["--trace-out", "served.jsonl"]  # relative to the CLI's directory, not the replica's
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=log.parent
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_S
@@ -70,7 +73,7 @@ def server(tiny_stores, tmp_path_factory):
             time.sleep(1)
         else:
             pytest.fail(f"the server did not become healthy: {log.read_text()[-2000:]}")
-        yield {"base": base, "proc": proc, "log": log}
+        yield {"base": base, "proc": proc, "log": log, "trace": log.parent / "served.jsonl"}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -262,6 +265,31 @@ def test_a_client_that_goes_away_frees_its_slot(server, client):
     assert 2 <= generated < 240  # its sequence stopped: the generation did not run to max_tokens
     r = client.completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_routing_served_is_recorded_as_generate_records_it(server, client, tiny_stores, tmp_path):
+    """--trace-out: one request per generation, the same steps and routing as ZipMoEEngine.generate records
+    for the same prompt (what `zipmoe plan` and `zipmoe simulate` then take)."""
+    from zipmoe_ray.trace.recorded import load_recorded
+
+    def steps(path, request=None):
+        got = load_recorded(path).steps
+        request = max(s.request for s in got) if request is None else request
+        return [(s.step, s.kind, s.batch, s.layers) for s in got if s.request == request]
+
+    client.completions.create(model=MODEL, prompt="Stones in the river", max_tokens=6, temperature=0)
+    served = steps(server["trace"])
+    with ZipMoEEngine(
+        tiny_stores["qwen2_moe"],
+        memory_budget="25%",
+        backend="local",
+        calibrate=False,
+        trace_path=tmp_path / "ref.jsonl",
+    ) as e:
+        n = len(e.generate("Stones in the river", 6).token_ids)
+    want = steps(tmp_path / "ref.jsonl", 0)
+    assert len(want) == n and served == want  # prefill then a decode step per token but the last
+    assert [k for _, k, b, _ in served] == ["prefill"] + ["decode"] * (n - 1)
 
 
 def test_models_health_and_metrics(server, client):

@@ -54,6 +54,12 @@ def add_serve_command(sub) -> None:
         action="store_true",
         help="start the Ray dashboard (on 127.0.0.1) with the Ray instance zipmoe serve starts (not with --address)",
     )
+    p.add_argument(
+        "--trace-out",
+        help="record the routing of every generation served (zipmoe-trace/1, appended): "
+        "what `zipmoe plan` and `zipmoe simulate` take",
+    )
+    p.add_argument("--plan", help="a plan from `zipmoe plan --out` (default: planned at start-up)")
     add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -74,6 +80,8 @@ def cmd_serve(args) -> int:
         api_key=args.api_key,
         host=args.host,
         port=args.port,
+        trace_out=args.trace_out,
+        plan=args.plan,
     )
     if not config.loopback and config.api_key is None:
         print(

@@ -37,10 +37,21 @@ class ServeConfig:
     api_key: str | None = None  # clients must send `Authorization: Bearer KEY` (--api-key)
     host: str = "127.0.0.1"  # where the HTTP proxy listens (--host)
     port: int = 8000  # (--port)
+    trace_out: str | None = None  # record the routing of every generation here (--trace-out, zipmoe-trace/1)
+    plan: str | None = None  # a plan from `zipmoe plan --out` to run instead of planning at start-up (--plan)
 
     def __post_init__(self):
         if not self.store_dir:
             raise ConfigError("give the store directory to serve")
+        for name in ("trace_out", "plan"):
+            v = getattr(self, name)
+            if v is not None and not str(v).strip():
+                raise ConfigError(f"{name} must not be empty (--{name.replace('_', '-')}); omit it instead")
+        # the engine runs in a Serve replica, whose working directory is not the caller's
+        for name in ("store_dir", "trace_out", "plan"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, os.path.abspath(os.path.expanduser(str(v))))
         if "memory_budget" not in self.engine:
             raise ConfigError("engine options need a memory_budget (--memory-budget)")
         for name, low in (("max_batch", 1), ("max_queue", 0)):

@@ -59,7 +59,8 @@ class EngineHost:
             if self.engine is None:
                 from .. import ZipMoEEngine  # the public API, as any application serving a store uses it
 
-                self.engine = ZipMoEEngine(self.config.store_dir, **self.config.engine)
+                c = self.config
+                self.engine = ZipMoEEngine(c.store_dir, trace_path=c.trace_out, plan=c.plan, **c.engine)
             if self._closing:
                 return
             self.batcher = Batcher(

@@ -44,7 +44,7 @@ def require_serve() -> None:
 
 def preflight(config: ServeConfig) -> None:
     """Fail fast, before Ray starts, on what would otherwise fail inside the replica: the store, the engine
-    options, the budget, the tokenizer, and a port already taken. Raises ZipMoEError subclasses."""
+    options, the budget, a plan or trace file, the tokenizer, and a port already taken. Raises ZipMoEError subclasses."""
     from ..cache.layout import ModelLayout
     from ..runtime.budget import Budget
     from ..runtime.config import EngineConfig
@@ -54,7 +54,18 @@ def preflight(config: ServeConfig) -> None:
     EngineConfig(**config.engine)
     store = open_store(config.store_dir)
     layout = ModelLayout.of_store(store)
-    Budget.parse(config.engine["memory_budget"], layout).require(layout)
+    budget = Budget.parse(config.engine["memory_budget"], layout)
+    budget.require(layout)
+    if config.plan is not None:
+        from ..preflight import checked_plan
+
+        checked_plan(config.plan, store, config.store_dir, budget.bytes)
+    if config.trace_out is not None:
+        from ..store.durable import check_writable
+        from ..trace.recorder import TraceRecorder
+
+        check_writable(config.trace_out, "trace (--trace-out)")
+        TraceRecorder.for_store(config.trace_out, config.store_dir, store, layout, budget.bytes)
     if not (store.path / "tokenizer_config.json").is_file() and not (store.path / "tokenizer.json").is_file():
         raise ConfigError(f"{store.path} has no tokenizer; a server answers text and needs one")
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
