@@ -45,7 +45,7 @@ import signal
 import sys
 from pathlib import Path
 
-from e2e.engines import ALL_HIT_BUDGET, ENGINES, local_twin, ray_overhead_ms_per_layer
+from e2e.engines import ALL_HIT_BUDGET, ENGINES, local_twin, paired_overhead, ray_overhead_ms_per_layer
 from e2e.hf import _device_map, run_hf  # noqa: F401  (tests use both from here)
 from e2e.report import SYSTEMS, figures, fmt_bytes, plot, summary_table, table
 
@@ -93,6 +93,8 @@ def _parse() -> argparse.Namespace:
                     f"{', '.join(QUICK_SYSTEMS)})")  # fmt: skip
     ap.add_argument("--no-all-hit", action="store_true", help="skip the all-hit runs (Ray overhead per layer; "
                     "--quick skips them too)")  # fmt: skip
+    ap.add_argument("--all-hit-rounds", type=int, default=3, help="pairs of all-hit runs (Ray, local twin) per Ray "
+                    "system; the overhead is their median")  # fmt: skip
     ap.add_argument("--llamacpp-allowance", default="512MB",
                     help="llama.cpp's memory cap is its non-expert bytes + the budget + this (runtime, buffers)")  # fmt: skip
     ap.add_argument(
@@ -107,7 +109,10 @@ def _parse() -> argparse.Namespace:
         "--combine", nargs="+", metavar="JSON", help="merge earlier runs' JSON: one table, one plot"
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.all_hit_rounds < 1:
+        ap.error(f"--all-hit-rounds must be at least 1, got {args.all_hit_rounds}")
+    return args
 
 
 def _emulation(cache: Path) -> tuple[str, str, bool]:
@@ -170,34 +175,47 @@ class Bench:
             return {**r, "memory_allowance_bytes": None, "memory_cap": "none: no memory cgroup (needs root)"}
         return {**r, "memory_allowance_bytes": self.allowance}
 
-    def all_hit(self, base: dict, systems: list[str], bw: float) -> dict:
-        """Ray overhead per MoE layer for every Ray engine system, from all-hit runs of it and its twin."""
+    def all_hit(self, base: dict, systems: list[str], bw: float, rounds: int) -> dict:
+        """Ray overhead per MoE layer for every Ray engine system, from ``rounds`` pairs of all-hit runs of it
+        and its local twin, back to back, the order alternating (e2e/engines.py, paired_overhead)."""
         from common import log
 
         out = {}
         for name in [s for s in systems if s in ENGINES and local_twin(s)]:
-            runs = {}
-            for sys_name in (name, local_twin(name)):
-                log(f"[{base['preset']}, all hits, budget {ALL_HIT_BUDGET}] {sys_name} ...")
-                spec = {
-                    **base,
-                    "system": sys_name,
-                    "budget": ALL_HIT_BUDGET,
-                    "bandwidth_gbps": bw,
-                    "all_hit": True,
-                }
-                runs[sys_name] = self.run(spec, bw, [base["stores"][ENGINES[sys_name][0]]])
-            ray, loc = runs[name], runs[local_twin(name)]
-            if "error" in ray or "error" in loc:
-                out[name] = {"error": ray.get("error") or loc.get("error"), "ms_per_layer": None}
+            twin, pairs, err = local_twin(name), [], None
+            hits, match, layers = [], True, 0
+            for i in range(rounds):
+                runs = {}
+                for sys_name in (name, twin) if i % 2 == 0 else (twin, name):
+                    log(
+                        f"[{base['preset']}, all hits, budget {ALL_HIT_BUDGET}, round {i + 1}/{rounds}] {sys_name} ..."
+                    )
+                    spec = {
+                        **base,
+                        "system": sys_name,
+                        "budget": ALL_HIT_BUDGET,
+                        "bandwidth_gbps": bw,
+                        "all_hit": True,
+                    }
+                    runs[sys_name] = self.run(spec, bw, [base["stores"][ENGINES[sys_name][0]]])
+                ray, loc = runs[name], runs[twin]
+                if "error" in ray or "error" in loc:
+                    err = ray.get("error") or loc.get("error")
+                    break
+                pairs.append((ray["tpot_s"], loc["tpot_s"]))
+                hits.append((ray["hit_rate"]["any"], loc["hit_rate"]["any"]))
+                match = match and ray["token_ids"] == loc["token_ids"]
+                layers = ray["moe_layers"]
+                log(f"  {name}: TPOT {ray['tpot_s'] * 1e3:.1f} ms against {loc['tpot_s'] * 1e3:.1f} ms local, hit rates "
+                    f"{hits[-1][0]:.0%} / {hits[-1][1]:.0%}: "
+                    f"{ray_overhead_ms_per_layer(*pairs[-1], layers):.2f} ms per MoE layer")  # fmt: skip
+            if err is not None:
+                out[name] = {"error": err, "ms_per_layer": None}
                 continue
-            ms = ray_overhead_ms_per_layer(ray["tpot_s"], loc["tpot_s"], ray["moe_layers"])
-            out[name] = {"ms_per_layer": ms, "tpot_ray_s": ray["tpot_s"], "tpot_local_s": loc["tpot_s"],
-                         "local_system": local_twin(name), "moe_layers": ray["moe_layers"], "budget": ALL_HIT_BUDGET,
-                         "hit_rate_ray": ray["hit_rate"]["any"], "hit_rate_local": loc["hit_rate"]["any"],
-                         "tokens_match": ray["token_ids"] == loc["token_ids"]}  # fmt: skip
-            log(f"  {name}: TPOT {ray['tpot_s'] * 1e3:.1f} ms against {loc['tpot_s'] * 1e3:.1f} ms local, hit rates "
-                f"{ray['hit_rate']['any']:.0%} / {loc['hit_rate']['any']:.0%}: {ms:.2f} ms per MoE layer")  # fmt: skip
+            o = paired_overhead(pairs, layers)
+            out[name] = {**o, "rounds": rounds, "local_system": twin, "moe_layers": layers, "budget": ALL_HIT_BUDGET,
+                         "hit_rate_ray": min(h for h, _ in hits), "hit_rate_local": min(h for _, h in hits),
+                         "tokens_match": match}  # fmt: skip
         return out
 
 
@@ -315,7 +333,9 @@ def main() -> None:
                     workers=args.workers, offload_dir=str(offload),
                 )  # fmt: skip
                 if batch == batches[0] and not (quick or args.no_all_hit):
-                    results["ray_overhead"][preset] = bench.all_hit(base, systems, bandwidths[0])
+                    results["ray_overhead"][preset] = bench.all_hit(
+                        base, systems, bandwidths[0], args.all_hit_rounds
+                    )
                 overhead = results["ray_overhead"].get(preset, {})
                 log(f"[{preset}, batch {batch}] transformers (in memory) ...")
                 floor = bench.run({**base, "system": "transformers"}, None, [str(model)])

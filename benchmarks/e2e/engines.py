@@ -13,6 +13,7 @@ emulated bandwidth, inside the same cgroup throttle as the other systems (storag
 
 from __future__ import annotations
 
+import statistics
 import time
 
 ENGINES = {  # system -> (store codec, policy, popularity, backend)
@@ -47,6 +48,22 @@ def ray_overhead_ms_per_layer(tpot_ray_s: float, tpot_local_s: float, moe_layers
     if moe_layers < 1:
         raise ValueError(f"moe_layers must be at least 1, got {moe_layers}")
     return 1e3 * (tpot_ray_s - tpot_local_s) / moe_layers
+
+
+def paired_overhead(pairs: list[tuple[float, float]], moe_layers: int) -> dict:
+    """The Ray overhead per MoE layer from ``pairs`` of (Ray TPOT, local TPOT), each pair run back to back:
+    the median of the pairs' overheads (this machine's load moves a run's TPOT by more than the overhead
+    itself between runs minutes apart; a pair shares its minutes), with every pair's value and the median
+    TPOTs."""
+    if not pairs:
+        raise ValueError("no pairs of all-hit runs")
+    per_pair = [ray_overhead_ms_per_layer(r, loc, moe_layers) for r, loc in pairs]
+    return {
+        "ms_per_layer": statistics.median(per_pair),
+        "ms_per_layer_rounds": per_pair,
+        "tpot_ray_s": statistics.median(r for r, _ in pairs),
+        "tpot_local_s": statistics.median(loc for _, loc in pairs),
+    }
 
 
 def run_engine(spec: dict, bytes_read=lambda: None) -> dict:

@@ -125,8 +125,14 @@ def figures(runs: list[dict], overhead: dict | None = None) -> list[str]:
         for name, v in o.items():
             if v.get("ms_per_layer") is not None:
                 goal = " (goal <= 0.5)" if name == "zipmoe-ray" else ""
+                rounds = v.get("ms_per_layer_rounds") or []
+                each = (
+                    f", median of {len(rounds)} pairs: " + ", ".join(f"{x:.2f}" for x in rounds)
+                    if len(rounds) > 1
+                    else ""
+                )
                 out.append(
-                    f"{preset}, all hits: {name} Ray overhead = {v['ms_per_layer']:.2f} ms per MoE layer{goal}"
+                    f"{preset}, all hits: {name} Ray overhead = {v['ms_per_layer']:.2f} ms per MoE layer{goal}{each}"
                 )
     return out
 

@@ -71,6 +71,12 @@ def test_ray_overhead_per_layer_and_twins(e2e):
     assert engines.ray_overhead_ms_per_layer(0.100, 0.110, 4) == pytest.approx(-2.5)
     with pytest.raises(ValueError):
         engines.ray_overhead_ms_per_layer(0.1, 0.1, 0)
+    o = engines.paired_overhead([(0.110, 0.100), (0.100, 0.104), (0.120, 0.100)], 4)
+    assert o["ms_per_layer_rounds"] == pytest.approx([2.5, -1.0, 5.0])
+    assert o["ms_per_layer"] == pytest.approx(2.5)  # the median pair, not the difference of medians
+    assert (o["tpot_ray_s"], o["tpot_local_s"]) == pytest.approx((0.110, 0.100))
+    with pytest.raises(ValueError):
+        engines.paired_overhead([], 4)
     assert engines.local_twin("full-lru") == "full-lru-local"
     assert engines.local_twin("zipmoe-ray") == "zipmoe-local"
     assert engines.local_twin("full-lru-local") is None
