@@ -208,10 +208,11 @@ def served_requests(trace: Path, rows: int, timeout_s: float = 60.0) -> int:
 def io_floors(trace: Path, bounds: list[int], store: Path, budget: str) -> tuple[list[int], int]:
     """Per level (generations ``bounds[i-1]..bounds[i]-1`` of the trace, in order), the fewest bytes any
     cache of ``budget`` must read for its steps: Belady's rule on every step of the run in order, with the
-    budget in compressed extents (sim/bound.py, belady_misses), misses times the extent. Also the extent."""
+    budget in compressed extents (replay_eviction.py), misses times the extent. Also the extent."""
+    from replay_eviction import belady, per_range, steps_of
+
     from zipmoe_ray.cache.layout import ModelLayout
     from zipmoe_ray.runtime.budget import Budget
-    from zipmoe_ray.sim.bound import belady_misses
     from zipmoe_ray.store import open_store
     from zipmoe_ray.trace.recorded import load_recorded
 
@@ -221,20 +222,9 @@ def io_floors(trace: Path, bounds: list[int], store: Path, budget: str) -> tuple
     finally:
         st.close()
     extent = min(s.extent for s in layout.sizes.values())
-    capacity = Budget.parse(budget, layout).bytes // extent
-    steps = load_recorded(trace).steps
-    order = sorted({s.request for s in steps})
-    level_of = {}
-    for lvl, (lo, hi) in enumerate(zip([0, *bounds], bounds)):
-        for r in order[lo:hi]:
-            level_of[r] = lvl
-    requests = [[(layer, e) for layer, picks in s.layers.items() for e, _ in picks] for s in steps]
-    misses = belady_misses(requests, capacity)
-    out = [0] * len(bounds)
-    for s, m in zip(steps, misses):
-        if s.request in level_of:
-            out[level_of[s.request]] += m * extent
-    return out, extent
+    steps = steps_of(load_recorded(trace))
+    misses = per_range(steps, belady(steps, Budget.parse(budget, layout).bytes // extent), bounds)
+    return [m * extent for m in misses], extent
 
 
 def server_replan(text: str) -> dict | None:
