@@ -4,12 +4,12 @@ the layers beyond the budget, and its tokens are those of plain transformers (be
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from ..bench_helpers import BENCH, benchmark_modules
+
 pytest.importorskip(
     "accelerate", reason="the benchmark extras are not installed (scripts/install.sh --bench)"
 )
@@ -17,13 +17,8 @@ pytest.importorskip(
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_e2e
-
-        yield bench_e2e
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_modules("bench_e2e") as (module,):
+        yield module
 
 
 def spec(model, tmp_path, system, frac):

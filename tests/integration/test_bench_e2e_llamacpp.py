@@ -6,12 +6,12 @@ leaves no cgroup behind. Skipped without the benchmark extras (scripts/install.s
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from ..bench_helpers import benchmark_modules
+
 pytest.importorskip("xllamacpp", reason="the benchmark extras are not installed (scripts/install.sh --bench)")
 pytest.importorskip("gguf", reason="the benchmark extras are not installed (scripts/install.sh --bench)")
 IDS = [[3, 14, 15, 92, 65, 35, 89, 79], [7, 7, 2, 9, 100, 200, 300, 400]]
@@ -19,13 +19,8 @@ IDS = [[3, 14, 15, 92, 65, 35, 89, 79], [7, 7, 2, 9, 100, 200, 300, 400]]
 
 @pytest.fixture(scope="module")
 def e2e():
-    sys.path.insert(0, str(BENCH))
-    try:
-        from e2e import convert, hf, llamacpp, runner
-
-        yield convert, hf, llamacpp, runner
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_modules("e2e.convert", "e2e.hf", "e2e.llamacpp", "e2e.runner") as modules:
+        yield modules
 
 
 @pytest.fixture(scope="module")

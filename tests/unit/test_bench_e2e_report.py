@@ -5,24 +5,15 @@ failed ones included. The inputs are hand-made result dicts: nothing is measured
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from ..bench_helpers import benchmark_modules
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import timeline
-        from e2e import engines, report
-
-        yield engines, report, timeline
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_modules("e2e.engines", "e2e.report", "timeline") as modules:
+        yield modules
 
 
 def _sys(tpot, **kw):
@@ -71,9 +62,10 @@ def test_ray_overhead_per_layer_and_twins(e2e):
     assert engines.ray_overhead_ms_per_layer(0.100, 0.110, 4) == pytest.approx(-2.5)
     with pytest.raises(ValueError):
         engines.ray_overhead_ms_per_layer(0.1, 0.1, 0)
-    o = engines.paired_overhead([(0.110, 0.100), (0.100, 0.104), (0.120, 0.100)], 4)
-    assert o["ms_per_layer_rounds"] == pytest.approx([2.5, -1.0, 5.0])
-    assert o["ms_per_layer"] == pytest.approx(2.5)  # the median pair, not the difference of medians
+    o = engines.paired_overhead([(0.100, 0.080), (0.110, 0.108), (0.120, 0.100)], 4)
+    assert o["ms_per_layer_rounds"] == pytest.approx([5.0, 0.5, 5.0])
+    # the median pair (5.0), not the difference of the median TPOTs (0.110 - 0.100: 2.5)
+    assert o["ms_per_layer"] == pytest.approx(5.0)
     assert (o["tpot_ray_s"], o["tpot_local_s"]) == pytest.approx((0.110, 0.100))
     with pytest.raises(ValueError):
         engines.paired_overhead([], 4)

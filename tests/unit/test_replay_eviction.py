@@ -5,23 +5,16 @@ expert once, and misses are summed per range of generations."""
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from ..bench_helpers import benchmark_modules
 
 
 @pytest.fixture(scope="module")
 def replay():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import replay_eviction
-
-        yield replay_eviction
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_modules("replay_eviction") as (module,):
+        yield module
 
 
 def _random_steps(seed: int, n: int = 60, layers: int = 3, experts: int = 12, k: int = 3):
