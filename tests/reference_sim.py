@@ -200,22 +200,50 @@ def ref_executor_layer(
     if not misses:
         notes.extend((layer, e, tok) for e, tok in hits)
         return t_exec, busy, released
-    pending, first_call = misses, True
-    while pending:
-        t_call = (t if first_call else max(t, t_exec)) + overhead
-        runner.now = t_call
-        resp = sched.request(layer, pending, hits if first_call else [], released)
-        released = []
+    t_call = t + overhead
+    runner.now = t_call
+    resp = sched.request(layer, misses, hits, released)
+    released = []
+    if waits is not None:
+        waits[0] += max(0.0, t_call - t_exec)
+    t_exec = max(t_exec, t_call)
+    waiting = [(ref_ready_time(d.handle if d.parts is None else d.parts), d.expert) for d in resp.deliveries]
+    deferred, answer = resp.deferred, None  # deferred experts are asked for again after each computed one
+
+    def take():
+        nonlocal t_exec, answer, deferred
+        t_ans, got = answer
+        answer = None
         if waits is not None:
-            waits[0] += max(0.0, t_call - t_exec)
-        t_exec = max(t_exec, t_call)
-        ready = {d.expert: ref_ready_time(d.handle if d.parts is None else d.parts) for d in resp.deliveries}
-        for d in sorted(resp.deliveries, key=lambda d: ready[d.expert]):
-            dt = sizes[(layer, d.expert)].full / exec_bps
-            if waits is not None:
-                waits[1] += max(0.0, ready[d.expert] - t_exec)
-            t_exec = max(t_exec, ready[d.expert]) + handoff + dt
-            busy += dt
-            released.append((layer, d.expert))
-        pending, first_call = resp.deferred, False
+            waits[0] += max(0.0, t_ans - t_exec)
+        t_exec = max(t_exec, t_ans)
+        waiting.extend(
+            (ref_ready_time(d.handle if d.parts is None else d.parts), d.expert) for d in got.deliveries
+        )
+        deferred = got.deferred
+
+    def ask():
+        nonlocal answer, released, deferred
+        runner.now = t_exec + overhead
+        answer = (runner.now, sched.request(layer, deferred, [], released))
+        released, deferred = [], []
+
+    while waiting or deferred or answer is not None:
+        if not waiting:
+            if answer is None:
+                ask()
+            take()
+            continue
+        i = min(range(len(waiting)), key=lambda i: waiting[i][0])
+        r, e = waiting.pop(i)
+        dt = sizes[(layer, e)].full / exec_bps
+        if waits is not None:
+            waits[1] += max(0.0, r - t_exec)
+        t_exec = max(t_exec, r) + handoff + dt
+        busy += dt
+        released.append((layer, e))
+        if answer is not None:
+            take()
+        if deferred:
+            ask()
     return t_exec, busy, released

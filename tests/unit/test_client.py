@@ -63,7 +63,8 @@ def test_experts_waiting_for_a_wave_survive_a_node_failure(store):
     rows = lambda e: (torch.zeros(1, 4), torch.ones(1))  # noqa: E731
     got = [e for e, _ in client.fetch(0, [0, 1, 2], [3, 2, 1], rows)]
     assert sorted(got) == [0, 1, 2]  # every routed expert computed exactly once
-    assert transport.failed == ["b"] and transport.asked[1] == [0, 1, 2]  # the redo carries the deferred
+    # the deferred experts are asked for once the wave in flight is done with, the failed one again after
+    assert transport.failed == ["b"] and transport.asked[1:] == [[1, 2], [0]]
 
 
 # -- over the real parts: a Scheduler in this process, reads and decodes on threads --------------------------
@@ -124,13 +125,17 @@ def test_a_small_budget_fetches_in_waves_and_still_delivers_everything(store):
     client, sched, runner = _pipeline(store, share)
     try:
         experts = list(range(6))
-        seen = []
+        seen, requests = [], []
         for e, w in client.fetch(1, experts, [1] * 6):
             gate_up, down = _reference(store, 1, e)
             assert torch.equal(w.first, gate_up) and torch.equal(w.second, down)
             seen.append(e)
+            requests.append(client.stats.requests)
             client.done(1, e)
         assert sorted(seen) == experts and client.stats.waves >= 1
+        # the next wave was asked for as soon as the first expert was released, before the wave's last one
+        # was computed (the I/O lane reads it meanwhile), not after the whole wave
+        assert requests[:2] == [1, 2]
         assert sched.cache.peak <= sched.cache.budget
     finally:
         runner.shutdown()

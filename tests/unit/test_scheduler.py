@@ -130,6 +130,22 @@ def test_waves_when_staging_exceeds_the_budget(store):
     assert sched.cache.popularity.score((0, resp.deferred[0][0])) == 1  # and its popularity counted once
 
 
+def test_deferred_experts_asked_for_while_others_are_in_flight_get_only_the_room_released(store):
+    # the client asks for a wave's deferred experts as soon as one is released, while the rest of the wave
+    # still holds its staging: the scheduler must not hand out the "first fetch always fits" reserve again
+    s = open_store(store)
+    need = minimum_budget(expert_sizes(s), s.top_k)
+    sched = Scheduler(str(store), SchedulerConfig(budget=need), FakeRunner())
+    resp = sched.request(0, [(e, 1) for e in range(6)])
+    assert len(resp.deliveries) == s.top_k
+    none = sched.request(0, resp.deferred)  # nothing released yet: nothing fits, nothing is over budget
+    assert not none.deliveries and none.deferred == resp.deferred
+    first = resp.deliveries[0].expert
+    more = sched.request(0, resp.deferred, released=[(0, first)])
+    assert len(more.deliveries) == 1 and more.deferred == resp.deferred[1:]
+    assert sched.stats()["cache"]["peak"] <= need
+
+
 def test_step_ages_and_counts_full_hits(store):
     sched, _ = make(store)
     sched.step(hits=[(0, 1, 3)], released=[])

@@ -18,6 +18,8 @@ With one device this reduces to ``simulate`` step for step (tests/test_planning.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -29,6 +31,21 @@ from .runner import SimRunner, ready_time
 from .simulator import executor_layer, policy_setup
 
 __all__ = ["NETWORKS", "ClusterSimResult", "NetworkProfile", "simulate_cluster"]
+
+
+def _ask(sched, runner, layer, experts, released, at):
+    """A node scheduler's answer to a request sent at ``at`` (its tasks start then)."""
+    runner.now = at
+    return sched.request(layer, experts, [], released)
+
+
+def _take(heap, order, answer, arrive) -> list:
+    """Queue ``answer``'s deliveries by the time each can be computed (ready and its rows arrived); returns
+    the experts it deferred."""
+    for d in answer.deliveries:
+        r = max(ready_time(d.parts or d.handle), arrive[d.expert])
+        heapq.heappush(heap, (r, next(order), d.expert))
+    return list(answer.deferred)
 
 
 @dataclass(frozen=True)
@@ -171,23 +188,38 @@ def simulate_cluster(
                     arrive[e] = nic_out + net.latency_s + net.rpc_overhead_s / 2
                     net_bytes += nbytes
                 lane = t
-                pending = wanted
-                while pending:  # a later wave is requested when the last one is computed
-                    runner.now = lane + profile.request_overhead_s + net.latency_s
-                    resp = sched.request(layer, pending, [], released[j])
-                    released[j] = []
-                    ready = {d.expert: ready_time(d.parts or d.handle) for d in resp.deliveries}
-                    for d in sorted(resp.deliveries, key=lambda d: max(ready[d.expert], arrive[d.expert])):
-                        dt = sizes[(layer, d.expert)].full / exec_bps
-                        # the node's ExpertHost takes the expert over (the profile's hand-over), then computes it
-                        lane = max(lane, ready[d.expert], arrive[d.expert]) + profile.delivery_overhead_s + dt
-                        compute_busy[j] += dt
-                        released[j].append((layer, d.expert))
-                        nbytes = dict(wanted)[d.expert] * hidden_size * 2
-                        nic_in = max(nic_in, lane + net.latency_s) + nbytes / net_bps
-                        net_bytes += nbytes
-                        done = max(done, nic_in + net.rpc_overhead_s / 2)
-                    pending = resp.deferred
+                tokens = dict(wanted)
+                # as the executor's client: the first request, then one for the deferred experts as soon as a
+                # result is back (its release rides along), its answer taken with the next result
+                heap, order, answer = [], itertools.count(), None
+                lag = profile.request_overhead_s + net.latency_s
+                deferred = _take(
+                    heap, order, _ask(sched, runner, layer, wanted, released[j], lane + lag), arrive
+                )
+                released[j], back = [], lane
+                while heap or deferred or answer is not None:
+                    if not heap:
+                        if answer is None:
+                            answer = _ask(sched, runner, layer, deferred, released[j], back + lag)
+                            released[j] = []
+                        deferred, answer = _take(heap, order, answer, arrive), None
+                        continue
+                    r, _, e = heapq.heappop(heap)
+                    dt = sizes[(layer, e)].full / exec_bps
+                    # the node's ExpertHost takes the expert over (the profile's hand-over), then computes it
+                    lane = max(lane, r) + profile.delivery_overhead_s + dt
+                    compute_busy[j] += dt
+                    released[j].append((layer, e))
+                    nbytes = tokens[e] * hidden_size * 2
+                    nic_in = max(nic_in, lane + net.latency_s) + nbytes / net_bps
+                    net_bytes += nbytes
+                    back = nic_in + net.rpc_overhead_s / 2
+                    done = max(done, back)
+                    if answer is not None:
+                        deferred, answer = _take(heap, order, answer, arrive), None
+                    if deferred:
+                        answer = _ask(sched, runner, layer, deferred, released[j], back + lag)
+                        released[j], deferred = [], []
             t = done + non_layer
         t += non_token
         for j, (s, r) in enumerate(zip(scheds, runners)):

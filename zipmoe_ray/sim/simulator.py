@@ -21,6 +21,7 @@ Policies:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 from dataclasses import asdict, dataclass, field, replace
@@ -260,20 +261,59 @@ def executor_layer(
         busy += more
     if not misses:
         return t_exec, busy, released
-    while True:  # each wave's deliveries, once its answer is in; a next wave once they are computed
-        if t_call > t_exec:
+    # the wave's deliveries in the order they become ready; experts the staging could not take yet are asked
+    # for again as soon as one is computed and released (its release rides along), one request on its way
+    # at a time, and its answer is taken once the next expert is computed (or at once, with nothing else
+    # to compute), as ExpertClient._consume does
+    if t_call > t_exec:
+        if waits is not None:
+            waits[0] += t_call - t_exec
+        t_exec = t_call
+    order = itertools.count()
+    ready = [(delivery_ready(d), next(order), d.expert) for d in resp.deliveries]
+    heapq.heapify(ready)
+    deferred, refill = resp.deferred, None  # refill: (when its answer is in, the answer)
+
+    def take(t_exec: float) -> float:
+        nonlocal refill, deferred
+        t_ans, answer = refill
+        refill = None
+        if t_ans > t_exec:
             if waits is not None:
-                waits[0] += t_call - t_exec
-            t_exec = t_call
-        timed = sorted([(delivery_ready(d), d.expert) for d in resp.deliveries], key=_first)  # stable
-        t_exec, more = _computed(timed, layer, t_exec, sizes, exec_bps, handoff, stretch, waits, released)
-        busy += more
-        if not resp.deferred:
-            return t_exec, busy, released
-        t_call = max(t, t_exec) + overhead
-        runner.now = t_call
-        resp = sched.request(layer, resp.deferred, [], released)
-        released = []
+                waits[0] += t_ans - t_exec
+            t_exec = t_ans
+        for d in answer.deliveries:
+            heapq.heappush(ready, (delivery_ready(d), next(order), d.expert))
+        deferred = answer.deferred
+        return t_exec
+
+    def ask(t_exec: float) -> None:
+        nonlocal refill, deferred, released
+        runner.now = t_exec + overhead
+        refill = (runner.now, sched.request(layer, deferred, [], released))
+        released, deferred = [], []
+
+    while ready or deferred or refill is not None:
+        if not ready:
+            if refill is None:
+                ask(t_exec)
+            t_exec = take(t_exec)
+            continue
+        r, _, e = heapq.heappop(ready)
+        dt = sizes[(layer, e)].full / exec_bps
+        if r > t_exec:
+            if waits is not None:
+                waits[1] += r - t_exec
+            t_exec = r
+        t_exec += handoff
+        t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
+        busy += dt
+        released.append((layer, e))
+        if refill is not None:
+            t_exec = take(t_exec)
+        if deferred:
+            ask(t_exec)
+    return t_exec, busy, released
 
 
 _first = itemgetter(0)

@@ -245,18 +245,10 @@ class ExpertClient:
         # a re-planned split may have demoted an expert this layer used as a FULL hit: it is dropped now
         resp = self._answer(pending)
         tokens_of = dict(zip(experts, tokens))
-        deliveries = resp.deliveries
-        while True:
-            redo += yield from self._consume(layer, deliveries, inputs)
-            if redo:  # a node failed: its experts now have other homes; the deferred ones still wait
-                again = [(e, tokens_of[e]) for e in redo] + list(resp.deferred)
-                resp, redo = self._answer(self._request(layer, again, [])), []
-            elif resp.deferred:
-                resp = self._answer(self._request(layer, resp.deferred, []))
-                self.stats.waves += 1
-            else:
-                break
-            deliveries = resp.deliveries
+        redo += yield from self._consume(layer, resp.deliveries, inputs, resp.deferred)
+        while redo:  # a node failed: its experts now have other homes
+            resp = self._answer(self._request(layer, [(e, tokens_of[e]) for e in redo], []))
+            redo = yield from self._consume(layer, resp.deliveries, inputs, resp.deferred)
         self._event("layer_done", layer)
 
     def _request(self, layer, misses, hits):
@@ -282,27 +274,60 @@ class ExpertClient:
             return self.builder.weights(layer, d.kind, values[0])  # decoded in place by every lane
         return self.builder.assemble(layer, d.kind, values)
 
-    def _consume(self, layer: int, deliveries: list[Delivery], inputs=None):
+    def _consume(self, layer: int, deliveries: list[Delivery], inputs=None, deferred=()):
         """Yield each delivered expert when ready; returns the experts to request again because their node
-        failed (its computation errored or did not answer within ``node_timeout``)."""
+        failed (its computation errored or did not answer within ``node_timeout``).
+
+        ``deferred`` ((expert, tokens) the staging could not take yet) are asked for again as soon as an
+        expert is computed and released, with its release, rather than after the whole wave: the I/O lane
+        reads the next one while the executor computes, instead of idling from a wave's last read to the
+        next wave's request. At most one such request is on its way; its deliveries join those awaited."""
         pending: dict[Any, Delivery] = {}
         remaining: dict[int, int] = {}
         remote: dict[Any, str] = {}
-        for d in deliveries:
-            if d.node is not None:  # send the hidden states to the expert's node
-                x, w = inputs(d.expert)
-                if d.parts:  # remote nodes decode whole experts (remote_node_config): never pieces
-                    raise RuntimeError(f"expert {(layer, d.expert)} was delivered in pieces to node {d.node}")
-                h = self.transport.compute(d.node, layer, d.expert, d.kind, x.cpu(), w.cpu(), d.handle)
-                pending[h], remaining[d.expert], remote[h] = d, 1, d.node
-                continue
-            handles = d.parts or [d.handle]
-            remaining[d.expert] = len(handles)
-            for h in handles:
-                pending[h] = d
+        deferred = list(deferred)
+        refill = None  # the request for deferred experts on its way
+
+        def add(deliveries):
+            for d in deliveries:
+                if d.node is not None:  # send the hidden states to the expert's node
+                    x, w = inputs(d.expert)
+                    if d.parts:  # remote nodes decode whole experts (remote_node_config): never pieces
+                        raise RuntimeError(
+                            f"expert {(layer, d.expert)} was delivered in pieces to node {d.node}"
+                        )
+                    h = self.transport.compute(d.node, layer, d.expert, d.kind, x.cpu(), w.cpu(), d.handle)
+                    pending[h], remaining[d.expert], remote[h] = d, 1, d.node
+                    continue
+                handles = d.parts or [d.handle]
+                remaining[d.expert] = len(handles)
+                for h in handles:
+                    pending[h] = d
+
+        def refilled():
+            """Take the answer of the request on its way, if any, then send the next one if experts still
+            wait and one was released since."""
+            nonlocal refill, deferred
+            if refill is not None:
+                resp, refill = self._answer(refill), None
+                add(resp.deliveries)
+                deferred = list(resp.deferred)
+                if deferred and not pending and not self._released:  # asking again would loop for ever
+                    raise RuntimeError(
+                        f"the scheduler deferred experts {[e for e, _ in deferred]} of layer {layer} with "
+                        "nothing of the layer in flight; this is a bug in zipmoe-ray, please report it"
+                    )
+            if deferred and (self._released or not pending):
+                refill, deferred = self._request(layer, deferred, []), []
+                self.stats.waves += 1
+
+        add(deliveries)
         failed: set[str] = set()
         redo: list[int] = []
-        while pending:
+        while pending or refill is not None or deferred:
+            if not pending:
+                refilled()
+                continue
             t0 = time.perf_counter()
             ready = self.transport.wait_any(list(pending), timeout=self.node_timeout if remote else None)
             self.stats.wait_s += time.perf_counter() - t0
@@ -324,6 +349,7 @@ class ExpertClient:
                     self.stats.remote[remote[h]] = self.stats.remote.get(remote[h], 0) + 1
                     self._in_use[(layer, d.expert)] = out  # done() releases the node's staging
                     yield d.expert, out
+                    refilled()
                     continue
                 remaining[d.expert] -= 1
                 if remaining[d.expert]:
@@ -337,6 +363,7 @@ class ExpertClient:
                     self.full[key] = w
                 self._in_use[key] = w
                 yield d.expert, w
+                refilled()
             if failed:
                 for h in [h for h in pending if remote.get(h) in failed]:
                     redo.append(pending.pop(h).expert)

@@ -374,9 +374,10 @@ class Scheduler(Placement):
             pending.append((key, form, tokens))
         pending.sort(key=lambda p: (-p[2], p[0]))
         wave, deferred, staging = [], [], 0
-        # the first fetch always fits the reserve, unless prefetched experts of this layer hold it: those
-        # are handed out now, and what does not fit comes in a next wave once they are released
-        holding = any(self._flights.get((layer, d.expert)) is not None for d in served)
+        # the first fetch always fits the reserve, unless experts of this layer hold some of it: prefetched
+        # ones handed out now, or, for a request of experts deferred earlier, those fetched before it and
+        # not yet released; then only what fits goes now, and the rest when they are released
+        holding = any(k[0] == layer for k in self._flights)
         for key, form, tokens in pending:
             need = sum(self._staging(key, form))
             if deferred or ((wave or holding) and not self.cache.can_reserve(staging + need)):
