@@ -141,6 +141,32 @@ def test_a_small_budget_fetches_in_waves_and_still_delivers_everything(store):
         runner.shutdown()
 
 
+def test_a_generation_failing_with_a_request_for_deferred_experts_on_its_way_gives_everything_back(store):
+    from zipmoe_ray.cache.layout import ModelLayout
+    from zipmoe_ray.runtime.budget import minimum_budget
+
+    s = open_store(store)
+    layout = ModelLayout.of_store(s)
+    share = minimum_budget(layout.sizes, s.top_k) / layout.expert_bytes  # two experts in flight at once
+    client, sched, runner = _pipeline(store, share)
+    try:
+        layer = client.fetch(1, list(range(6)), [1] * 6)
+        e, _ = next(layer)
+        client.done(1, e)
+        next(layer)  # the first expert's release went out with a request for the deferred ones
+        assert client.stats.requests == 2
+        layer.close()  # the layer's computation fails here: its answer is never taken by fetch
+        client.finish()
+        assert sched.cache.staging == 0  # every buffer in flight, the unanswered request's included
+        assert all(entry.pins == 0 for entry in sched.cache.entries.values())
+        for e, _ in client.fetch(1, list(range(6)), [1] * 6):  # and the next generation gets the budget
+            client.done(1, e)
+        client.finish()
+        assert sched.cache.staging == 0
+    finally:
+        runner.shutdown()
+
+
 def test_predicted_experts_arrive_bit_exact_without_a_request_and_wrong_guesses_are_released(
     tiny_models, tmp_path
 ):

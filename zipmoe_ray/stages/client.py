@@ -94,6 +94,7 @@ class ExpertClient:
         # generation leaves here is released by finish()
         self._owed: set[Key] = set()
         self._prefetch: dict[int, Any] = {}  # layer -> the scheduler's pending answer to a prefetch
+        self._unanswered: list[Any] = []  # requests sent whose answers are not taken yet (see finish)
         self._prefetched: dict[Key, Delivery] = {}  # arrived, not yet used or released
         self._guess: tuple[int, list[int], list[int]] | None = None  # the next layer's prediction, unsent
         self.gate = PrefetchGate()
@@ -257,10 +258,13 @@ class ExpertClient:
         used, self._used = self._used, []
         self.stats.requests += 1
         self._event("request", layer, len(misses))
-        return self.transport.request(layer, misses, hits, released, used)
+        pending = self.transport.request(layer, misses, hits, released, used)
+        self._unanswered.append(pending)
+        return pending
 
     def _answer(self, pending):
         """The scheduler's answer to a request (blocks until it is there); its FULL drops applied."""
+        self._unanswered = [p for p in self._unanswered if p is not pending]
         resp = self.transport.resolve(pending)
         self._event("response", resp.layer)
         self._drop(resp.drop_full)
@@ -408,6 +412,13 @@ class ExpertClient:
             self._arrived(layer)
         for layer in {k[0] for k in self._prefetched}:
             self._unused(layer)
+        # a request whose answer was never taken (the generation failed while computing the layer's hits,
+        # or an expert with a request for the layer's deferred experts on its way): its experts are owed too
+        while self._unanswered:
+            try:
+                self._answer(self._unanswered[0])  # taken off the list before it is resolved
+            except Exception as e:  # never hides the generation's own error
+                log.warning("a request's answer could not be taken: %s", e)
         self._in_use.clear()
         for key in sorted(self._owed):
             self._give_back(key)
