@@ -230,9 +230,11 @@ def ref_executor_layer(
 
     while waiting or deferred or answer is not None:
         if not waiting:
-            if answer is None:
+            idle = answer is None
+            if idle:
                 ask()
             take()
+            assert not (idle and deferred and not waiting), "deferred everything with nothing in flight"
             continue
         i = min(range(len(waiting)), key=lambda i: waiting[i][0])
         r, e = waiting.pop(i)

@@ -67,6 +67,56 @@ def test_experts_waiting_for_a_wave_survive_a_node_failure(store):
     assert transport.failed == ["b"] and transport.asked[1:] == [[1, 2], [0]]
 
 
+class _RefillAcrossAFailureTransport(_FlakyNodeTransport):
+    """Layer 0 asks for experts 0-2: 0 goes to node c, 1 to node b (which dies), 2 waits. The request for 2,
+    sent when 0 is released, is answered before the scheduler learns that b died: it places 2 on b too
+    (``answer="on b"``) or defers it again because b still holds 1 (``answer="defer"``)."""
+
+    def __init__(self, answer: str):
+        super().__init__()
+        self.answer = answer
+        self.hosts = {"b", "c"}
+
+    def request(self, layer, misses, hits, released, used):
+        self.asked.append([e for e, _ in misses])
+        on = lambda node, es: [Delivery(e, None, "words", False, "full", node=node) for e in es]  # noqa: E731
+        if len(self.asked) == 1:
+            return LayerResponse(layer, on("c", [0]) + on("b", [1]), [], misses[2:])
+        if len(self.asked) == 2 and self.answer == "on b":
+            return LayerResponse(layer, on("b", [e for e, _ in misses]))
+        if len(self.asked) == 2:
+            return LayerResponse(layer, [], [], list(misses))
+        return LayerResponse(layer, on("c", [e for e, _ in misses]))
+
+    def compute(self, node, layer, expert, kind, x, w, values):
+        if node not in self.hosts:
+            raise KeyError(node)  # as RayTransport.compute on a node it was told failed
+        return (node, expert)
+
+    def wait_any(self, handles, timeout=None):
+        return handles[:1]
+
+    def node_failed(self, node):
+        super().node_failed(node)
+        self.hosts.discard(node)
+
+
+@pytest.mark.parametrize("answer", ["on b", "defer"])
+def test_a_request_for_deferred_experts_on_its_way_when_a_node_fails(store, answer):
+    from zipmoe_ray.stages.client import ExpertClient
+
+    transport = _RefillAcrossAFailureTransport(answer)
+    client = ExpertClient(transport, open_store(store))
+    rows = lambda e: (torch.zeros(1, 4), torch.ones(1))  # noqa: E731
+    got = []
+    for e, _ in client.fetch(0, [0, 1, 2], [3, 2, 1], rows):
+        got.append(e)
+        client.done(0, e)
+    assert sorted(got) == [0, 1, 2] and transport.failed == ["b"]  # every routed expert computed once
+    assert all(0 not in asked for asked in transport.asked[1:])  # and only the lost ones asked for again
+    assert transport.asked[1] == [2]  # asked for when 0 was released, before 1's node was found failed
+
+
 # -- over the real parts: a Scheduler in this process, reads and decodes on threads --------------------------
 def _pipeline(store_dir, share: float, parts: int | None = 1, split=None):
     from zipmoe_ray.backends.local import LocalRunner, LocalTransport
@@ -155,6 +205,8 @@ def test_a_generation_failing_with_a_request_for_deferred_experts_on_its_way_giv
         client.done(1, e)
         next(layer)  # the first expert's release went out with a request for the deferred ones
         assert client.stats.requests == 2
+        pinned = sum(entry.pins for entry in sched.cache.entries.values())
+        assert pinned == 2  # the expert in use and one the request for the deferred ones was given
         layer.close()  # the layer's computation fails here: its answer is never taken by fetch
         client.finish()
         assert sched.cache.staging == 0  # every buffer in flight, the unanswered request's included

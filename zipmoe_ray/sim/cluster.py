@@ -190,7 +190,10 @@ def simulate_cluster(
                 lane = t
                 tokens = dict(wanted)
                 # as the executor's client: the first request, then one for the deferred experts as soon as a
-                # result is back (its release rides along), its answer taken with the next result
+                # result is back (its release rides along), its answer taken with the next result. A model:
+                # the engine has one such request on its way for the whole layer, started by any computed
+                # expert of it, and sends a deferred expert's rows only once it is placed; here each node
+                # runs its own, and every row leaves at the layer's start
                 heap, order, answer = [], itertools.count(), None
                 lag = profile.request_overhead_s + net.latency_s
                 deferred = _take(
@@ -199,10 +202,15 @@ def simulate_cluster(
                 released[j], back = [], lane
                 while heap or deferred or answer is not None:
                     if not heap:
-                        if answer is None:
+                        idle = answer is None
+                        if idle:
                             answer = _ask(sched, runner, layer, deferred, released[j], back + lag)
                             released[j] = []
                         deferred, answer = _take(heap, order, answer, arrive), None
+                        if idle and deferred and not heap:  # nothing in flight, given nothing: would loop
+                            raise RuntimeError(
+                                f"node {j} deferred every expert of layer {layer} with none in flight"
+                            )
                         continue
                     r, _, e = heapq.heappop(heap)
                     dt = sizes[(layer, e)].full / exec_bps

@@ -221,9 +221,10 @@ def executor_layer(
     waits: list[float] | None = None,
 ) -> tuple[float, float, list]:
     """One MoE layer on the executor's device from time ``t``, as the client runs it: held FULL experts are
-    computed at once; the rest are requested (in waves, each after the last is computed) and computed in the
-    order they become ready, each after ``handoff`` seconds of the executor's own time taking it over (the
-    profile's ``delivery_overhead_s``: building its weights from the delivered buffers, the bookkeeping).
+    computed at once; the rest are requested (what the staging cannot take yet is asked for again as each
+    expert is computed and released, as ExpertClient._consume does) and computed in the order they become
+    ready, each after ``handoff`` seconds of the executor's own time taking it over (the profile's
+    ``delivery_overhead_s``: building its weights from the delivered buffers, the bookkeeping).
     ``released`` goes out with the first request; hits without a request are added to ``notes`` (reported
     with the step). With ``ahead`` (recorded predictions replayed, sim/prefetch.py), experts prefetched for
     this layer are taken from their prefetch and computed after the hits, and the next layer's prediction
@@ -295,9 +296,14 @@ def executor_layer(
 
     while ready or deferred or refill is not None:
         if not ready:
-            if refill is None:
+            idle = refill is None
+            if idle:
                 ask(t_exec)
             t_exec = take(t_exec)
+            if idle and deferred and not ready:  # asked with nothing in flight, given nothing: would loop
+                raise RuntimeError(
+                    f"the scheduler deferred every expert of layer {layer} with none in flight"
+                )
             continue
         r, _, e = heapq.heappop(ready)
         dt = sizes[(layer, e)].full / exec_bps

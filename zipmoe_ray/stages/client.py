@@ -42,7 +42,7 @@ class ClientStats:
     full_hits: int = 0
     fetched: dict[str, int] = field(default_factory=dict)
     requests: int = 0
-    waves: int = 0
+    waves: int = 0  # requests for experts the staging deferred (one per released expert while some wait)
     wait_s: float = 0.0  # time the layer computation waited for an expert
     remote: dict[str, int] = field(default_factory=dict)  # experts computed on other nodes
     predicted: int = 0  # experts asked for ahead of their layer's routing
@@ -50,6 +50,23 @@ class ClientStats:
     prefetch_wasted: int = 0  # and the ones it did not
     needed: int = 0  # experts routed to that were not held in FULL form (predicted or not)
     gated: int = 0  # layers predicted, not fetched (scored only): the gate shut (stages/prefetch_gate.py)
+
+
+@dataclass
+class _Awaited:
+    """What one call of ExpertClient._consume waits for: result handles (``pending``: handle -> delivery;
+    ``remaining``: pieces per expert; ``remote``: handle -> the node computing it), the experts the staging
+    deferred, the request for them on its way (``idle``: sent with nothing of the layer in flight), and the
+    nodes found failed (``failed``: this round, not yet reported; ``dead``: reported)."""
+
+    deferred: list = field(default_factory=list)
+    pending: dict = field(default_factory=dict)
+    remaining: dict = field(default_factory=dict)
+    remote: dict = field(default_factory=dict)
+    refill: Any = None
+    idle: bool = False
+    failed: set = field(default_factory=set)
+    dead: set = field(default_factory=set)
 
 
 def response_waits(events: list[tuple]) -> list[float]:
@@ -285,97 +302,105 @@ class ExpertClient:
         ``deferred`` ((expert, tokens) the staging could not take yet) are asked for again as soon as an
         expert is computed and released, with its release, rather than after the whole wave: the I/O lane
         reads the next one while the executor computes, instead of idling from a wave's last read to the
-        next wave's request. At most one such request is on its way; its deliveries join those awaited."""
-        pending: dict[Any, Delivery] = {}
-        remaining: dict[int, int] = {}
-        remote: dict[Any, str] = {}
-        deferred = list(deferred)
-        refill = None  # the request for deferred experts on its way
-
-        def add(deliveries):
-            for d in deliveries:
-                if d.node is not None:  # send the hidden states to the expert's node
-                    x, w = inputs(d.expert)
-                    if d.parts:  # remote nodes decode whole experts (remote_node_config): never pieces
-                        raise RuntimeError(
-                            f"expert {(layer, d.expert)} was delivered in pieces to node {d.node}"
-                        )
-                    h = self.transport.compute(d.node, layer, d.expert, d.kind, x.cpu(), w.cpu(), d.handle)
-                    pending[h], remaining[d.expert], remote[h] = d, 1, d.node
-                    continue
-                handles = d.parts or [d.handle]
-                remaining[d.expert] = len(handles)
-                for h in handles:
-                    pending[h] = d
-
-        def refilled():
-            """Take the answer of the request on its way, if any, then send the next one if experts still
-            wait and one was released since."""
-            nonlocal refill, deferred
-            if refill is not None:
-                resp, refill = self._answer(refill), None
-                add(resp.deliveries)
-                deferred = list(resp.deferred)
-                if deferred and not pending and not self._released:  # asking again would loop for ever
-                    raise RuntimeError(
-                        f"the scheduler deferred experts {[e for e, _ in deferred]} of layer {layer} with "
-                        "nothing of the layer in flight; this is a bug in zipmoe-ray, please report it"
-                    )
-            if deferred and (self._released or not pending):
-                refill, deferred = self._request(layer, deferred, []), []
-                self.stats.waves += 1
-
-        add(deliveries)
-        failed: set[str] = set()
+        next wave's request. At most one such request is on its way; its answer is taken once the next
+        expert is computed (at once when nothing else is awaited), and its deliveries join those awaited."""
+        w = _Awaited(deferred=list(deferred))
         redo: list[int] = []
-        while pending or refill is not None or deferred:
-            if not pending:
-                refilled()
+        self._await(w, layer, deliveries, inputs, redo)
+        while w.pending or w.refill is not None or w.deferred:
+            if not w.pending:  # nothing else to compute: the deferred experts' answer is needed now
+                if w.refill is None:
+                    self._ask_deferred(w, layer)
+                self._take_refill(w, layer, inputs, redo)
                 continue
             t0 = time.perf_counter()
-            ready = self.transport.wait_any(list(pending), timeout=self.node_timeout if remote else None)
+            ready = self.transport.wait_any(list(w.pending), timeout=self.node_timeout if w.remote else None)
             self.stats.wait_s += time.perf_counter() - t0
             if not ready:  # nothing arrived in node_timeout: ask the nodes still owing results if they live
-                owed = {remote[h] for h in pending if h in remote}
-                failed |= self.transport.unresponsive(owed, self.node_timeout)
+                owed = {w.remote[h] for h in w.pending if h in w.remote}
+                w.failed |= self.transport.unresponsive(owed, self.node_timeout)
             for h in ready:
-                d = pending.pop(h)
-                if h in remote:
+                d = w.pending.pop(h)
+                if h in w.remote:
                     try:
                         out = self.transport.get(h)
                     except Exception as e:  # the node's work may be lost: see is_node_failure
                         if self.transport.is_node_failure(e):
-                            failed.add(remote[h])
+                            w.failed.add(w.remote[h])
                             redo.append(d.expert)
                             continue
                         raise
-                    self._event("ready", layer, d.expert, (d.form, remote[h]))
-                    self.stats.remote[remote[h]] = self.stats.remote.get(remote[h], 0) + 1
+                    self._event("ready", layer, d.expert, (d.form, w.remote[h]))
+                    self.stats.remote[w.remote[h]] = self.stats.remote.get(w.remote[h], 0) + 1
                     self._in_use[(layer, d.expert)] = out  # done() releases the node's staging
                     yield d.expert, out
-                    refilled()
+                    self._released_one(w, layer, inputs, redo)
                     continue
-                remaining[d.expert] -= 1
-                if remaining[d.expert]:
+                w.remaining[d.expert] -= 1
+                if w.remaining[d.expert]:
                     continue  # other pieces of this expert are still being decoded
                 values = [self.transport.get(x) for x in d.parts or [h]]  # raises before anything is used
                 self._event("ready", layer, d.expert, d.form)
-                w = self._build(layer, d, values)
+                weights = self._build(layer, d, values)
                 key = (layer, d.expert)
                 self.stats.fetched[d.form] = self.stats.fetched.get(d.form, 0) + 1
                 if d.keep:
-                    self.full[key] = w
-                self._in_use[key] = w
-                yield d.expert, w
-                refilled()
-            if failed:
-                for h in [h for h in pending if remote.get(h) in failed]:
-                    redo.append(pending.pop(h).expert)
-                for node in failed:
+                    self.full[key] = weights
+                self._in_use[key] = weights
+                yield d.expert, weights
+                self._released_one(w, layer, inputs, redo)
+            if w.failed:
+                for h in [h for h in w.pending if w.remote.get(h) in w.failed]:
+                    redo.append(w.pending.pop(h).expert)
+                for node in w.failed:
                     log.warning("node %s stopped answering; its experts move to the nodes left", node)
                     self.transport.node_failed(node)
-                failed = set()
+                w.dead |= w.failed
+                w.failed = set()
         return redo
+
+    def _await(self, w: _Awaited, layer: int, deliveries: list[Delivery], inputs, redo: list[int]) -> None:
+        """Add ``deliveries`` to what ``w`` awaits: their result handles, or, for an expert held on another
+        node, its computation there (the hidden states go with it). An expert placed on a node found failed
+        meanwhile (an answer given before the scheduler knew) goes to ``redo`` instead."""
+        for d in deliveries:
+            if d.node is None:
+                handles = d.parts or [d.handle]
+                w.remaining[d.expert] = len(handles)
+                for h in handles:
+                    w.pending[h] = d
+                continue
+            if d.node in w.dead or d.node in w.failed:
+                redo.append(d.expert)
+                continue
+            if d.parts:  # remote nodes decode whole experts (remote_node_config): never pieces
+                raise RuntimeError(f"expert {(layer, d.expert)} was delivered in pieces to node {d.node}")
+            x, rows = inputs(d.expert)  # send the hidden states to the expert's node
+            h = self.transport.compute(d.node, layer, d.expert, d.kind, x.cpu(), rows.cpu(), d.handle)
+            w.pending[h], w.remaining[d.expert], w.remote[h] = d, 1, d.node
+
+    def _released_one(self, w: _Awaited, layer: int, inputs, redo: list[int]) -> None:
+        """An expert of the layer was computed and released: take the deferred experts' answer if one is on
+        its way, then ask for those still deferred (the release rides along)."""
+        if w.refill is not None:
+            self._take_refill(w, layer, inputs, redo)
+        if w.deferred and self._released:
+            self._ask_deferred(w, layer)
+
+    def _ask_deferred(self, w: _Awaited, layer: int) -> None:
+        w.idle = not w.pending
+        w.refill, w.deferred = self._request(layer, w.deferred, []), []
+        self.stats.waves += 1
+
+    def _take_refill(self, w: _Awaited, layer: int, inputs, redo: list[int]) -> None:
+        resp, w.refill = self._answer(w.refill), None
+        self._await(w, layer, resp.deliveries, inputs, redo)
+        w.deferred = list(resp.deferred)
+        if w.deferred and w.idle and not w.pending:  # asked with nothing in flight: asking again would loop
+            raise RuntimeError(
+                f"the scheduler deferred experts {[e for e, _ in w.deferred]} of layer {layer} with nothing "
+                "of the layer in flight; this is a bug in zipmoe-ray, please report it"
+            )
 
     def done(self, layer: int, expert: int) -> None:
         self._event("computed", layer, expert)
@@ -403,9 +428,9 @@ class ExpertClient:
     def finish(self) -> None:
         """The generation is over: release what was prefetched for layers it did not reach and, when it
         failed inside a layer, every expert delivered to it and not yet released (in use, arrived or still
-        on its way: a result that lands later is dropped with its handle). Does not block but for prefetch
-        answers still on their way, and with lanes in the executor for the scheduler's last answers
-        (backends/colocated.py)."""
+        on its way: a result that lands later is dropped with its handle). Does not block but for answers
+        still on their way (prefetches, and requests whose answers the failed layer did not take), and with
+        lanes in the executor for the scheduler's last answers (backends/colocated.py)."""
         self._guess = None
         self._shadow.clear()
         for layer in list(self._prefetch):

@@ -130,7 +130,7 @@ class Scheduler(Placement):
         self._lane_load = [0.0] * runner.workers
         self.counters = {
             "requests": 0,
-            "waves": 0,
+            "waves": 0,  # requests that had to defer some of their experts
             "steps": 0,
             "hits": {f.label: 0 for f in Form if f != Form.DISK},
             "misses": 0,
@@ -375,9 +375,12 @@ class Scheduler(Placement):
         pending.sort(key=lambda p: (-p[2], p[0]))
         wave, deferred, staging = [], [], 0
         # the first fetch always fits the reserve, unless experts of this layer hold some of it: prefetched
-        # ones handed out now, or, for a request of experts deferred earlier, those fetched before it and
-        # not yet released; then only what fits goes now, and the rest when they are released
-        holding = any(k[0] == layer for k in self._flights)
+        # ones handed out now, or, for a request of experts deferred earlier (sent as soon as one of the
+        # layer's experts is released), those requested before it and not yet released; then only what fits
+        # goes now, and the rest when they are released
+        holding = any(self._flights.get((layer, d.expert)) is not None for d in served) or any(
+            k[0] == layer and not f.prefetched for k, f in self._flights.items()
+        )
         for key, form, tokens in pending:
             need = sum(self._staging(key, form))
             if deferred or ((wave or holding) and not self.cache.can_reserve(staging + need)):
