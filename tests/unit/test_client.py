@@ -165,14 +165,18 @@ def test_fetched_weights_are_the_experts_bit_for_bit(tiny_models, tmp_path, part
         runner.shutdown()
 
 
-def test_a_small_budget_fetches_in_waves_and_still_delivers_everything(store):
+def _two_in_flight(store):
+    """The pipeline over ``store`` with a budget of the staging reserve alone: two experts in flight at once."""
     from zipmoe_ray.cache.layout import ModelLayout
     from zipmoe_ray.runtime.budget import minimum_budget
 
     s = open_store(store)
     layout = ModelLayout.of_store(s)
-    share = minimum_budget(layout.sizes, s.top_k) / layout.expert_bytes  # two experts in flight at once
-    client, sched, runner = _pipeline(store, share)
+    return _pipeline(store, minimum_budget(layout.sizes, s.top_k) / layout.expert_bytes)
+
+
+def test_a_small_budget_fetches_in_waves_and_still_delivers_everything(store):
+    client, sched, runner = _two_in_flight(store)
     try:
         experts = list(range(6))
         seen, requests = [], []
@@ -192,13 +196,7 @@ def test_a_small_budget_fetches_in_waves_and_still_delivers_everything(store):
 
 
 def test_a_generation_failing_with_a_request_for_deferred_experts_on_its_way_gives_everything_back(store):
-    from zipmoe_ray.cache.layout import ModelLayout
-    from zipmoe_ray.runtime.budget import minimum_budget
-
-    s = open_store(store)
-    layout = ModelLayout.of_store(s)
-    share = minimum_budget(layout.sizes, s.top_k) / layout.expert_bytes  # two experts in flight at once
-    client, sched, runner = _pipeline(store, share)
+    client, sched, runner = _two_in_flight(store)
     try:
         layer = client.fetch(1, list(range(6)), [1] * 6)
         e, _ = next(layer)

@@ -306,15 +306,8 @@ def executor_layer(
                 )
             continue
         r, _, e = heapq.heappop(ready)
-        dt = sizes[(layer, e)].full / exec_bps
-        if r > t_exec:
-            if waits is not None:
-                waits[1] += r - t_exec
-            t_exec = r
-        t_exec += handoff
-        t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
+        t_exec, dt = _compute_one(r, e, layer, t_exec, sizes, exec_bps, handoff, stretch, waits, released)
         busy += dt
-        released.append((layer, e))
         if refill is not None:
             t_exec = take(t_exec)
         if deferred:
@@ -333,16 +326,25 @@ def _computed(
     computed, the compute seconds spent)."""
     busy = 0.0
     for r, e in arrivals:
-        dt = sizes[(layer, e)].full / exec_bps
-        if r > t_exec:
-            if waits is not None:
-                waits[1] += r - t_exec
-            t_exec = r
-        t_exec += handoff
-        t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
+        t_exec, dt = _compute_one(r, e, layer, t_exec, sizes, exec_bps, handoff, stretch, waits, released)
         busy += dt
-        released.append((layer, e))
     return t_exec, busy
+
+
+def _compute_one(
+    r, e, layer, t_exec, sizes, exec_bps, handoff, stretch, waits, released
+) -> tuple[float, float]:
+    """Expert ``e`` of ``layer``, ready at ``r``, computed from ``t_exec`` after its hand-over (idle time to
+    ``waits[1]``, the expert to ``released``). Returns (the time it is computed, its compute seconds)."""
+    dt = sizes[(layer, e)].full / exec_bps
+    if r > t_exec:
+        if waits is not None:
+            waits[1] += r - t_exec
+        t_exec = r
+    t_exec += handoff
+    t_exec = stretch(t_exec, dt) if stretch else t_exec + dt
+    released.append((layer, e))
+    return t_exec, dt
 
 
 def simulate(
