@@ -306,8 +306,9 @@ class ColocatedTransport(RayTransport):
     def settle(self) -> None:
         """The end of a generation: apply every answer still on its way (the results its last step let go
         of are dropped now, not with the next generation's first answer), and release the experts of
-        answers nobody took (a generation that failed between sending a request and taking its answer),
-        so that their staging and pins go back to the cache."""
+        answers nobody took, so that their staging and pins go back to the cache. The client's finish()
+        takes every answer it asked for (ExpertClient._unanswered), so this is the backstop for an answer
+        whose taking failed part-way."""
         while self._order:
             while self._order:
                 self._apply_next()

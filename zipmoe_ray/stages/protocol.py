@@ -61,7 +61,9 @@ class LayerResponse:
     layer: int
     deliveries: list[Delivery]
     drop_full: list[Key] = field(default_factory=list)  # FULL copies the executor must drop
-    deferred: list[tuple[int, int]] = field(default_factory=list)  # (expert, tokens) for a next wave
+    deferred: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # (expert, tokens) the staging cannot take yet
     tasks: Any = (
         None  # lanes in the executor: (task specs, tokens let go of) to run there (backends/colocated.py)
     )
