@@ -68,6 +68,7 @@ def start_ray(num_cpus: int = 2, **system_config):
             break
         try:
             ray.init(
+                address="local",  # this test's own cluster, never another one running on the machine
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 log_to_driver=False,

@@ -126,6 +126,21 @@ def test_a_silent_address_fails_within_the_connect_timeout(tiny_stores, tmp_path
     assert f"the Ray cluster at 127.0.0.1:{port} did not answer within 3 s" in p.stderr
 
 
+def test_without_address_a_cluster_in_the_environment_is_not_joined(tiny_stores):
+    """No --address: the engine starts a Ray instance of its own even when RAY_ADDRESS names another
+    (ray.init with no address would join it, and refuse num_cpus there). Here RAY_ADDRESS names a port
+    nothing listens on: joining it could only fail."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    argv = [sys.executable, "-m", "zipmoe_ray.cli.main", "generate", str(tiny_stores["qwen2_moe"]),
+            "--prompt", "hi", "--max-new-tokens", "2", "--backend", "ray"]  # fmt: skip
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
 def test_two_compressions_of_one_store_refused_with_the_holder(tiny_models, tmp_path, capsys):
     from zipmoe_ray.store.lifecycle import StoreLock
 

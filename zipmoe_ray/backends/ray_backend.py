@@ -49,7 +49,10 @@ def connect_ray(config) -> bool:
     if config.address:
         attach(config.address, config.connect_timeout)
         return False
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # address="local": a new instance, always. With no address, ray.init would attach to the cluster named
+    # by RAY_ADDRESS or to the last one `ray start` left in /tmp/ray/ray_current_cluster (and then refuse
+    # num_cpus), where --address is how a user asks for a cluster
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return True
 
 

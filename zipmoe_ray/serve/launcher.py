@@ -121,6 +121,7 @@ def run(
     if not ray.is_initialized():
         if address is None:
             ray.init(
+                address="local",  # a new instance, never one found through RAY_ADDRESS or `ray start`
                 num_cpus=num_cpus or os.cpu_count(),
                 include_dashboard=dashboard,
                 dashboard_host="127.0.0.1",
