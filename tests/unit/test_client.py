@@ -156,11 +156,43 @@ def test_fetched_weights_are_the_experts_bit_for_bit(tiny_models, tmp_path, part
             gate_up, down = _reference(tmp_path / "s", 0, e)
             assert torch.equal(w.first, gate_up) and torch.equal(w.second, down)
         client.end_step()
+        client.finish()  # sends the step's report, which waits for the client's next message otherwise
         assert sched.cache.staging == 0  # the step released every buffer in flight
         before = client.stats.requests
         again = dict(client.fetch(0, experts, [1, 1, 1]))  # everything fits: now held in FULL form
         assert client.stats.requests == before and client.stats.full_hits == len(experts)
         assert all(again[e] is got[e] for e in experts)
+    finally:
+        runner.shutdown()
+
+
+def test_steps_without_requests_go_out_in_batches_and_before_anything_else(store):
+    from zipmoe_ray.stages.client import STEP_BATCH
+
+    client, sched, runner = _pipeline(store, 1.0)
+    sent = []
+    steps, request = client.transport.steps, client.transport.request
+    client.transport.steps = lambda reports: (sent.append(("steps", len(reports))), steps(reports))[1]
+    client.transport.request = lambda layer, *a: (sent.append(("request", layer)), request(layer, *a))[1]
+
+    def step(layer, experts):
+        for e, _ in client.fetch(layer, experts, [1] * len(experts)):
+            client.done(layer, e)
+        client.end_step()
+
+    try:
+        step(0, [1, 4])  # fetched, then held in full: the steps after it make no request
+        for _ in range(STEP_BATCH):
+            step(0, [1, 4])
+        assert sent == [("request", 0), ("steps", STEP_BATCH)]  # one message for 8 steps, one step waiting
+        assert sched.counters["steps"] == STEP_BATCH
+        assert sched.counters["hits"]["full"] == 2 * (STEP_BATCH - 1)  # the 7 steps after the fetch
+        step(1, [2])  # a miss: the waiting step reaches the scheduler before the request does
+        assert sent[2:] == [("steps", 1), ("request", 1)]
+        assert sched.counters["steps"] == STEP_BATCH + 1
+        client.finish()  # the end of a generation sends what waits
+        assert sent[-1] == ("steps", 1) and sched.counters["steps"] == STEP_BATCH + 2
+        assert sched.cache.staging == 0
     finally:
         runner.shutdown()
 

@@ -17,7 +17,7 @@ is dropped in the scheduler, its number is sent back with the next answer and th
 forgets the result (the object store's reference counting, by hand).
 
 Tasks made between a layer's answers (demotions after a release or a re-plan) come back as the answer to
-that step or release, which the executor applies at its next step or answer; nothing uses their results
+that batch of steps or release, which the executor applies when it next sends steps or takes an answer; nothing uses their results
 before an answer that names them, and answers are applied in the order they were asked for.
 """
 
@@ -122,9 +122,9 @@ class TokenRunner:
 
 class ColocatedScheduler(Scheduler):
     """The Scheduler whose every answer carries the tasks made since the last one (its runner a TokenRunner):
-    requests and prefetches in their LayerResponse, step and release (else fire and forget) as a bare
-    ``(specs, tokens let go of)``, which the executor applies at its next step or answer, whichever comes
-    first (a demotion after a re-plan starts then, not at the next miss)."""
+    requests and prefetches in their LayerResponse, a batch of steps and a release (else fire and forget) as
+    a bare ``(specs, tokens let go of)``, which the executor applies when it next sends steps or takes an
+    answer, whichever comes first (a demotion after a re-plan starts then, not at the next miss)."""
 
     def request(self, *args, **kwargs) -> LayerResponse:
         resp = super().request(*args, **kwargs)
@@ -136,8 +136,9 @@ class ColocatedScheduler(Scheduler):
         resp.tasks = self.runner.drain()
         return resp
 
-    def step(self, *args, **kwargs):
-        super().step(*args, **kwargs)
+    def steps(self, reports):
+        for r in reports:
+            self.step(*r)
         return self.runner.drain()
 
     def release(self, *args, **kwargs):
@@ -272,9 +273,9 @@ class ColocatedTransport(RayTransport):
         self._order.append(ref)
         return ref
 
-    def step(self, hits, released, used, timing=None) -> None:
+    def steps(self, reports) -> None:
         self._apply_arrived()
-        self._order.append(self.scheduler.step.remote(hits, released, used, timing))  # applied later
+        self._order.append(self.scheduler.steps.remote(reports))  # applied later
 
     def release(self, released, used) -> None:
         self._order.append(self.scheduler.release.remote(released, used))
@@ -292,7 +293,7 @@ class ColocatedTransport(RayTransport):
         got = super().resolve(ref)
         if isinstance(got, LayerResponse):
             self._answers[ref] = self.table.apply(got)
-        else:  # a step's or release's (specs, tokens let go of)
+        else:  # a batch of steps' or a release's (specs, tokens let go of)
             self.table.run(got[0])
             self.table.forget(got[1])
 

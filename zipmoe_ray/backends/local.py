@@ -120,8 +120,8 @@ class LocalTransport:
     def release(self, released, used) -> None:
         self.scheduler.release(released, used)
 
-    def step(self, hits, released, used, timing=None) -> None:
-        self.scheduler.step(hits, released, used, timing)
+    def steps(self, reports) -> None:
+        self.scheduler.steps(reports)
 
     def wait_any(self, handles: list, timeout: float | None = None) -> list:
         done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)

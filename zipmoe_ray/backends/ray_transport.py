@@ -106,10 +106,8 @@ class RayTransport:
     def release(self, released, used) -> None:
         self.scheduler.release.remote(released, used)  # fire and forget
 
-    def step(self, hits, released, used, timing=None) -> None:
-        self.scheduler.step.remote(
-            hits, released, used, timing
-        )  # fire and forget: ordered before the next request
+    def steps(self, reports) -> None:
+        self.scheduler.steps.remote(reports)  # fire and forget: ordered before the next request
 
     def wait_any(self, handles: list, timeout: float | None = None) -> list:
         import ray

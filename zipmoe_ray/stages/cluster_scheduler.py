@@ -136,6 +136,11 @@ class ClusterScheduler:
                 if name in rel or name in use:
                     self.nodes[name].release(rel.get(name, []), use.get(name, []))
 
+    def steps(self, reports) -> None:
+        """As Scheduler.steps: each report applied as :meth:`step`, in order."""
+        for r in reports:
+            self.step(*r)
+
     def step(self, hits=(), released=(), used=(), timing=None) -> None:
         """As Scheduler.step; ``timing`` is not used: the split is re-planned online on one node only."""
         with self._lock:

@@ -137,10 +137,11 @@ class Transport(Protocol):
         """Between steps: experts finished with, used prefetched experts; does not block."""
         ...
 
-    def step(self, hits: list, released: list, used: list, timing: tuple[float, int] | None = None) -> None:
-        """End of a generation step: FULL hits served without a request, released experts, used prefetched
-        experts, and for a decode step its (seconds, rows) (the online re-planning's measure); does not
-        block."""
+    def steps(self, reports: list[tuple]) -> None:
+        """Ends of generation steps, in order, each ``(hits, released, used, timing)``: FULL hits served
+        without a request, released experts, used prefetched experts, and for a decode step its (seconds,
+        rows) (the online re-planning's measure); the scheduler applies them as ``Scheduler.step`` in turn.
+        Does not block."""
         ...
 
     def wait_any(self, handles: list, timeout: float | None = None) -> list:

@@ -235,6 +235,12 @@ class Scheduler(Placement):
                 self.counters["hits"][form.label] += 1
             self.counters["prefetch_used"] += 1
 
+    def steps(self, reports: list[tuple]) -> None:
+        """Several steps' reports, in order, each ``(hits, released, used, timing)`` as :meth:`step` takes
+        them (the executor sends a run of steps without requests in one message). Does not block."""
+        for r in reports:
+            self.step(*r)
+
     def step(
         self,
         hits: list[tuple[int, int, int]] = (),
