@@ -197,6 +197,23 @@ def test_steps_without_requests_go_out_in_batches_and_before_anything_else(store
         runner.shutdown()
 
 
+def test_step_reports_that_fail_at_the_end_of_a_generation_do_not_stop_its_releases(store, caplog):
+    client, sched, runner = _pipeline(store, 1.0)
+    try:
+        assert sorted(e for e, _ in client.fetch(0, [1, 4], [1, 1])) == [1, 4]  # never released: it failed
+        client.end_step()
+
+        def broken(reports):
+            raise RuntimeError("the scheduler is gone")
+
+        client.transport.steps = broken
+        client.finish()
+        assert sched.cache.staging == 0  # the delivered experts were given back all the same
+        assert "step reports could not be sent: the scheduler is gone" in caplog.text
+    finally:
+        runner.shutdown()
+
+
 def _two_in_flight(store):
     """The pipeline over ``store`` with a budget of the staging reserve alone: two experts in flight at once."""
     from zipmoe_ray.cache.layout import ModelLayout

@@ -8,7 +8,7 @@
                                                                                                      │
     the stages (plain classes in zipmoe_ray/stages, the same under every backend):                  │
                                                                                                      │
-        Executor ── ExpertClient ──(Transport: request / step / wait_any / get)──> Scheduler          │
+        Executor ── ExpertClient ──(Transport: request / steps / wait_any / get)─> Scheduler          │
           model, FULL experts          one request per MoE layer                 cache + layer plan  │
                                                                                      │ (TaskRunner) │
                                                         IOLoader (reads) ◄───────────┤              │
