@@ -197,6 +197,26 @@ def test_steps_without_requests_go_out_in_batches_and_before_anything_else(store
         runner.shutdown()
 
 
+def test_a_prefetch_after_a_layer_of_full_hits_goes_out_behind_the_waiting_step_reports(store):
+    client, sched, runner = _pipeline(store, 1.0)
+    sent = []
+    steps, prefetch = client.transport.steps, client.transport.prefetch
+    client.transport.steps = lambda reports: (sent.append(("steps", len(reports))), steps(reports))[1]
+    client.transport.prefetch = lambda layer, *a: (sent.append(("prefetch", layer)), prefetch(layer, *a))[1]
+    try:
+        for e, _ in client.fetch(0, [0], [1]):  # a miss: fetched by a request, then held in full
+            client.done(0, e)
+        client.end_step()  # waits: nothing else went out since
+        assert sent == []
+        client.predict(1, [2], [1])
+        assert [e for e, _ in client.fetch(0, [0], [1])] == [0]  # a FULL hit, no request: the prefetch alone
+        assert sent == [("steps", 1), ("prefetch", 1)]
+        client.finish()
+        assert sched.cache.staging == 0
+    finally:
+        runner.shutdown()
+
+
 def test_step_reports_that_fail_at_the_end_of_a_generation_do_not_stop_its_releases(store, caplog):
     client, sched, runner = _pipeline(store, 1.0)
     try:
