@@ -166,14 +166,21 @@ def test_fetched_weights_are_the_experts_bit_for_bit(tiny_models, tmp_path, part
         runner.shutdown()
 
 
+def _messages(client, kind: str) -> list[tuple[str, int]]:
+    """Record what ``client`` sends, in order: ("steps", reports in it) and (``kind``, layer), ``kind`` being
+    "request" or "prefetch"; the messages still reach the scheduler."""
+    sent: list[tuple[str, int]] = []
+    steps, other = client.transport.steps, getattr(client.transport, kind)
+    client.transport.steps = lambda reports: (sent.append(("steps", len(reports))), steps(reports))[1]
+    setattr(client.transport, kind, lambda layer, *a: (sent.append((kind, layer)), other(layer, *a))[1])
+    return sent
+
+
 def test_steps_without_requests_go_out_in_batches_and_before_anything_else(store):
     from zipmoe_ray.stages.client import STEP_BATCH
 
     client, sched, runner = _pipeline(store, 1.0)
-    sent = []
-    steps, request = client.transport.steps, client.transport.request
-    client.transport.steps = lambda reports: (sent.append(("steps", len(reports))), steps(reports))[1]
-    client.transport.request = lambda layer, *a: (sent.append(("request", layer)), request(layer, *a))[1]
+    sent = _messages(client, "request")
 
     def step(layer, experts):
         for e, _ in client.fetch(layer, experts, [1] * len(experts)):
@@ -199,10 +206,7 @@ def test_steps_without_requests_go_out_in_batches_and_before_anything_else(store
 
 def test_a_prefetch_after_a_layer_of_full_hits_goes_out_behind_the_waiting_step_reports(store):
     client, sched, runner = _pipeline(store, 1.0)
-    sent = []
-    steps, prefetch = client.transport.steps, client.transport.prefetch
-    client.transport.steps = lambda reports: (sent.append(("steps", len(reports))), steps(reports))[1]
-    client.transport.prefetch = lambda layer, *a: (sent.append(("prefetch", layer)), prefetch(layer, *a))[1]
+    sent = _messages(client, "prefetch")
     try:
         for e, _ in client.fetch(0, [0], [1]):  # a miss: fetched by a request, then held in full
             client.done(0, e)
