@@ -120,7 +120,7 @@ def main() -> None:
     store = str(
         stores_for(routed_model("qwen1.5-moe", LAYERS, 0.0, log=log), codecs=("zstd",), log=log)["zstd"]
     )
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # loopback only (common.py sets the rest)
     results: dict[str, list[float]] = {s: [] for s in SETTINGS}
     ref = None
     for r in range(args.repeats):
@@ -140,9 +140,8 @@ def main() -> None:
                 sys.exit(f"{setting}: tokens differ from the first setting's")
             results[setting] += res["tpot_ms"]
     base = statistics.median(results["local"])
-    print(
-        f"\nall-hit TPOT, {args.repeats} rounds x {args.rounds} generations of {args.new_tokens} tokens; tokens identical\n"
-    )
+    runs = f"{args.repeats} rounds x {args.rounds} generations of {args.new_tokens} tokens"
+    print(f"\nall-hit TPOT, {runs}; tokens identical\n")
     print("| setting | TPOT (every generation) | median | over local, per MoE layer |")
     print("|---|---|---|---|")
     for setting, tpots in results.items():

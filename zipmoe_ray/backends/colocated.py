@@ -17,8 +17,9 @@ is dropped in the scheduler, its number is sent back with the next answer and th
 forgets the result (the object store's reference counting, by hand).
 
 Tasks made between a layer's answers (demotions after a release or a re-plan) come back as the answer to
-that batch of steps or release, which the executor applies when it next sends steps or takes an answer; nothing uses their results
-before an answer that names them, and answers are applied in the order they were asked for.
+that batch of steps or release, which the executor applies when it next sends steps or takes an answer;
+nothing uses their results before an answer that names them, and answers are applied in the order they were
+asked for.
 """
 
 from __future__ import annotations
@@ -137,8 +138,7 @@ class ColocatedScheduler(Scheduler):
         return resp
 
     def steps(self, reports):
-        for r in reports:
-            self.step(*r)
+        super().steps(reports)
         return self.runner.drain()
 
     def release(self, *args, **kwargs):

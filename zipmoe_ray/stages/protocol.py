@@ -61,9 +61,8 @@ class LayerResponse:
     layer: int
     deliveries: list[Delivery]
     drop_full: list[Key] = field(default_factory=list)  # FULL copies the executor must drop
-    deferred: list[tuple[int, int]] = field(
-        default_factory=list
-    )  # (expert, tokens) the staging cannot take yet
+    # (expert, tokens) the staging cannot take yet: asked for again as the layer's experts are released
+    deferred: list[tuple[int, int]] = field(default_factory=list)
     tasks: Any = (
         None  # lanes in the executor: (task specs, tokens let go of) to run there (backends/colocated.py)
     )
