@@ -264,6 +264,21 @@ class ZipMoEEngine:
         self._check_open()
         return self._backend.call("executor", "timeline")
 
+    def read_timeline(self) -> list[tuple]:
+        """The storage device's reads since the last reset (needs ``timeline=True``; the last
+        ``runtime.config.READ_TIMELINE`` per loader): (unix time the device started the read, seconds it was
+        busy, bytes, layer, expert, part) in start order, every node's. With an emulated device
+        (``bandwidth``) the interval it booked, else the read's own. Set beside :meth:`timeline`, it shows
+        where the device idles (benchmarks/timeline.py, ``device_idle``)."""
+        self._check_open()
+        lanes = self._backend.lane_stats(self._backend.call("scheduler", "stats"))
+        out = []
+        for loader in lanes.loaders:
+            for start, seconds, nbytes, tag in loader.get("read_timeline") or ():
+                layer, expert, part = tag or (-1, -1, "")
+                out.append((start, seconds, nbytes, layer, expert, part))
+        return sorted(out)
+
     # -- lifetime --------------------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:

@@ -21,7 +21,13 @@ def test_limiter_books_a_serial_device(monkeypatch):
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"read_mode": "fast"}, "read mode"), ({"bandwidth": 0}, "bandwidth"), ({"latency": -1}, "latency")],
+    [
+        ({"read_mode": "fast"}, "read mode"),
+        ({"bandwidth": 0}, "bandwidth"),
+        ({"latency": -1}, "latency"),
+        ({"timeline": -1}, "timeline"),
+        ({"timeline": 2.5}, "timeline"),
+    ],
 )
 def test_read_options_validate(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -41,6 +47,20 @@ def test_reads_match_the_file_and_count_bytes(tmp_path, cache):
         r.read("f.bin", 4 * 4096, 8192)
     with pytest.raises(StoreCorruptError, match="missing"):
         r.read("nope.bin", 0, 1)
+    r.close()
+
+
+def test_read_timeline_keeps_the_booked_intervals_of_the_last_reads(tmp_path):
+    (tmp_path / "f.bin").write_bytes(bytes(3 * 4096))
+    r = ExtentReader(str(tmp_path), ReadOptions(bandwidth=4096 * 100.0, timeline=2))  # 10 ms a page
+    for i in range(3):
+        r.read("f.bin", i * 4096, 4096, tag=("page", i))
+    first, second = r.spans  # the oldest read fell off
+    assert [s[3] for s in (first, second)] == [("page", 1), ("page", 2)]
+    assert [s[2] for s in (first, second)] == [4096, 4096]
+    assert first[1] == pytest.approx(0.01) and second[1] == pytest.approx(0.01)  # booked, not measured
+    assert second[0] >= first[0] + first[1] - 1e-6  # one serial device: the second starts after the first
+    assert ExtentReader(str(tmp_path), ReadOptions()).spans is None  # nothing kept unless asked
     r.close()
 
 

@@ -23,6 +23,8 @@ __all__ = ["BACKENDS", "LANES", "CliOption", "EngineConfig", "check_replan_every
 
 BACKENDS = ("ray", "local")
 LANES = ("auto", "executor", "actors")  # where the Ray backend runs its lanes (backends/colocated.py)
+# reads whose device intervals a timeline keeps (the last ones; about 3 MB): minutes of an emulated SSD
+READ_TIMELINE = 16384
 
 
 def check_replan_every(value) -> None:
@@ -208,8 +210,8 @@ class EngineConfig:
     timeline: bool = field(
         default=False,
         metadata=_cli(
-            "record every MoE layer's events (request, each expert ready and computed) for profiling; "
-            "read them with ZipMoEEngine.timeline()",
+            "record every MoE layer's events (request, each expert ready and computed) and the storage "
+            "device's reads for profiling; read them with ZipMoEEngine.timeline() and read_timeline()",
             kind="switch",
         ),
     )
@@ -266,7 +268,12 @@ class EngineConfig:
         return self.num_decompressors or os.cpu_count() or 1
 
     def read_options(self) -> ReadOptions:
-        return ReadOptions(read_mode=self.read_mode, bandwidth=self.bandwidth, latency=self.latency)
+        return ReadOptions(
+            read_mode=self.read_mode,
+            bandwidth=self.bandwidth,
+            latency=self.latency,
+            timeline=READ_TIMELINE if self.timeline else 0,
+        )
 
     def split_rule(self) -> SplitRule:
         return self.split or SplitRule.for_policy(self.policy)

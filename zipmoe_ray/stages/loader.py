@@ -79,6 +79,8 @@ class IOLoader:
                 "uptime_s": time.monotonic() - self._born,
                 "read_mode": self.store.reader.mode_in_use,
                 "read_options": self.store.read_options.describe(),
+                # ReadOptions.timeline: the device interval of each read since the last reset, oldest first
+                "read_timeline": list(spans) if (spans := self.store.reader.spans) is not None else None,
             }
 
     def reset_stats(self) -> None:
@@ -86,6 +88,8 @@ class IOLoader:
             self._busy, self._reads, self._born = 0.0, 0, time.monotonic()
         if self.store.reader.limiter is not None:
             self.store.reader.limiter.busy = 0.0
+        if self.store.reader.spans is not None:
+            self.store.reader.spans.clear()
         st = self.store.reader.stats
         with st._lock:
             st.reads, st.bytes, st.seconds = 0, 0, 0.0

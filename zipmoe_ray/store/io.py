@@ -20,7 +20,9 @@ import os
 import threading
 import time
 import warnings
+from collections import deque
 from dataclasses import InitVar, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -49,12 +51,15 @@ class ReadOptions:
         (fadvise DONTNEED around reads) or ``bypass`` (direct where possible, else drop).
     bandwidth: emulated device bandwidth in bytes/s (None: no cap).
     latency: emulated per-request latency in seconds (applies only with a bandwidth cap).
+    timeline: keep the device interval of each of the last ``timeline`` reads (0: none), for profiling
+        (``ExtentReader.spans``; ``ZipMoEEngine.read_timeline()`` with ``EngineConfig.timeline``).
     cache: the former name of ``read_mode`` (deprecated; accepted as a keyword).
     """
 
     read_mode: str = "page-cache"
     bandwidth: float | None = None
     latency: float = 0.0
+    timeline: int = 0
     cache: InitVar[str | None] = None
 
     def __post_init__(self, cache: str | None):
@@ -67,6 +72,8 @@ class ReadOptions:
             raise ConfigError(f"bandwidth must be positive bytes/s, got {self.bandwidth!r}")
         if self.latency < 0:
             raise ConfigError(f"latency must be >= 0 seconds, got {self.latency!r}")
+        if not isinstance(self.timeline, int) or self.timeline < 0:
+            raise ConfigError(f"timeline must be a count of reads >= 0, got {self.timeline!r}")
 
     def describe(self) -> str:
         bw = f", capped at {self.bandwidth / 1e9:.3g} GB/s" if self.bandwidth else ""
@@ -86,12 +93,17 @@ class BandwidthLimiter:
 
     def reserve(self, nbytes: int) -> float:
         """Book a transfer of ``nbytes``; returns the monotonic time at which the device finishes it."""
+        return self.book(nbytes)[1]
+
+    def book(self, nbytes: int) -> tuple[float, float]:
+        """Book a transfer of ``nbytes``; returns the monotonic times at which the device starts and finishes
+        it (it starts once the transfers booked before it are done)."""
         with self._lock:
             start = max(time.monotonic(), self._free_at)
             dt = self.latency + nbytes / self.bandwidth
             self._free_at = start + dt
             self.busy += dt
-            return self._free_at
+            return start, self._free_at
 
 
 @dataclass
@@ -124,6 +136,8 @@ class ExtentReader:
             limiter = BandwidthLimiter(self.options.bandwidth, self.options.latency)
         self.limiter = limiter
         self.stats = ReadStats()
+        # (unix time the device started, seconds busy, bytes, tag) of the last reads: ReadOptions.timeline
+        self.spans: deque | None = deque(maxlen=self.options.timeline) if self.options.timeline else None
         self._fds: dict[str, tuple[int, bool]] = {}
         self._lock = threading.Lock()
 
@@ -168,13 +182,17 @@ class ExtentReader:
             return "direct"
         return "drop" if self.options.read_mode in ("drop", "bypass") else self.options.read_mode
 
-    def read(self, rel: str, offset: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(
+        self, rel: str, offset: int, length: int, out: np.ndarray | None = None, tag: Any = None
+    ) -> np.ndarray:
         """Read ``length`` bytes at ``offset`` of file ``rel``; returns a uint8 array (a view of ``out`` when
         given, which must hold ``align_up(length)`` bytes at a 4 KiB-aligned address for O_DIRECT).
-        Raises StoreCorruptError when the file is shorter than asked (truncated)."""
+        Raises StoreCorruptError when the file is shorter than asked (truncated). ``tag`` names the read in
+        :attr:`spans` (the emulated device's booked interval, or else the read's own)."""
         fd, direct = self._open(rel)
         t0 = time.monotonic()
-        done_at = self.limiter.reserve(length) if self.limiter else 0.0
+        booked = self.limiter.book(length) if self.limiter else None
+        done_at = booked[1] if booked else 0.0
         if direct:
             if offset % ALIGN:
                 raise ValueError(f"O_DIRECT read at unaligned offset {offset}")
@@ -197,7 +215,11 @@ class ExtentReader:
             delay = done_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        self.stats.add(length, time.monotonic() - t0)
+        t1 = time.monotonic()
+        self.stats.add(length, t1 - t0)
+        if self.spans is not None:
+            start, end = booked or (t0, t1)
+            self.spans.append((time.time() - t1 + start, end - start, length, tag))
         return buf[:length]
 
     @staticmethod

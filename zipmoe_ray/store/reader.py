@@ -212,9 +212,9 @@ class Store:
             # O_DIRECT reads start on a 4 KiB boundary: read from the aligned start below the SM region.
             start = rec.offset + rel
             base = start - start % 4096
-            buf = self.reader.read(rec.file, base, start - base + length, out)
+            buf = self.reader.read(rec.file, base, start - base + length, out, (layer, expert, part))
             return buf[start - base :]
-        return self.reader.read(rec.file, rec.offset + rel, length, out)
+        return self.reader.read(rec.file, rec.offset + rel, length, out, (layer, expert, part))
 
     def alloc_extent(self, layer: int, expert: int, part: str = "all") -> np.ndarray:
         """An aligned buffer big enough for :meth:`read_extent` of ``part`` (reusable by the caller)."""
