@@ -113,9 +113,10 @@ def device_idle(events: list[tuple], reads: list[tuple], start: float, end: floa
     (``ZipMoEEngine.timeline()``) and the device's reads (``ZipMoEEngine.read_timeline()``) of one generation:
     seconds busy and idle over the window, in the prefill (until the first step ends) and in the decode
     steps, whose idle time is split by where the executor was (:data:`DECODE_IDLE_KEYS`; they add up to
-    ``decode_idle_s``). With an emulated device each read is the interval it booked."""
+    ``decode_idle_s``). With an emulated device each read is the interval it booked. One device's reads:
+    on a cluster, one node's (``ZipMoEEngine.read_timeline()``'s last field), beside that node's events."""
     busy = _Busy([(r[0], r[0] + r[1]) for r in reads if r[0] < end and r[0] + r[1] > start])
-    steps = [e[0] for e in events if e[1] == "step" and start <= e[0] <= end]
+    steps = sorted(e[0] for e in events if e[1] == "step" and start <= e[0] <= end)
     first = steps[0] if steps else end
 
     def idle(a: float, b: float) -> float:
@@ -141,7 +142,7 @@ def device_idle(events: list[tuple], reads: list[tuple], start: float, end: floa
         parts["between_reads"] += idle(fl[0], fl[1])
     edges = [first, *[x for s in spans for x in s], end]
     for a, b in zip(edges[0::2], edges[1::2]):  # the gaps around and between the layers
-        boundary = a == first or b == end or any(a <= t <= b for t in steps)
+        boundary = a == first or b == end or bisect.bisect_left(steps, a) < bisect.bisect_right(steps, b)
         parts["step_boundaries" if boundary else "between_layers"] += idle(a, b)
     return {
         "window_s": end - start,

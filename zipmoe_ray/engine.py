@@ -266,17 +266,26 @@ class ZipMoEEngine:
 
     def read_timeline(self) -> list[tuple]:
         """The storage device's reads since the last reset (needs ``timeline=True``; the last
-        ``runtime.config.READ_TIMELINE`` per loader): (unix time the device started the read, seconds it was
-        busy, bytes, layer, expert, part) in start order, every node's. With an emulated device
-        (``bandwidth``) the interval it booked, else the read's own. Set beside :meth:`timeline`, it shows
-        where the device idles (benchmarks/timeline.py, ``device_idle``)."""
+        ``runtime.config.READ_TIMELINE`` per loader, a warning says when older ones fell off): (unix time the
+        device started the read, seconds it was busy, bytes, layer, expert, part, node) in start order. With
+        an emulated device (``bandwidth``) the interval it booked, else the read's own. Each node stamps its
+        reads with its own clock, the one the executor's :meth:`timeline` uses on that node; set beside it, it
+        shows where a device idles (benchmarks/timeline.py, ``device_idle``, one node's reads at a time).
+        Stages handed in ready-made (``stages=``) keep the read options they were started with."""
         self._check_open()
-        lanes = self._backend.lane_stats(self._backend.call("scheduler", "stats"))
         out = []
-        for loader in lanes.loaders:
-            for start, seconds, nbytes, tag in loader.get("read_timeline") or ():
+        for node, got in self._backend.read_timelines():
+            if got["dropped"]:
+                log.warning(
+                    "node %s: the oldest %d reads fell off the read timeline (it keeps %d); reset the stats "
+                    "closer to the generation to profile",
+                    node,
+                    got["dropped"],
+                    len(got["reads"]),
+                )
+            for start, seconds, nbytes, tag in got["reads"]:
                 layer, expert, part = tag or (-1, -1, "")
-                out.append((start, seconds, nbytes, layer, expert, part))
+                out.append((start, seconds, nbytes, layer, expert, part, node))
         return sorted(out)
 
     # -- lifetime --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def main() -> int:
     p.add_argument("--kill-group", type=int, help="a node's process group to SIGKILL mid-generation")
     p.add_argument("--kill-group-after", type=int, default=3)
     p.add_argument("--ssd-latency", type=float, default=0.0, help="emulated seconds per read: a slower run")
+    p.add_argument("--timeline", action="store_true", help="also report the bytes each node's reads recorded")
     a = p.parse_args()
     ids = [int(x) for x in a.ids.split(",")]
     with ZipMoEEngine(
@@ -45,6 +46,7 @@ def main() -> int:
         num_decompressors=1,
         latency=a.ssd_latency,
         bandwidth=20e6 if a.ssd_latency else None,
+        timeline=a.timeline,
     ) as engine:
         print("READY", flush=True)
         tokens: list[int] = []
@@ -69,7 +71,13 @@ def main() -> int:
             if a.logits:
                 torch.save(out.logits, a.logits)
         stats = engine.stats()
-        print("RESULT", json.dumps({"token_ids": tokens, "stats": stats}, default=str), flush=True)
+        result = {"token_ids": tokens, "stats": stats}
+        if a.timeline:
+            read = {}
+            for r in engine.read_timeline():
+                read[r[6]] = read.get(r[6], 0) + r[2]
+            result["read_timeline_bytes"] = read
+        print("RESULT", json.dumps(result, default=str), flush=True)
     return 0
 
 

@@ -81,7 +81,9 @@ def test_tokens_and_logits_equal_transformers_with_experts_spread_over_both_node
     model, store = qwen
     ref_ids, ref_logits = reference(model, "qwen2_moe", BATCH1, 8)
     logits_path = tmp_path / "logits.pt"
-    out = run_driver(cluster, store, "--max-new-tokens", "8", "--budget", "20%", "--logits", str(logits_path))
+    out = run_driver(
+        cluster, store, "--max-new-tokens", "8", "--budget", "20%", "--logits", str(logits_path), "--timeline"
+    )
     assert out["token_ids"] == ref_ids[0]
     logits = torch.load(logits_path)
     assert len(logits) == len(ref_logits)
@@ -95,6 +97,8 @@ def test_tokens_and_logits_equal_transformers_with_experts_spread_over_both_node
     assert nodes["edge1"]["computes"] > 0  # the hidden states travelled to edge1's experts
     assert nodes["edge0"]["computes"] == 0  # the executor's node computes its own experts in the model
     assert sum(n["budget"] for n in nodes.values()) <= out["stats"]["budget"]
+    # every node's loader recorded its own reads (ZipMoEEngine.read_timeline), and only those
+    assert out["read_timeline_bytes"] == {k: n["bytes_read"] for k, n in nodes.items() if n["bytes_read"]}
 
 
 @pytest.mark.parametrize("nodes", [None, "edge0"])

@@ -55,6 +55,23 @@ def test_one_node_runs_every_stage_as_an_actor_and_close_kills_them(tiny_stores,
             ray.get(a.ping.remote(), timeout=30)
 
 
+@pytest.mark.parametrize("lanes", ["actors", "executor"])
+def test_read_timeline_comes_from_the_loader_wherever_it_runs(tiny_stores, ray_cluster, lanes):
+    backend = _start(tiny_stores["qwen3_moe"], lanes=lanes, timeline=True, bandwidth=2e9)
+    try:
+        assert backend.colocated == (lanes == "executor")
+        backend.call("executor", "generate", GenerateRequest(BATCH1, 3))
+        (node, got), *rest = backend.read_timelines()
+        lanes_now = backend.lane_stats(backend.call("scheduler", "stats"))
+        assert not rest and [node] == list(lanes_now.nodes) and got["dropped"] == 0  # named as in stats()
+        assert got["reads"] and sum(r[2] for r in got["reads"]) == lanes_now.loaders[0]["bytes_read"]
+        assert "read_timeline" not in lanes_now.loaders[0]  # stats() stays small: the reads come on request
+        backend.reset_stats()
+        assert backend.read_timelines()[0][1] == {"reads": [], "dropped": 0}
+    finally:
+        backend.close()
+
+
 def test_errors_of_the_stages_arrive_as_zipmoe_errors(tiny_stores, tmp_path, ray_cluster):
     import shutil
 

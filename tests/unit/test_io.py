@@ -27,6 +27,7 @@ def test_limiter_books_a_serial_device(monkeypatch):
         ({"latency": -1}, "latency"),
         ({"timeline": -1}, "timeline"),
         ({"timeline": 2.5}, "timeline"),
+        ({"timeline": True}, "timeline"),
     ],
 )
 def test_read_options_validate(kw, match):
@@ -55,12 +56,19 @@ def test_read_timeline_keeps_the_booked_intervals_of_the_last_reads(tmp_path):
     r = ExtentReader(str(tmp_path), ReadOptions(bandwidth=4096 * 100.0, timeline=2))  # 10 ms a page
     for i in range(3):
         r.read("f.bin", i * 4096, 4096, tag=("page", i))
-    first, second = r.spans  # the oldest read fell off
+    (first, second), dropped = r.stats.timeline()
+    assert dropped == 1  # the oldest read fell off, and that is said
     assert [s[3] for s in (first, second)] == [("page", 1), ("page", 2)]
     assert [s[2] for s in (first, second)] == [4096, 4096]
     assert first[1] == pytest.approx(0.01) and second[1] == pytest.approx(0.01)  # booked, not measured
     assert second[0] >= first[0] + first[1] - 1e-6  # one serial device: the second starts after the first
-    assert ExtentReader(str(tmp_path), ReadOptions()).spans is None  # nothing kept unless asked
+    assert r.stats.snapshot()["bytes"] == 3 * 4096  # the counters count every read, kept or not
+    r.stats.reset()
+    assert r.stats.timeline() == ([], 0) and r.stats.snapshot()["bytes"] == 0
+    plain = ExtentReader(str(tmp_path), ReadOptions())
+    plain.read("f.bin", 0, 4096, tag=("page", 0))
+    assert plain.stats.timeline() == ([], 0)  # nothing kept unless asked
+    plain.close()
     r.close()
 
 

@@ -95,6 +95,10 @@ class Backend(ABC):
         """Ask every live loader and decompressor for its stats once; ``sched``: the scheduler's stats."""
 
     @abstractmethod
+    def read_timelines(self) -> list[tuple[str, dict]]:
+        """(node, IOLoader.read_timeline()) of every live loader: its reads' device intervals."""
+
+    @abstractmethod
     def reset_stats(self) -> None:
         """Zero the counters of every stage (the cache is kept)."""
 

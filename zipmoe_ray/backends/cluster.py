@@ -121,6 +121,23 @@ class ClusterBackend(RayBackend):
         alive = [a for name, ns in self.cluster.nodes.items() if name not in gone for a in ns.actors()]
         return [self.scheduler, self.executor, *alive]
 
+    def read_timelines(self) -> list[tuple[str, dict]]:
+        """Every node that answers within twice the node timeout; the others are left out."""
+        import ray
+
+        gone = set(self.call("scheduler", "failed_nodes"))
+        out = []
+        for name, ns in self.cluster.nodes.items():
+            if name in gone:
+                continue
+            try:
+                out.append(
+                    (name, ray.get(ns.loader.read_timeline.remote(), timeout=2 * self.config.node_timeout))
+                )
+            except ray.exceptions.RayError as e:  # died since, or not answering: its reads are not there
+                log.warning("node %s gave no read timeline: %s", name, e)
+        return out
+
     def lane_stats(self, sched: dict) -> LaneStats:
         """Per node; a node that died since the last layer is reported down, never waited on for ever."""
         import ray

@@ -330,6 +330,10 @@ class ColocatedTransport(RayTransport):
         r = self.table.runner
         return r.loader.stats(), [d.stats() for d in r.decompressors]
 
+    def lane_read_timeline(self) -> dict:
+        """IOLoader.read_timeline() of this process's loader."""
+        return self.table.runner.loader.read_timeline()
+
     def reset_lane_stats(self) -> None:
         r = self.table.runner
         for s in (r.loader, *r.decompressors):

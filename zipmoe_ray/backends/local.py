@@ -195,6 +195,9 @@ class LocalBackend(Backend):
         homed = len(self.store.index.experts)
         return LaneStats({"local": node_entry("local", loader, decs, None, sched, homed)}, [loader], decs)
 
+    def read_timelines(self) -> list[tuple[str, dict]]:
+        return [("local", self.runner.loader.read_timeline())]
+
     def reset_stats(self) -> None:
         for stage in (self.runner.loader, *self.runner.decompressors, self.scheduler, self.executor):
             stage.reset_stats()

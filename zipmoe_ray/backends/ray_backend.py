@@ -303,6 +303,12 @@ class RayBackend(Backend):
         homed = len(self.store.index.experts)
         return LaneStats({name: node_entry(address, loader, decs, None, sched, homed)}, [loader], decs)
 
+    def read_timelines(self) -> list[tuple[str, dict]]:
+        name = self.node.name if self.node else "local"
+        if self.colocated:
+            return [(name, wait(self.executor.lane_read_timeline.remote()))]
+        return [(name, wait(self.loader.read_timeline.remote()))]
+
     def _stages(self) -> list:
         lanes = [] if self.loader is None else [self.loader, *self.decompressors]
         return [*lanes, self.scheduler, self.executor]

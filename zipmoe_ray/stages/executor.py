@@ -316,6 +316,10 @@ class Executor:
         """(I/O loader, per decode lane) stats of the lanes that run in this process (``lanes="executor"``)."""
         return self.client.transport.lane_stats()
 
+    def lane_read_timeline(self) -> dict:
+        """IOLoader.read_timeline() of the loader that runs in this process (``lanes="executor"``)."""
+        return self.client.transport.lane_read_timeline()
+
     def timeline(self) -> list[tuple]:
         """The recorded MoE-layer events (with ``timeline``): (unix time, kind, layer, expert, extra)."""
         return list(self.client.events or [])

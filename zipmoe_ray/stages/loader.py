@@ -79,20 +79,21 @@ class IOLoader:
                 "uptime_s": time.monotonic() - self._born,
                 "read_mode": self.store.reader.mode_in_use,
                 "read_options": self.store.read_options.describe(),
-                # ReadOptions.timeline: the device interval of each read since the last reset, oldest first
-                "read_timeline": list(spans) if (spans := self.store.reader.spans) is not None else None,
             }
+
+    def read_timeline(self) -> dict:
+        """The device interval of each read since the last reset, oldest first (``reads``: (unix start,
+        seconds, bytes, (layer, expert, part))), and how many older ones fell off (``dropped``); empty unless
+        the loader's ReadOptions.timeline keeps them."""
+        reads, dropped = self.store.reader.stats.timeline()
+        return {"reads": reads, "dropped": dropped}
 
     def reset_stats(self) -> None:
         with self._lock:
             self._busy, self._reads, self._born = 0.0, 0, time.monotonic()
         if self.store.reader.limiter is not None:
             self.store.reader.limiter.busy = 0.0
-        if self.store.reader.spans is not None:
-            self.store.reader.spans.clear()
-        st = self.store.reader.stats
-        with st._lock:
-            st.reads, st.bytes, st.seconds = 0, 0, 0.0
+        self.store.reader.stats.reset()
 
     def ping(self) -> bool:
         return True

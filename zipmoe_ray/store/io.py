@@ -52,7 +52,7 @@ class ReadOptions:
     bandwidth: emulated device bandwidth in bytes/s (None: no cap).
     latency: emulated per-request latency in seconds (applies only with a bandwidth cap).
     timeline: keep the device interval of each of the last ``timeline`` reads (0: none), for profiling
-        (``ExtentReader.spans``; ``ZipMoEEngine.read_timeline()`` with ``EngineConfig.timeline``).
+        (``ReadStats.timeline()``; ``ZipMoEEngine.read_timeline()`` with ``EngineConfig.timeline``).
     cache: the former name of ``read_mode`` (deprecated; accepted as a keyword).
     """
 
@@ -72,7 +72,7 @@ class ReadOptions:
             raise ConfigError(f"bandwidth must be positive bytes/s, got {self.bandwidth!r}")
         if self.latency < 0:
             raise ConfigError(f"latency must be >= 0 seconds, got {self.latency!r}")
-        if not isinstance(self.timeline, int) or self.timeline < 0:
+        if isinstance(self.timeline, bool) or not isinstance(self.timeline, int) or self.timeline < 0:
             raise ConfigError(f"timeline must be a count of reads >= 0, got {self.timeline!r}")
 
     def describe(self) -> str:
@@ -111,17 +111,35 @@ class ReadStats:
     reads: int = 0
     bytes: int = 0
     seconds: float = 0.0  # wall time spent in reads, throttling included
+    # (unix time the device started, seconds busy, bytes, tag) of the last reads (ReadOptions.timeline), and
+    # how many older ones fell off; kept under the same lock as the counters, so that both cover the same reads
+    spans: deque | None = None
+    dropped: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, nbytes: int, seconds: float) -> None:
+    def add(self, nbytes: int, seconds: float, span: tuple | None = None) -> None:
         with self._lock:
             self.reads += 1
             self.bytes += nbytes
             self.seconds += seconds
+            if self.spans is not None and span is not None:
+                self.dropped += len(self.spans) == self.spans.maxlen
+                self.spans.append(span)
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
             return {"reads": self.reads, "bytes": self.bytes, "seconds": self.seconds}
+
+    def timeline(self) -> tuple[list[tuple], int]:
+        """(the kept spans, oldest first; how many older ones fell off) since the last reset."""
+        with self._lock:
+            return (list(self.spans) if self.spans is not None else []), self.dropped
+
+    def reset(self) -> None:
+        with self._lock:
+            self.reads, self.bytes, self.seconds, self.dropped = 0, 0, 0.0, 0
+            if self.spans is not None:
+                self.spans.clear()
 
 
 class ExtentReader:
@@ -135,9 +153,7 @@ class ExtentReader:
         if limiter is None and self.options.bandwidth:
             limiter = BandwidthLimiter(self.options.bandwidth, self.options.latency)
         self.limiter = limiter
-        self.stats = ReadStats()
-        # (unix time the device started, seconds busy, bytes, tag) of the last reads: ReadOptions.timeline
-        self.spans: deque | None = deque(maxlen=self.options.timeline) if self.options.timeline else None
+        self.stats = ReadStats(spans=deque(maxlen=self.options.timeline) if self.options.timeline else None)
         self._fds: dict[str, tuple[int, bool]] = {}
         self._lock = threading.Lock()
 
@@ -188,7 +204,7 @@ class ExtentReader:
         """Read ``length`` bytes at ``offset`` of file ``rel``; returns a uint8 array (a view of ``out`` when
         given, which must hold ``align_up(length)`` bytes at a 4 KiB-aligned address for O_DIRECT).
         Raises StoreCorruptError when the file is shorter than asked (truncated). ``tag`` names the read in
-        :attr:`spans` (the emulated device's booked interval, or else the read's own)."""
+        ``stats.timeline()`` (the emulated device's booked interval, or else the read's own)."""
         fd, direct = self._open(rel)
         t0 = time.monotonic()
         booked = self.limiter.book(length) if self.limiter else None
@@ -216,10 +232,11 @@ class ExtentReader:
             if delay > 0:
                 time.sleep(delay)
         t1 = time.monotonic()
-        self.stats.add(length, t1 - t0)
-        if self.spans is not None:
+        span = None
+        if self.stats.spans is not None:
             start, end = booked or (t0, t1)
-            self.spans.append((time.time() - t1 + start, end - start, length, tag))
+            span = (time.time() - t1 + start, end - start, length, tag)
+        self.stats.add(length, t1 - t0, span)
         return buf[:length]
 
     @staticmethod
