@@ -152,6 +152,23 @@ def test_generate_json_is_bit_exact_at_10_percent(tiny_models, tiny_stores, caps
     assert s["misses"]["disk"] > 0 and s["peak_cache_bytes"] <= s["budget"]
 
 
+def test_generate_timeline_json_carries_the_events_and_the_reads(tiny_stores, capsys):
+    rc, out, _ = run(
+        capsys, "generate", tiny_stores["qwen2_moe"], "--prompt-ids", "1,2,3", "--max-new-tokens", 3,
+        "--memory-budget", "10%", "--backend", "local", "--ssd-bandwidth", "1GB", "--timeline", "--json",
+    )  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out)
+    events, reads = doc["timeline"]["events"], doc["timeline"]["reads"]
+    assert sum(1 for e in events if e[1] == "step") == 3
+    assert reads and sum(r[2] for r in reads) == doc["stats"]["bytes_read"]
+    rc, out, err = run(
+        capsys, "generate", tiny_stores["qwen2_moe"], "--prompt-ids", "1,2,3", "--max-new-tokens", 2,
+        "--memory-budget", "10%", "--backend", "local", "--timeline",
+    )  # fmt: skip
+    assert rc == 0 and "MoE-layer events" in err and "--json prints them" in err
+
+
 def test_generate_text_batch_and_sizes(tiny_stores, capsys):
     rc, out, err = run(
         capsys, "generate", tiny_stores["olmoe"], "--prompt", "Hello robot", "--prompt", "Rivers carry sand",

@@ -121,15 +121,26 @@ def cmd_generate(args) -> int:
                 _print_partial(args, e)
             raise
         stats = engine.stats()
+        timeline = (
+            {"events": engine.timeline(), "reads": engine.read_timeline()} if engine.config.timeline else None
+        )
     if args.json:
         doc = {
             "outputs": [{"token_ids": o.token_ids, "text": o.text} for o in outs],
             "stats": stats_for_json(stats),
         }
+        if timeline is not None:  # --timeline: what the engine recorded (README, Generating)
+            doc["timeline"] = timeline
         print(json.dumps(doc, indent=2, default=str))
         return 0
     for o in outs:
         print(o.text)
+    if timeline is not None:
+        print(
+            f"[timeline: {len(timeline['events'])} MoE-layer events and {len(timeline['reads'])} reads recorded; "
+            "--json prints them]",
+            file=sys.stderr,
+        )
     h = stats["hits"]
     print(
         f"[ttft {stats['ttft_s'] * 1e3:.1f} ms, tpot {stats['tpot_s'] * 1e3:.1f} ms, "

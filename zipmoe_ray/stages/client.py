@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 # Kept small: the online re-planning times decode steps from these reports (the same timings, in the same
 # order, up to 8 steps later), and a re-plan's demotions start when its batch arrives.
 STEP_BATCH = 8
+# MoE-layer events a timeline keeps (EngineConfig.timeline; the last ones, about 30 MB): a server or a long
+# run started with it does not grow without bound
+TIMELINE_EVENTS = 1 << 18
 
 
 @dataclass
@@ -130,7 +134,7 @@ class ExpertClient:
         self.gate = PrefetchGate()
         self._shadow: dict[int, list[int]] = {}  # layer -> gated prediction's picks, scored when it routes
         self.stats = ClientStats()
-        self.events: list[tuple] | None = [] if timeline else None  # EngineConfig.timeline
+        self.events: deque | None = deque(maxlen=TIMELINE_EVENTS) if timeline else None
         self.trace: list | None = None  # recorded steps while a traced generation runs
         self._trace_step: dict[int, list[tuple[int, int]]] = {}
         self._trace_pred: dict[int, list[tuple[int, int]]] = {}  # layer -> its prediction this step
