@@ -144,7 +144,9 @@ def main() -> None:
         print(f"  {k:22s} {v:6.2f} s")
     if out["decode_step_ms"]:
         print("decode step, ms: " + ", ".join(f"{k} {v:.0f}" for k, v in out["decode_step_ms"].items()))
-    if cpu is not None:
+    if cpu is None:
+        print("CPU per process: not measured (psutil is not installed: scripts/install.sh --bench)")
+    else:
         used = sum(cpu.values())
         top = ", ".join(f"{k} {v:.1f}" for k, v in list(cpu.items())[:4])
         print(

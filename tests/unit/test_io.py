@@ -13,10 +13,10 @@ def test_limiter_books_a_serial_device(monkeypatch):
     now = [100.0]
     monkeypatch.setattr("zipmoe_ray.store.io.time.monotonic", lambda: now[0])
     lim = BandwidthLimiter(bandwidth=1e9, latency=1e-4)
-    assert lim.reserve(10**9) == pytest.approx(101.0001)  # idle device: starts now
-    assert lim.reserve(5 * 10**8) == pytest.approx(101.5002)  # queued behind the first transfer
+    assert lim.book(10**9) == pytest.approx((100.0, 101.0001))  # idle device: starts now
+    assert lim.book(5 * 10**8) == pytest.approx((101.0001, 101.5002))  # queued behind the first transfer
     now[0] = 200.0
-    assert lim.reserve(0) == pytest.approx(200.0001)  # idle again: only the latency
+    assert lim.book(0) == pytest.approx((200.0, 200.0001))  # idle again: only the latency
 
 
 @pytest.mark.parametrize(

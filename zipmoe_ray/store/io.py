@@ -91,10 +91,6 @@ class BandwidthLimiter:
         self.busy = 0.0  # seconds the emulated device has been booked
         self._lock = threading.Lock()
 
-    def reserve(self, nbytes: int) -> float:
-        """Book a transfer of ``nbytes``; returns the monotonic time at which the device finishes it."""
-        return self.book(nbytes)[1]
-
     def book(self, nbytes: int) -> tuple[float, float]:
         """Book a transfer of ``nbytes``; returns the monotonic times at which the device starts and finishes
         it (it starts once the transfers booked before it are done)."""
