@@ -272,13 +272,14 @@ def test_the_routing_served_is_recorded_as_generate_records_it(server, client, t
     for the same prompt (what `zipmoe plan` and `zipmoe simulate` then take)."""
     from zipmoe_ray.trace.recorded import load_recorded
 
-    def steps(path, request=None):
-        got = load_recorded(path).steps
-        request = max(s.request for s in got) if request is None else request
-        return [(s.step, s.kind, s.batch, s.layers) for s in got if s.request == request]
+    def requests(path) -> dict[int, list]:
+        out: dict[int, list] = {}
+        for s in load_recorded(path).steps if path.exists() else ():
+            out.setdefault(s.request, []).append((s.step, s.kind, s.batch, s.layers))
+        return out
 
+    before = set(requests(server["trace"]))
     client.completions.create(model=MODEL, prompt="Stones in the river", max_tokens=6, temperature=0)
-    served = steps(server["trace"])
     with ZipMoEEngine(
         tiny_stores["qwen2_moe"],
         memory_budget="25%",
@@ -287,9 +288,18 @@ def test_the_routing_served_is_recorded_as_generate_records_it(server, client, t
         trace_path=tmp_path / "ref.jsonl",
     ) as e:
         n = len(e.generate("Stones in the river", 6).token_ids)
-    want = steps(tmp_path / "ref.jsonl", 0)
-    assert len(want) == n and served == want  # prefill then a decode step per token but the last
-    assert [k for _, k, b, _ in served] == ["prefill"] + ["decode"] * (n - 1)
+    want = requests(tmp_path / "ref.jsonl")[0]
+    # the generations recorded since the request was sent: its own, and any that an earlier test's request (a
+    # cancelled stream) ended meanwhile, since the module's server is shared; a generation is written when it
+    # ends, which may be just after its last token reached the client
+    deadline = time.monotonic() + 30
+    while True:
+        new = [steps for r, steps in requests(server["trace"]).items() if r not in before]
+        if want in new or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(want) == n and want in new  # prefill then a decode step per token but the last
+    assert [k for _, k, b, _ in want] == ["prefill"] + ["decode"] * (n - 1)
 
 
 def test_models_health_and_metrics(server, client):
